@@ -1,0 +1,1 @@
+"""Pure loss functions of mSLAM pre-training, one module per objective."""

@@ -1,0 +1,25 @@
+"""Cross-entropy at masked positions: w2v-BERT code prediction, SpanBERT, TLM."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+  """Mean cross-entropy over masked positions.
+
+  Args:
+    logits: [B, T, V].
+    targets: int [B, T].
+    mask: bool [B, T]; only True positions count.
+
+  Returns:
+    (loss, accuracy, count): scalars; loss is 0 when nothing is masked.
+  """
+  logits = logits.astype(jnp.float32)
+  weights = mask.astype(jnp.float32)
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  count = jnp.sum(weights)
+  denom = jnp.maximum(count, 1.0)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return (jnp.sum(xent * weights) / denom, jnp.sum(correct * weights) / denom, count)

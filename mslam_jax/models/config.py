@@ -1,0 +1,85 @@
+"""Architecture hyper-parameters of the mSLAM encoder, bound from gin.
+
+Every field is a gin parameter (`ModelConfig.d_model = 1024`); the size files
+`gin/models/mslam_0.6b.gin`, `gin/models/mslam_2b.gin` and `gin/models/tiny.gin`
+set them. Defaults are the paper's 0.6B model (../shared/PAPER.md, "Architecture");
+values marked (inferred) are our reading where the papers are silent.
+"""
+
+import dataclasses
+
+import gin
+import jax.numpy as jnp
+
+# Named rematerialisation policies for the scanned Conformer stacks. Compile
+# time and memory of the 2B model depend on this choice (DESIGN.md).
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and switches of the mSLAM encoder and its pre-training heads.
+
+  Attributes:
+    num_mel_bins: input log-mel channels (PAPER.md: 80-dim log-mel).
+    frontend_channels: channels of both stride-2 Conv2D layers (inferred: 128,
+      the Conformer/w2v-BERT subsampling convention).
+    d_model: model dim d (paper: 1024 for 0.6B, 1408 for 2B).
+    num_speech_layers: speech-only Conformer layers N (paper: 8).
+    num_shared_layers: shared Conformer layers M (paper: 16 for 0.6B, 32 for 2B).
+    num_heads: attention heads (paper: 8; 2B inferred 8).
+    ffn_dim: hidden width of each feed-forward module (paper: 4096; 2B 4 x d).
+    conv_kernel_size: depthwise convolution width (paper: 5).
+    conv_groups: GroupNorm groups in the convolution module (inferred: 32;
+      SLAM replaced BatchNorm by GroupNorm without giving the group count).
+    dropout_rate: dropout on residual branches and attention (inferred: 0.1).
+    vocab_size: character vocabulary incl. reserved ids (paper: 4096).
+    max_text_length: longest text in characters (paper: 512); sizes the
+      sinusoidal position table.
+    num_codes: quantizer codebook size (paper: 1 codebook x 1024 codes).
+    code_dim: quantizer code vector dim (paper: 1024).
+    remat_policy: one of REMAT_POLICIES, applied to each scanned layer.
+    dtype: compute dtype name ('float32' or 'bfloat16'); params stay float32.
+  """
+  num_mel_bins: int = 80
+  frontend_channels: int = 128
+  d_model: int = 1024
+  num_speech_layers: int = 8
+  num_shared_layers: int = 16
+  num_heads: int = 8
+  ffn_dim: int = 4096
+  conv_kernel_size: int = 5
+  conv_groups: int = 32
+  dropout_rate: float = 0.1
+  vocab_size: int = 4096
+  max_text_length: int = 512
+  num_codes: int = 1024
+  code_dim: int = 1024
+  remat_policy: str = 'none'
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ValueError(
+          f'ModelConfig: d_model={self.d_model} is not divisible by '
+          f'num_heads={self.num_heads}; change one of them in the size gin file.')
+    if self.d_model % self.conv_groups:
+      raise ValueError(
+          f'ModelConfig: d_model={self.d_model} is not divisible by '
+          f'conv_groups={self.conv_groups}; change ModelConfig.conv_groups.')
+    if self.conv_kernel_size % 2 != 1:
+      raise ValueError(
+          f'ModelConfig: conv_kernel_size={self.conv_kernel_size} must be odd '
+          '(the depthwise convolution is centred).')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f'ModelConfig: remat_policy={self.remat_policy!r} is not one of '
+          f'{REMAT_POLICIES}.')
+    if self.dtype not in ('float32', 'bfloat16'):
+      raise ValueError(
+          f"ModelConfig: dtype={self.dtype!r}; use 'float32' or 'bfloat16'.")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)

@@ -1,0 +1,162 @@
+"""Padding-aware Conformer block and the scanned Conformer stack.
+
+    x -> +0.5 ffn -> +mhsa -> +conv -> +0.5 ffn -> ln        (Gulati et al. 2020)
+
+Each branch is pre-LayerNorm with a residual. Differences from the original
+Conformer, following w2v-BERT and SLAM (PAPER.md): plain dot-product attention
+without relative positions (position comes from the convolutions), and
+GroupNorm instead of BatchNorm in the convolution module.
+
+Padding contract: `paddings` [B, T] (1 = pad) mask attention keys, are zeroed
+before the depthwise convolution, and are excluded from GroupNorm statistics,
+so outputs at valid positions never depend on padded content or padded length.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mslam_jax.models import layers
+from mslam_jax.models.config import ModelConfig
+
+_REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class FeedForward(nn.Module):
+  """ln -> dense(d, ffn) -> swish -> dropout -> dense(ffn, d) -> dropout."""
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B, T, d] -> residual branch [B, T, d]."""
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    h = layers.layer_norm(name='ln', dtype=dtype)(x)
+    h = layers.dense(cfg.ffn_dim, ('embed', 'mlp'), name='wi', dtype=dtype)(h)
+    h = nn.with_logical_constraint(nn.swish(h), ('batch', 'length', 'mlp'))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+    h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='wo', dtype=dtype)(h)
+    return nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+
+
+class SelfAttention(nn.Module):
+  """ln -> q, k, v -> masked softmax attention -> out projection -> dropout."""
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, paddings: jax.Array) -> jax.Array:
+    """x [B, T, d], paddings [B, T] -> residual branch [B, T, d]."""
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    head_dim = cfg.d_model // cfg.num_heads
+    h = layers.layer_norm(name='ln', dtype=dtype)(x)
+
+    def projection(name):
+      return nn.DenseGeneral(
+          (cfg.num_heads, head_dim),
+          dtype=dtype,
+          param_dtype=jnp.float32,
+          kernel_init=layers.logical_init(
+              nn.initializers.lecun_normal(), ('embed', 'heads', 'kv')),
+          bias_init=layers.logical_init(nn.initializers.zeros_init(), ('heads', 'kv')),
+          name=name)
+
+    q, k, v = (projection(n)(h) for n in ('query', 'key', 'value'))  # [B, T, N, H]
+    # Keys at padded positions are masked; a row with no valid key (an all-pad
+    # example) gets uniform weights over zeros rather than NaN.
+    mask = (paddings < 0.5)[:, None, None, :]  # [B, 1, 1, T]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
+    out = nn.DenseGeneral(
+        cfg.d_model,
+        axis=(-2, -1),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=layers.logical_init(
+            nn.initializers.lecun_normal(), ('heads', 'kv', 'embed')),
+        bias_init=layers.logical_init(nn.initializers.zeros_init(), ('embed',)),
+        name='out')(out)
+    return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
+
+
+class ConvolutionModule(nn.Module):
+  """ln -> dense(d, 2d) -> glu -> depthwise conv -> groupnorm -> swish -> dense -> dropout."""
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, paddings: jax.Array) -> jax.Array:
+    """x [B, T, d], paddings [B, T] -> residual branch [B, T, d]."""
+    cfg = self.config
+    dtype = cfg.compute_dtype
+    h = layers.layer_norm(name='ln', dtype=dtype)(x)
+    h = layers.dense(2 * cfg.d_model, ('embed', 'mlp'), name='pointwise_in', dtype=dtype)(h)
+    h = nn.glu(h, axis=-1)
+    h = layers.zero_padded(h, paddings)
+    kernel = self.param(
+        'depthwise_kernel',
+        layers.logical_init(nn.initializers.lecun_normal(in_axis=0, out_axis=1),
+                            ('conv_window', 'mlp')),
+        (cfg.conv_kernel_size, cfg.d_model), jnp.float32)
+    h = layers.depthwise_conv1d(h, kernel.astype(dtype))
+    h = layers.MaskedGroupNorm(cfg.conv_groups, dtype=dtype, axis_name='mlp',
+                               name='group_norm')(h, paddings)
+    h = nn.swish(h)
+    h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='pointwise_out', dtype=dtype)(h)
+    return nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+
+
+class ConformerBlock(nn.Module):
+  """x -> +0.5 ffn -> +mhsa -> +conv -> +0.5 ffn -> ln, padded frames zeroed.
+
+  `__call__` has the (carry, broadcast) -> (carry, None) form that `nn.scan`
+  expects, so the block is scanned directly.
+  """
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, paddings: jax.Array):
+    """x [B, T, d], paddings [B, T] -> ([B, T, d], None)."""
+    cfg, det = self.config, self.deterministic
+    x = nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED)
+    x = x + 0.5 * FeedForward(cfg, det, name='ffn_start')(x)
+    x = x + SelfAttention(cfg, det, name='attention')(x, paddings)
+    x = x + ConvolutionModule(cfg, det, name='conv')(x, paddings)
+    x = x + 0.5 * FeedForward(cfg, det, name='ffn_end')(x)
+    x = layers.layer_norm(name='ln_out', dtype=cfg.compute_dtype)(x)
+    x = layers.zero_padded(x, paddings)
+    return nn.with_logical_constraint(x, layers.BATCH_LENGTH_EMBED), None
+
+
+class ConformerStack(nn.Module):
+  """`num_layers` ConformerBlocks under `nn.scan` (one compiled body), with remat.
+
+  Parameters get a leading 'layers' axis of size `num_layers`.
+  """
+  config: ModelConfig
+  num_layers: int
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, paddings: jax.Array) -> jax.Array:
+    """x [B, T, d], paddings [B, T] -> [B, T, d]."""
+    block = ConformerBlock
+    if self.config.remat_policy != 'none':
+      block = nn.remat(block, policy=_REMAT_POLICIES[self.config.remat_policy],
+                       prevent_cse=False)
+    scanned = nn.scan(
+        block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=nn.broadcast,
+        length=self.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = scanned(self.config, self.deterministic, name='layers')(x, paddings)
+    return x

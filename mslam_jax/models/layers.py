@@ -1,0 +1,134 @@
+"""Small building blocks shared by the mSLAM modules.
+
+Conventions: `paddings` are float arrays `[batch, length]` with 1.0 at padded
+positions (praxis/lingvo style); every sequence op takes them explicitly.
+Every parameter carries logical axis names; the logical-to-mesh rules live in gin.
+"""
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Activation axis names pinned at block boundaries.
+BATCH_LENGTH_EMBED = ('batch', 'length', 'embed')
+
+
+def logical_init(init, axes: Sequence[str]):
+  """Wraps an initializer so the parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
+          use_bias: bool = True, kernel_init=None) -> nn.Dense:
+  """A Dense layer whose kernel has logical axes `axes` = (in_axis, out_axis)."""
+  kernel_init = kernel_init or nn.initializers.lecun_normal()
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=logical_init(kernel_init, axes),
+      bias_init=logical_init(nn.initializers.zeros_init(), axes[-1:]),
+      name=name)
+
+
+def layer_norm(*, name: str, dtype=jnp.float32) -> nn.LayerNorm:
+  """LayerNorm over the model dim with logically named scale and bias."""
+  return nn.LayerNorm(
+      epsilon=1e-6,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      scale_init=logical_init(nn.initializers.ones_init(), ('embed',)),
+      bias_init=logical_init(nn.initializers.zeros_init(), ('embed',)),
+      name=name)
+
+
+def zero_padded(x: jax.Array, paddings: jax.Array) -> jax.Array:
+  """Zeroes padded positions: x [B, T, ...], paddings [B, T] (1 = pad)."""
+  valid = (1.0 - paddings).astype(x.dtype)
+  return x * valid.reshape(valid.shape + (1,) * (x.ndim - 2))
+
+
+def depthwise_conv1d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Centred depthwise 1-D convolution written as K shifted multiply-adds.
+
+  y[b, t, c] = sum_k kernel[k, c] * x[b, t + k - K // 2, c], with zeros
+  outside [0, T). This form is used instead of `nn.Conv(feature_group_count=D)`
+  because XLA:CPU turns the grouped convolution's weight gradient inside
+  `nn.scan` into a dense loop (DESIGN.md measured 60 s against 1.8 s per step).
+
+  Args:
+    x: [batch, time, channels]; padded frames must already be zero.
+    kernel: [K, channels], K odd.
+
+  Returns:
+    [batch, time, channels].
+  """
+  width = kernel.shape[0]
+  half = width // 2
+  time = x.shape[1]
+  padded = jnp.pad(x, ((0, 0), (half, half), (0, 0)))
+  out = padded[:, 0:time] * kernel[0]
+  for k in range(1, width):
+    out = out + padded[:, k:k + time] * kernel[k]
+  return out
+
+
+class MaskedGroupNorm(nn.Module):
+  """GroupNorm over (time, channels-in-group) that ignores padded frames.
+
+  SLAM uses GroupNorm instead of BatchNorm in the convolution module
+  (PAPER.md); its statistics span the time axis, so padded frames are
+  excluded from the mean and variance to keep valid outputs padding-invariant.
+
+  Attributes:
+    num_groups: number of channel groups; must divide the channel count.
+    epsilon: variance floor.
+    dtype: output dtype; statistics are computed in float32.
+    axis_name: logical name of the channel axis of scale and bias.
+  """
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  axis_name: str = 'embed'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, paddings: jax.Array) -> jax.Array:
+    """x [B, T, D], paddings [B, T] -> [B, T, D]."""
+    batch, time, dim = x.shape
+    group_dim = dim // self.num_groups
+    xg = x.astype(jnp.float32).reshape(batch, time, self.num_groups, group_dim)
+    valid = (1.0 - paddings.astype(jnp.float32))[:, :, None, None]
+    count = jnp.maximum(jnp.sum(valid, axis=(1, 3), keepdims=True) * group_dim, 1.0)
+    mean = jnp.sum(xg * valid, axis=(1, 3), keepdims=True) / count
+    centred = (xg - mean) * valid
+    var = jnp.sum(centred * centred, axis=(1, 3), keepdims=True) / count
+    normed = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(batch, time, dim)
+    axes = (self.axis_name,)
+    scale = self.param('scale', logical_init(nn.initializers.ones_init(), axes),
+                       (dim,), jnp.float32)
+    bias = self.param('bias', logical_init(nn.initializers.zeros_init(), axes),
+                      (dim,), jnp.float32)
+    return (normed * scale + bias).astype(self.dtype)
+
+
+def sinusoidal_positions(length: int, dim: int) -> jax.Array:
+  """Transformer sinusoidal position table [length, dim] (Vaswani et al. 2017).
+
+  Row p holds sin(p / 10000^(2i/dim)) in column 2i and cos(...) in 2i + 1.
+  """
+  positions = jnp.arange(length, dtype=jnp.float32)[:, None]
+  inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  angles = positions * inv_freq[None, :]
+  table = jnp.zeros((length, dim), jnp.float32)
+  table = table.at[:, 0::2].set(jnp.sin(angles))
+  table = table.at[:, 1::2].set(jnp.cos(angles[:, :dim // 2]))
+  return table
+
+
+def lengths_from_paddings(paddings: jax.Array) -> jax.Array:
+  """Number of valid positions per row: paddings [B, T] -> int32 [B]."""
+  return jnp.sum(1.0 - paddings, axis=-1).astype(jnp.int32)

@@ -1,0 +1,34 @@
+"""mslam_jax: joint speech+text pre-training (mSLAM) in JAX/Flax.
+
+Install with the tested pins:  pip install -c constraints.txt -e '.[test]'
+"""
+
+import setuptools
+
+setuptools.setup(
+    name='mslam_jax',
+    version='0.1.0',
+    description='mSLAM: multilingual joint speech and text pre-training in JAX/Flax',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['mslam_jax', 'mslam_jax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'jax>=0.10,<0.11',
+        'flax>=0.12,<0.13',
+        'optax>=0.2.8,<0.3',
+        'orbax-checkpoint>=0.12,<0.13',
+        'seqio>=0.0.20',
+        'tensorflow>=2.21,<2.22',
+        'tensorflow-datasets>=4.9',
+        'gin-config>=0.5',
+        'numpy>=2.0',
+        'librosa>=0.11',
+        'sacrebleu>=2.4',
+        'tqdm',
+        'tensorboard',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3'],
+    },
+)

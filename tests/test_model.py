@@ -1,0 +1,167 @@
+"""mSLAM model: output shapes of every path, padding invariance, logical axis names."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import SMALL_BATCH, small_batch
+from mslam_jax import pretrain_loss
+from mslam_jax.models.conformer import ConformerBlock
+from mslam_jax.models.mslam import MSLAM, pack_speech_text
+
+
+def _init(model_config, loss_config, batch):
+  init = jax.jit(lambda rng, b: pretrain_loss.init_params(
+      rng, b, model_config=model_config, loss_config=loss_config))
+  return init(jax.random.key(0), batch)
+
+
+def test_output_shapes_of_every_path(tiny):
+  mc, lc = tiny
+  batch = small_batch()
+  params = _init(mc, lc, batch)
+  masks = pretrain_loss.make_masks(jax.random.key(1), batch, lc)
+  out = jax.jit(MSLAM(mc).apply)(params, batch, masks, 1.0)
+  b, d, v, codes = 2, mc.d_model, mc.vocab_size, mc.num_codes
+  frames = -(-SMALL_BATCH.speech_frames // 4)  # two stride-2 convs
+  chars = SMALL_BATCH.text_length
+  expect = {
+      ('speech', 'paddings'): (b, frames),
+      ('speech', 'quantized'): (b, frames, mc.code_dim),
+      ('speech', 'code_ids'): (b, frames),
+      ('speech', 'code_logits'): (b, frames, codes),
+      ('speech', 'context'): (b, frames, mc.code_dim),
+      ('speech', 'code_pred_logits'): (b, frames, codes),
+      ('text', 'char_logits'): (b, chars, v),
+      ('paired', 'paddings'): (b, frames),
+      ('paired', 'code_ids'): (b, frames),
+      ('paired', 'tlm_code_logits'): (b, frames, codes),
+      ('paired', 'tlm_char_logits'): (b, SMALL_BATCH.paired_text_length, v),
+      ('paired', 'ctc_logits'): (b, frames, v),
+  }
+  got = {(part, k): out[part][k].shape for part in out for k in out[part]}
+  assert got == expect
+  assert masks['negatives'].shape == (b, frames, lc.num_negatives)
+  s = batch['speech']
+  enc, enc_pad = MSLAM(mc).apply(params, s['features'], s['feature_paddings'],
+                                 method=MSLAM.encode_speech)
+  assert enc.shape == (b, frames, d) and enc_pad.shape == (b, frames)
+  t = batch['text']
+  enc, _ = MSLAM(mc).apply(params, t['ids'], t['id_paddings'], method=MSLAM.encode_text)
+  assert enc.shape == (b, chars, d)
+
+
+def _pad(x, length, fill_rng=None):
+  """Right-pads axis 1 to `length` with zeros, or with garbage from fill_rng."""
+  extra = length - x.shape[1]
+  shape = (x.shape[0], extra) + x.shape[2:]
+  fill = (np.zeros(shape, x.dtype) if fill_rng is None
+          else (fill_rng.normal(size=shape) * 50).astype(x.dtype)
+          if x.dtype.kind == 'f' else fill_rng.integers(4, 50, size=shape).astype(x.dtype))
+  return np.concatenate([x, fill], axis=1)
+
+
+def _paddings(lengths, total):
+  return (np.arange(total)[None] >= np.asarray(lengths)[:, None]).astype(np.float32)
+
+
+def test_conformer_block_is_padding_invariant(tiny):
+  mc, _ = tiny
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 9, mc.d_model)).astype(np.float32)
+  lengths = [9, 5]
+  block = ConformerBlock(mc)
+  params = block.init(jax.random.key(0), x, _paddings(lengths, 9))
+  short, _ = block.apply(params, x * (1 - _paddings(lengths, 9))[..., None],
+                         _paddings(lengths, 9))
+  long_x = _pad(x, 16, rng)
+  long_x[1, 5:9] = rng.normal(size=(4, mc.d_model)) * 50  # garbage inside the padding too
+  long, _ = block.apply(params, long_x, _paddings(lengths, 16))
+  for b, n in enumerate(lengths):
+    np.testing.assert_allclose(long[b, :n], short[b, :n], rtol=2e-4, atol=2e-4)
+    assert np.all(np.asarray(long[b, n:]) == 0)
+
+
+def test_every_path_is_padding_invariant(tiny):
+  """Valid outputs are the same whatever the padded length and padded content."""
+  mc, lc = tiny
+  rng = np.random.default_rng(1)
+  mel_lengths, text_lengths = [37, 22], [20, 9]
+  feats = rng.normal(size=(2, 40, 80)).astype(np.float32)
+  ids = rng.integers(4, 20, size=(2, 20)).astype(np.int32)
+  batch_small = {
+      'speech': {'features': feats, 'feature_paddings': _paddings(mel_lengths, 40)},
+      'text': {'ids': ids, 'id_paddings': _paddings(text_lengths, 20)},
+      'paired': {'features': feats, 'feature_paddings': _paddings(mel_lengths, 40),
+                 'ids': ids[:, :12], 'id_paddings': _paddings([12, 9], 12)},
+  }
+  for b, n in enumerate(mel_lengths):
+    feats[b, n:] = 0
+  batch_small = jax.tree.map(np.copy, batch_small)
+  batch_big = {
+      'speech': {'features': _pad(feats, 64, rng), 'feature_paddings': _paddings(mel_lengths, 64)},
+      'text': {'ids': _pad(ids, 30, rng), 'id_paddings': _paddings(text_lengths, 30)},
+      'paired': {'features': _pad(feats, 64, rng), 'feature_paddings': _paddings(mel_lengths, 64),
+                 'ids': _pad(ids[:, :12], 16, rng), 'id_paddings': _paddings([12, 9], 16)},
+  }
+  # Garbage inside the padding of the shorter examples as well.
+  batch_big['speech']['features'][1, 22:40] = rng.normal(size=(18, 80)) * 50
+  batch_big['text']['ids'][1, 9:20] = 17
+  batch_big['paired']['ids'][1, 9:12] = 11
+  params = _init(mc, lc, batch_small)
+  frames = [-(-n // 4) for n in mel_lengths]
+
+  def masks_for(batch):
+    # Same masks on valid positions for both paddings: mask every 3rd position.
+    def every_third(length, pad_len):
+      m = (np.arange(pad_len) % 3 == 0)[None].repeat(2, 0)
+      return m & (np.arange(pad_len)[None] < np.asarray(length)[:, None])
+    t_speech = batch['speech']['feature_paddings'].shape[1] // 4
+    return {'speech': every_third(frames, t_speech),
+            'text': every_third(text_lengths, batch['text']['ids'].shape[1]),
+            'paired_speech': every_third(frames, t_speech),
+            'paired_text': every_third([12, 9], batch['paired']['ids'].shape[1]),
+            'negatives': None}
+
+  apply = jax.jit(MSLAM(mc).apply)
+  out_s = apply(params, batch_small, masks_for(batch_small), 1.0)
+  out_b = apply(params, batch_big, masks_for(batch_big), 1.0)
+  checks = [('speech', k, frames) for k in ('context', 'quantized', 'code_logits',
+                                            'code_pred_logits', 'code_ids')]
+  checks += [('text', 'char_logits', text_lengths)]
+  checks += [('paired', k, frames) for k in ('tlm_code_logits', 'ctc_logits', 'code_ids')]
+  checks += [('paired', 'tlm_char_logits', [12, 9])]
+  for part, key, lengths in checks:
+    for b, n in enumerate(lengths):
+      np.testing.assert_allclose(out_b[part][key][b, :n], out_s[part][key][b, :n],
+                                 rtol=5e-4, atol=5e-4, err_msg=f'{part}/{key} example {b}')
+
+
+def test_pack_speech_text_leaves_no_gap():
+  speech = jnp.arange(1, 7, dtype=jnp.float32).reshape(1, 6, 1).repeat(2, 0)
+  text = -jnp.arange(1, 5, dtype=jnp.float32).reshape(1, 4, 1).repeat(2, 0)
+  sp = jnp.asarray(_paddings([6, 3], 6))
+  tp = jnp.asarray(_paddings([2, 4], 4))
+  joint, joint_pad, pos = pack_speech_text(speech, sp, text, tp)
+  np.testing.assert_array_equal(joint[0, :, 0], [1, 2, 3, 4, 5, 6, -1, -2, 0, 0])
+  np.testing.assert_array_equal(joint[1, :, 0], [1, 2, 3, -1, -2, -3, -4, 0, 0, 0])
+  np.testing.assert_array_equal(joint_pad[1], [0] * 7 + [1] * 3)
+  np.testing.assert_array_equal(pos, [[6, 7, 8, 9], [3, 4, 5, 6]])
+
+
+def test_every_parameter_has_logical_axis_names(tiny):
+  mc, lc = tiny
+  abstract = jax.eval_shape(lambda: _init(mc, lc, small_batch()))
+  boxed = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert boxed
+  for leaf in boxed:
+    assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+    assert len(leaf.names) == leaf.value.ndim
+    assert all(isinstance(n, str) for n in leaf.names), leaf.names
+  flat = jax.tree_util.tree_flatten_with_path(
+      abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  for path, leaf in flat:
+    keys = jax.tree_util.keystr(path)
+    if 'speech_layers' in keys or 'shared_layers' in keys:
+      assert leaf.names[0] == 'layers', keys
