@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import gin
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SEARCH_PATHS = set()
 
 
 def register_configurables() -> None:
@@ -49,7 +50,9 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   register_configurables()
   gin.clear_config()
   for path in (os.getcwd(), REPO_ROOT):
-    gin.add_config_file_search_path(path)
+    if path not in _SEARCH_PATHS:  # gin appends duplicates
+      gin.add_config_file_search_path(path)
+      _SEARCH_PATHS.add(path)
   for f in gin_files:
     if not any(os.path.exists(os.path.join(p, f)) for p in (os.getcwd(), REPO_ROOT)):
       raise SystemExit(f'gin file {f!r} not found (looked in {os.getcwd()} and {REPO_ROOT}); '
