@@ -25,8 +25,11 @@ def synthetic_batches(seed: int, batch_config: BatchConfig, parts):
 
 
 def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
-          batch_config: BatchConfig, train_config: TrainConfig):
-  """Trains for train_config.train_steps; returns (state, logged metric records)."""
+          batch_config: BatchConfig, train_config: TrainConfig, *, log_initial: bool = False):
+  """Trains for train_config.train_steps; returns (state, logged metric records).
+
+  log_initial: also log the metrics of the initial parameters as step 0.
+  """
   batches = synthetic_batches(train_config.seed, batch_config, loss_config.parts)
   first = next(batches)
   rng = jax.random.key(train_config.seed)
@@ -41,9 +44,11 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
     yield first
     yield from batches
 
+  eval_step = (trainer.make_eval_step(model_config=model_config, loss_config=loss_config)
+               if log_initial else None)
   return trainer.run(state, step, stream(), step_rng, num_steps=train_config.train_steps,
                      log_every=train_config.log_every,
-                     writer=trainer.MetricsWriter(train_config.model_dir))
+                     writer=trainer.MetricsWriter(train_config.model_dir), eval_step=eval_step)
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ issue; this module holds the pieces it will keep: the state, the step, and
 the metric logging.
 """
 
+import itertools
 import json
 import os
 import time
@@ -55,6 +56,18 @@ def make_train_step(optimizer: optax.GradientTransformation, *,
   return train_step
 
 
+def make_eval_step(*, model_config: ModelConfig,
+                   loss_config: pretrain_loss.LossConfig) -> Callable:
+  """(params, batch, rng) -> metrics without dropout or Gumbel noise."""
+
+  def eval_step(params, batch, rng):
+    _, metrics = pretrain_loss.pretrain_loss(params, batch, rng, 0, model_config=model_config,
+                                             loss_config=loss_config, deterministic=True)
+    return metrics
+
+  return eval_step
+
+
 class MetricsWriter:
   """Appends one JSON line per logged step to MODEL_DIR/metrics.jsonl and prints it."""
 
@@ -74,10 +87,19 @@ class MetricsWriter:
 
 
 def run(state: TrainState, train_step: Callable, batches: Iterator, rng, *,
-        num_steps: int, log_every: int, writer: MetricsWriter):
-  """Runs `num_steps` steps; logs the mean step time since the previous log."""
+        num_steps: int, log_every: int, writer: MetricsWriter, eval_step: Callable = None):
+  """Runs `num_steps` steps; logs the mean step time since the previous log.
+
+  With `eval_step` ((params, batch, rng) -> metrics), the metrics of the
+  initial parameters are logged first, as step 0, on the first batch.
+  """
   step_fn = jax.jit(train_step, donate_argnums=0)
   history = []
+  if eval_step is not None:
+    batch = next(batches)
+    history.append(writer.write(int(state.step), jax.device_get(
+        jax.jit(eval_step)(state.params, batch, rng))))
+    batches = itertools.chain([batch], batches)
   last_time, last_step = time.perf_counter(), int(state.step)
   for _ in range(num_steps):
     state, metrics = step_fn(state, next(batches), rng)
