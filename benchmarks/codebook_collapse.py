@@ -3,9 +3,9 @@
 w2v-BERT reports that with masked prediction alone the codebook collapses
 (masked prediction then becomes trivial) and that the contrastive loss, with
 its diversity term, prevents it. This trains the tiny model speech-only
-(gin/variants/w2v_bert.gin) on the synthetic corpus twice from the same seed,
+(gin/variants/w2v_bert.gin) on the synthetic corpus three times from the same seed,
 (a) contrastive + diversity + masked prediction, (b) masked prediction alone,
-and prints the hard-code perplexity (exp of the entropy of the code histogram
+(c) as (a) without the diversity term, and prints the hard-code perplexity (exp of the entropy of the code histogram
 over one batch's valid frames; 1 = collapsed, num_codes = uniform).
 
     python benchmarks/codebook_collapse.py --steps 1500 --log_every 100
@@ -24,6 +24,8 @@ from mslam_jax.train_config import TrainConfig
 RUNS = {
     'contrastive+mlm': [],
     'mlm_only': ['LossConfig.contrastive_weight = 0.0'],
+    # Which part of the contrastive module holds the codebook up: InfoNCE alone?
+    'no_diversity': ['LossConfig.diversity_weight = 0.0'],
 }
 
 
@@ -50,7 +52,7 @@ def main():
   args = parser.parse_args()
   curves = {name: run(name, b, args.steps, args.log_every, args.seed, args.gin)
             for name, b in RUNS.items()}
-  keys = ('speech/code_perplexity', 'speech/prob_perplexity', 'speech/masked_prediction')
+  keys = ('speech/code_perplexity', 'speech/contrastive', 'speech/masked_prediction')
   print('\n| step | ' + ' | '.join(f'{n} {k.split("/")[1]}' for n in curves for k in keys) + ' |')
   print('|---' * (1 + len(keys) * len(curves)) + '|')
   for i, rec in enumerate(curves['contrastive+mlm']):
