@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command of the README: sets up .venv if needed, then runs pytest on
 # CPU with 8 fake devices (for the sharding tests) and a persistent JAX
-# compilation cache. Extra arguments go to pytest.
+# compilation cache, on PYTEST_WORKERS processes (default 2, one per core of
+# the CI machine; tests are dominated by single-threaded XLA compiles).
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh
@@ -10,7 +12,7 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
 export TF_CPP_MIN_LOG_LEVEL=2
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" tests "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
