@@ -1,0 +1,1 @@
+"""mslam_jax: mSLAM joint speech and text pre-training in JAX/Flax."""

@@ -165,3 +165,22 @@ def test_every_parameter_has_logical_axis_names(tiny):
     keys = jax.tree_util.keystr(path)
     if 'speech_layers' in keys or 'shared_layers' in keys:
       assert leaf.names[0] == 'layers', keys
+
+
+def test_remat_policies_give_the_same_loss_and_gradients(tiny):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from mslam_jax.models.conformer import ConformerStack  # pylint: disable=g-import-not-at-top
+  mc, _ = tiny
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 8, mc.d_model)), jnp.float32)
+  paddings = jnp.asarray(_paddings([8, 5], 8))
+  params = ConformerStack(mc, 2).init(jax.random.key(0), x, paddings)
+  results = {}
+  for policy in ('none', 'full', 'dots_no_batch'):
+    stack = ConformerStack(dataclasses.replace(mc, remat_policy=policy), 2)
+    loss = lambda p, s=stack: jnp.sum(s.apply(p, x, paddings) ** 2)
+    results[policy] = jax.jit(jax.value_and_grad(loss))(params)
+  for policy in ('full', 'dots_no_batch'):
+    np.testing.assert_allclose(results[policy][0], results['none'][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[policy][1]), jax.tree.leaves(results['none'][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
