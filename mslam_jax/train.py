@@ -6,6 +6,8 @@ Until the data issue lands, batches are synthetic (mslam_jax/data/synthetic.py).
 Metrics go to the console and to MODEL_DIR/metrics.jsonl.
 """
 
+import itertools
+
 import jax
 
 from mslam_jax import gin_utils
@@ -40,14 +42,10 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
   step = trainer.make_train_step(optimizer, model_config=model_config,
                                  loss_config=loss_config)
 
-  def stream():
-    yield first
-    yield from batches
-
   eval_step = (trainer.make_eval_step(model_config=model_config, loss_config=loss_config)
                if log_initial else None)
-  return trainer.run(state, step, stream(), step_rng, num_steps=train_config.train_steps,
-                     log_every=train_config.log_every,
+  return trainer.run(state, step, itertools.chain([first], batches), step_rng,
+                     num_steps=train_config.train_steps, log_every=train_config.log_every,
                      writer=trainer.MetricsWriter(train_config.model_dir), eval_step=eval_step)
 
 
