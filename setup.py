@@ -24,6 +24,8 @@ setuptools.setup(
         'gin-config>=0.5',
         'numpy>=2.0',
         'librosa>=0.11',
+        'soundfile>=0.12',  # audio decoding (WAV, FLAC, OGG) in the input pipeline
+        'soxr>=0.3',  # resampling to 16 kHz
         'sacrebleu>=2.4',
         'tqdm',
         'tensorboard',

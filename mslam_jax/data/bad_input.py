@@ -1,0 +1,97 @@
+"""Counts of the examples the input pipeline skipped or cleaned, with their names.
+
+A run never dies on one bad example (DESIGN.md): the preprocessors give each
+example a `problem` code, a `tf.data` filter hands non-OK codes to `LOG` (from
+inside the pipeline, through tf.numpy_function) and drops or keeps the example
+as the code says. The trainer and the tools print `LOG.report()`.
+
+Counts are per process and start at zero in each process (a resumed run counts
+again from its resume point).
+"""
+
+import collections
+import enum
+import threading
+from typing import Dict, List, Tuple
+
+
+class Problem(enum.IntEnum):
+  """Why an example was skipped (or cleaned, for the *_CLEANED codes)."""
+  OK = 0
+  UNREADABLE_AUDIO = 1     # not decodable, or the file could not be read
+  TRUNCATED_AUDIO = 2      # the header promises more samples than the file holds
+  EMPTY_AUDIO = 3          # no samples, or all samples exactly zero
+  NONFINITE_AUDIO = 4      # NaN or Inf samples
+  TOO_SHORT_AUDIO = 5      # fewer log-mel frames than DataConfig.min_frames
+  TOO_LONG_AUDIO = 6       # paired audio over the frame limit (cropping would cut its transcript)
+  EMPTY_TEXT = 7           # empty text line or transcript
+  TOO_LONG_TEXT = 8        # transcript over the character limit (paired)
+  UNKNOWN_CHARS_CLEANED = 9   # kept: characters outside the vocabulary became UNK
+  CROPPED_AUDIO = 10       # kept: unlabeled speech cropped to the frame limit
+  CROPPED_TEXT = 11        # kept: unlabeled text cropped to the character limit
+
+
+KEPT = (Problem.OK, Problem.UNKNOWN_CHARS_CLEANED, Problem.CROPPED_AUDIO, Problem.CROPPED_TEXT)
+
+MESSAGES = {
+    Problem.UNREADABLE_AUDIO: 'unreadable audio (missing file, or not WAV/FLAC/OGG)',
+    Problem.TRUNCATED_AUDIO: 'truncated audio file',
+    Problem.EMPTY_AUDIO: 'empty or all-zero audio',
+    Problem.NONFINITE_AUDIO: 'NaN or Inf audio samples',
+    Problem.TOO_SHORT_AUDIO: 'audio shorter than DataConfig.min_frames',
+    Problem.TOO_LONG_AUDIO: 'paired audio longer than BatchConfig.paired_frames',
+    Problem.EMPTY_TEXT: 'empty text or transcript',
+    Problem.TOO_LONG_TEXT: 'transcript longer than BatchConfig.paired_text_length',
+    Problem.UNKNOWN_CHARS_CLEANED: 'characters outside the vocabulary mapped to UNK',
+    Problem.CROPPED_AUDIO: 'unlabeled speech cropped to BatchConfig.speech_frames',
+    Problem.CROPPED_TEXT: 'text cropped to BatchConfig.text_length',
+}
+
+
+class BadInputLog:
+  """Thread-safe counts per (task, problem), with the first few example names."""
+
+  def __init__(self, names_kept: int = 5):
+    self._lock = threading.Lock()
+    self._counts = collections.Counter()
+    self._names: Dict[Tuple[str, Problem], List[str]] = collections.defaultdict(list)
+    self._names_kept = names_kept
+
+  def record(self, task: str, problem: int, name: str) -> None:
+    problem = Problem(int(problem))
+    with self._lock:
+      self._counts[(task, problem)] += 1
+      names = self._names[(task, problem)]
+      if len(names) < self._names_kept:
+        names.append(name)
+
+  def counts(self) -> Dict[Tuple[str, Problem], int]:
+    with self._lock:
+      return dict(self._counts)
+
+  def total(self, problem: Problem = None) -> int:
+    with self._lock:
+      return sum(n for (_, p), n in self._counts.items() if problem in (None, p))
+
+  def examples(self, task: str, problem: Problem) -> List[str]:
+    with self._lock:
+      return list(self._names.get((task, problem), []))
+
+  def reset(self) -> None:
+    with self._lock:
+      self._counts.clear()
+      self._names.clear()
+
+  def report(self) -> str:
+    """One line per (task, problem): count, skipped or kept, message, first names."""
+    with self._lock:
+      items = sorted(self._counts.items(), key=lambda kv: (kv[0][0], kv[0][1]))
+      lines = []
+      for (task, problem), n in items:
+        verdict = 'kept' if problem in KEPT else 'skipped'
+        names = ', '.join(self._names[(task, problem)])
+        lines.append(f'{task}: {n} {verdict}: {MESSAGES[problem]} (e.g. {names})')
+      return '\n'.join(lines)
+
+
+LOG = BadInputLog()

@@ -1,0 +1,137 @@
+"""seqio preprocessors: raw records (sources.py) -> model features, bad examples counted.
+
+  speech: audio bytes -> decode, 16 kHz -> log-mel [frames, 80] -> crop to the limit
+  text:   text -> NFC, spaces -> char ids [length] -> crop to the limit
+  paired: both, but over-long examples are skipped (cropping would cut the
+          transcript away from its audio)
+and last, for every kind, `drop_bad` filters on the `problem` code each step
+set, recording skips and cleanings (with the example's name) in bad_input.LOG.
+
+Limits come through seqio's `sequence_length`: {'features': frames, 'ids': characters}.
+"""
+
+from typing import Mapping, Optional
+
+import gin
+import seqio
+import tensorflow as tf
+
+from mslam_jax import special_ids
+from mslam_jax.data import audio
+from mslam_jax.data import bad_input
+from mslam_jax.data import vocabulary as vocabulary_lib
+from mslam_jax.data.bad_input import Problem
+
+PROBLEM = 'problem'
+
+
+def _merge_problem(old: tf.Tensor, new: tf.Tensor) -> tf.Tensor:
+  """A skip reason already set wins; otherwise a new non-OK code replaces the old."""
+  old_skips = tf.reduce_all([tf.not_equal(old, int(p)) for p in bad_input.KEPT])
+  return tf.where(old_skips, old, tf.where(tf.equal(new, 0), old, new))
+
+
+def _crop_start(example_id: tf.Tensor, length: tf.Tensor, limit: int) -> tf.Tensor:
+  """A start in [0, length - limit], fixed per example id (stateless, so resumable)."""
+  seed = tf.stack([tf.strings.to_hash_bucket_fast(example_id, 2**31 - 1),
+                   tf.constant(0, tf.int64)])
+  # tf.where evaluates both branches, so this also runs for short examples.
+  return tf.random.stateless_uniform([], seed, minval=0,
+                                     maxval=tf.maximum(length - limit + 1, 1), dtype=tf.int32)
+
+
+@gin.configurable(denylist=['dataset', 'sequence_length', 'crop'])
+def audio_features(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, int]],
+                   *, crop: bool, min_frames: int = 32) -> tf.data.Dataset:
+  """Adds 'features' [frames, num_mel_bins] float32 and a 'problem' code.
+
+  Args:
+    dataset: records with 'id' and 'audio' (encoded bytes).
+    sequence_length: 'features' is the frame limit (None: no limit).
+    crop: crop over-long audio to the limit at a per-example offset (unlabeled
+      speech) instead of skipping it (paired).
+    min_frames: shorter audio is skipped (ours: 32 frames = 0.32 s, 8 encoder
+      frames, the least that holds a 10-frame masked span's worth of context).
+  """
+  config = audio.FeatureConfig()
+  limit = (sequence_length or {}).get('features')
+
+  def fn(ex):
+    waveform, status = audio.decode_audio_tf(ex['audio'], config.sample_rate)
+    features = audio.log_mel(waveform, config)
+    frames = tf.shape(features)[0]
+    problem = tf.cast(status, tf.int32)  # AudioStatus codes 1-4 are Problem codes 1-4
+    problem = _merge_problem(problem, tf.where(frames < min_frames,
+                                               int(Problem.TOO_SHORT_AUDIO), 0))
+    if limit is not None:
+      over = frames > limit
+      if crop:
+        start = tf.where(over, _crop_start(ex['id'], frames, limit), 0)
+        features = features[start:start + limit]
+        problem = _merge_problem(problem, tf.where(over, int(Problem.CROPPED_AUDIO), 0))
+      else:
+        problem = _merge_problem(problem, tf.where(over, int(Problem.TOO_LONG_AUDIO), 0))
+    out = {k: v for k, v in ex.items() if k != 'audio'}
+    out['features'] = tf.ensure_shape(features, [None, config.num_mel_bins])
+    out[PROBLEM] = _merge_problem(ex.get(PROBLEM, tf.constant(0)), problem)
+    return out
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _normalize(text: bytes) -> bytes:
+  return vocabulary_lib.normalize_text(text.decode('utf-8', errors='replace')).encode('utf-8')
+
+
+def char_ids(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, int]],
+             output_features: Mapping[str, seqio.Feature], *, key: str,
+             crop: bool) -> tf.data.Dataset:
+  """Adds 'ids' [length] int32 from record[key] (normalised first) and a 'problem' code.
+
+  Unknown characters become UNK and are counted (the example is kept); empty
+  text is skipped; over-long text is cropped at a per-example offset (`crop`)
+  or skipped.
+  """
+  vocab = output_features['ids'].vocabulary
+  limit = (sequence_length or {}).get('ids')
+
+  def fn(ex):
+    text = tf.reshape(tf.numpy_function(_normalize, [ex[key]], tf.string, stateful=False), [])
+    ids = tf.cast(vocab.encode_tf(text), tf.int32)
+    length = tf.shape(ids)[0]
+    problem = tf.where(tf.reduce_any(tf.equal(ids, special_ids.UNK_ID)),
+                       int(Problem.UNKNOWN_CHARS_CLEANED), 0)
+    if limit is not None:
+      over = length > limit
+      if crop:
+        start = tf.where(over, _crop_start(ex['id'], length, limit), 0)
+        ids = ids[start:start + limit]
+        problem = _merge_problem(problem, tf.where(over, int(Problem.CROPPED_TEXT), 0))
+      else:
+        problem = _merge_problem(problem, tf.where(over, int(Problem.TOO_LONG_TEXT), 0))
+    problem = _merge_problem(problem, tf.where(length == 0, int(Problem.EMPTY_TEXT), 0))
+    out = {k: v for k, v in ex.items() if k != key}
+    out['ids'] = ids
+    out[PROBLEM] = _merge_problem(ex.get(PROBLEM, tf.constant(0)), problem)
+    return out
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def drop_bad(dataset: tf.data.Dataset, *, task_name: str) -> tf.data.Dataset:
+  """Records every non-OK example in bad_input.LOG; keeps the cleaned ones, skips the rest."""
+  kept = tuple(int(p) for p in bad_input.KEPT)
+
+  def record(problem, name):
+    if problem != 0:
+      bad_input.LOG.record(task_name, int(problem), name.decode('utf-8', errors='replace'))
+    return problem in kept
+
+  def keep(ex):
+    flag = tf.numpy_function(record, [ex[PROBLEM], ex['id']], tf.bool, stateful=True)
+    return tf.reshape(flag, [])
+
+  def strip(ex):
+    return {k: v for k, v in ex.items() if k != PROBLEM}
+
+  return dataset.filter(keep).map(strip)

@@ -1,0 +1,389 @@
+"""Tests of the embedded-corpus builder: catalog filters, .mo and fortune reading,
+the multi-way held-out split, synthesis and a miniature end-to-end build.
+
+No network. Tests that speak need espeak-ng and are skipped without it. The
+.mo files are written here in the GNU binary format by `write_mo`, so reading
+is checked against an independent writer rather than against itself.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import soundfile as sf
+import tensorflow as tf
+
+from mslam_jax.data import build_corpus
+from mslam_jax.data import catalogs
+from mslam_jax.data import synthesis
+
+needs_espeak = pytest.mark.skipif(shutil.which('espeak-ng') is None,
+                                  reason='espeak-ng is not installed')
+
+
+def write_mo(path, entries, charset='UTF-8'):
+  """A GNU .mo file (little-endian, revision 0, no hash table) of msgid -> msgstr.
+
+  Plural entries are written as 'one\\0many' on both sides, msgctxt as
+  'context\\x04msgid', as msgfmt does. The header entry is added.
+  """
+  entries = dict(entries)
+  entries[''] = f'Content-Type: text/plain; charset={charset}\nMIME-Version: 1.0\n'
+  keys = sorted(entries, key=lambda k: k.encode(charset))
+  ids = [k.encode(charset) for k in keys]
+  strs = [entries[k].encode(charset) for k in keys]
+  n = len(keys)
+  originals_at = 7 * 4
+  translations_at = originals_at + 8 * n
+  data_at = translations_at + 8 * n
+  data, tables = b'', []
+  for strings in (ids, strs):
+    table = b''
+    for s in strings:
+      table += struct.pack('<2I', len(s), data_at + len(data))
+      data += s + b'\0'
+    tables.append(table)
+  header = struct.pack('<7I', 0x950412de, 0, n, originals_at, translations_at, 0, 0)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(header + tables[0] + tables[1] + data)
+
+
+# --- pair filter: one case per DATA.md rule ----------------------------------
+
+@pytest.mark.parametrize('english, translation, expected', [
+    ('Open the selected file', 'Die gewählte Datei öffnen', None),
+    (('One file', 0), 'Eine Datei', 'plural'),
+    ('', 'Content-Type: text/plain', 'header'),
+    ('menu\x04Open the file', 'Die Datei öffnen', 'msgctxt'),
+    ('Could not open %s for reading', 'Konnte %s nicht zum Lesen öffnen', 'format'),
+    ('Copied %d files to disk', '%d Dateien kopiert', 'format'),
+    ('Missing value for %(name)s here', 'Wert für %(name)s fehlt hier', 'format'),
+    ('Replace {0} with the new one', 'Ersetze {0} durch das Neue', 'format'),
+    ('Hello {name} and welcome', 'Hallo {name} und willkommen', 'format'),
+    ('Yesterday at the time', 'Gestern um %H:%M', 'format'),
+    ('Open <b>this</b> file now', 'Öffne <b>diese</b> Datei jetzt', 'markup'),
+    ('Tom &amp; Jerry are here', 'Tom &amp; Jerry sind hier', 'markup'),
+    ('Use a back\\slash here', 'Nutze einen Rück\\strich hier', 'backslash'),
+    ('_Open the file', 'Datei _öffnen', 'mnemonic'),
+    ('&Open the file', '&Datei öffnen', 'mnemonic'),
+    ('See https://example.org for help', 'Siehe https://example.org für Hilfe', 'url'),
+    ('Mail bugs to bugs@example.org please', 'Fehler an bugs@example.org bitte', 'url'),
+    ('First line\nsecond line here', 'Erste Zeile\nzweite Zeile hier', 'newline'),
+    ('A tab\there in text', 'Ein Tab\thier im Text', 'newline'),
+    ('word ' * 70, 'Wort ' * 70, 'too_long'),
+    ('Save as PDF now', 'Save as PDF now', 'untranslated'),
+    ('Save file', 'Datei speichern', 'short'),
+    ('Vertical — RL', 'Vertikal — RL', 'short'),
+    ('Sales rose 50% of the time', 'Der Absatz stieg in 50% der Fälle', None),
+    ('Tom & Jerry are here', 'Tom & Jerry sind hier', None),
+])
+def test_drop_reason(english, translation, expected):
+  assert catalogs.drop_reason(english, translation) == expected
+
+
+def test_clean_pairs_normalises_both_sides():
+  pairs = dict(catalogs.clean_pairs({'  Open   the file ': 'Die  Datei öffnen',
+                                     'Save file': 'Datei speichern'}))
+  assert pairs == {'Open the file': 'Die Datei öffnen'}
+
+
+@pytest.mark.parametrize('locale, expected', [
+    ('de', ('de', 0)), ('pt_BR', ('pt', 0)), ('pt', ('pt', 1)), ('de_CH', ('de', 1)),
+    ('fr.UTF-8', ('fr', 0)), ('en_GB', None), ('sr@latin', None), ('C', None),
+])
+def test_locale_language(locale, expected):
+  assert catalogs.locale_language(locale) == expected
+
+
+# --- .mo reading ---------------------------------------------------------------
+
+def test_read_mo_matches_written_entries(tmp_path):
+  path = str(tmp_path / 'x.mo')
+  write_mo(path, {'Open the file': 'Die Datei öffnen', 'One file\0Many files': 'Eine\0Viele',
+                  'menu\x04Close the file': 'Die Datei schließen'})
+  catalog = catalogs.read_mo(path)
+  assert catalog['Open the file'] == 'Die Datei öffnen'
+  assert catalog[('One file', 0)] == 'Eine' and catalog[('One file', 1)] == 'Viele'
+  assert catalog['menu\x04Close the file'] == 'Die Datei schließen'
+  assert dict(catalogs.clean_pairs(catalog)) == {'Open the file': 'Die Datei öffnen'}
+
+
+def test_load_pairs_prefers_locales_and_skips_bad_files(tmp_path):
+  root = str(tmp_path)
+  def mo(locale, name, entries):
+    write_mo(os.path.join(root, 'usr/share/locale', locale, 'LC_MESSAGES', name), entries)
+  mo('pt', 'a.mo', {'Open the file now': 'Abrir o ficheiro agora',
+                    'Close the file now': 'Fechar o ficheiro agora'})
+  mo('pt_BR', 'b.mo', {'Open the file now': 'Abrir o arquivo agora'})
+  mo('de_CH', 'a.mo', {'Open the file now': 'Die Datei jetzt öffnen (CH)',
+                       'Print the page now': 'Die Seite jetzt drucken'})
+  mo('de', 'b.mo', {'Open the file now': 'Die Datei jetzt öffnen'})
+  mo('sr@latin', 'a.mo', {'Open the file now': 'Otvori datoteku sada'})
+  mo('en_GB', 'a.mo', {'Open the colour now': 'Open the colour now'})
+  bad = os.path.join(root, 'usr/share/locale/fr/LC_MESSAGES/bad.mo')
+  os.makedirs(os.path.dirname(bad))
+  with open(bad, 'wb') as f:
+    f.write(b'not a catalog')
+  errors = []
+  pairs = catalogs.load_pairs([root], errors=errors)
+  assert pairs['pt'] == {'Open the file now': 'Abrir o arquivo agora',
+                         'Close the file now': 'Fechar o ficheiro agora'}
+  assert pairs['de'] == {'Open the file now': 'Die Datei jetzt öffnen',
+                         'Print the page now': 'Die Seite jetzt drucken'}
+  assert set(pairs) == {'pt', 'de'}
+  assert len(errors) == 1 and 'bad.mo' in errors[0]
+  assert set(catalogs.load_pairs([root], languages=['de'])) == {'de'}
+
+
+def test_missing_package_names_it_and_the_fix(tmp_path):
+  with pytest.raises(catalogs.PackageError, match=r"'fortunes-xx'.*--catalog_dir"):
+    catalogs.fetch_packages(['fortunes-xx'], catalog_dir=str(tmp_path))
+  # Without network or package lists, or without apt at all, the same error type.
+  with pytest.raises(catalogs.PackageError, match='no-such-package-mslam'):
+    catalogs.download_package('no-such-package-mslam', str(tmp_path / 'debs'))
+
+
+# --- fortunes ------------------------------------------------------------------
+
+def test_split_fortunes():
+  text = 'First one here.\n%\nSecond\none.\n%\n%\n\n%\nThird.\n'
+  assert catalogs.split_fortunes(text) == ['First one here.', 'Second\none.', 'Third.']
+
+
+def test_fortune_pieces():
+  fortune = ('Man muss wissen, dass Stoff und Form immer\n'
+             'miteinander verbunden existieren.\n'
+             '\t\t-- Pierre Abelard (Logica)\n')
+  assert catalogs.fortune_pieces(fortune) == [
+      'Man muss wissen, dass Stoff und Form immer miteinander verbunden existieren.']
+  # Quote marks around the whole piece go; a two-word piece is dropped.
+  assert catalogs.fortune_pieces('"Never trust a computer."') == [
+      'Never trust a computer.']
+  assert catalogs.fortune_pieces('Too short.') == []
+  # Chat logs: each speaker's line is a piece without its tag.
+  assert catalogs.fortune_pieces('<joe> the build is broken again\n<ann> not my fault') == [
+      'the build is broken again', 'not my fault']
+  # ASCII art and code are not prose.
+  assert catalogs.fortune_pieces('  /\\_/\\\n ( o.o )\n  > ^ <  meow meow meow') == []
+  # A paragraph over 300 characters is split into sentences.
+  sentence = 'This sentence has exactly eight words in it. '
+  pieces = catalogs.fortune_pieces(sentence * 8 + 'Dr. Who said so.')
+  assert pieces == [sentence.strip()] * 8 + ['Dr. Who said so.']
+
+
+def test_is_prose_counts_marks_as_letters():
+  assert catalogs.is_prose('पारदर्शिता की तरह आंतरिक प्रवाह के साथ रंग करने योग्य भराव')
+  assert catalogs.is_prose('Klangdatei auswählen', min_words=1)
+  assert not catalogs.is_prose('Klangdatei auswählen')
+  assert not catalogs.is_prose('x = y * 2 + 3 for all words here')
+
+
+def test_decode_text_falls_back_per_language():
+  russian = 'Жизнь - это выяснение отношений с Вечностью.'
+  czech = 'Šťastný je člověk, kterého varuje cizí chyba.'
+  assert catalogs.decode_text(russian.encode('utf-8'), 'ru') == russian
+  assert catalogs.decode_text(russian.encode('koi8_r'), 'ru') == russian
+  assert catalogs.decode_text(czech.encode('iso8859_2'), 'cs') == czech
+  assert catalogs.decode_text(czech.encode('iso8859_2'), 'pl') == czech
+  assert catalogs.decode_text('Café crème'.encode('latin-1'), 'fr') == 'Café crème'
+
+
+def test_read_fortunes_skips_indexes_and_offensive(tmp_path):
+  games = tmp_path / 'usr/share/games/fortunes'
+  (games / 'ru' / 'off').mkdir(parents=True)
+  (games / 'ru' / 'life').write_bytes(
+      'Жизнь - это выяснение отношений с Вечностью.\n%\nЕщё одна хорошая мысль здесь.\n'
+      .encode('koi8_r'))
+  (games / 'ru' / 'life.dat').write_bytes(b'\x00\x00\x00\x02binary index')
+  (games / 'ru' / 'off' / 'rude').write_text('Это грубая шутка для взрослых.\n',
+                                             encoding='utf-8')
+  assert catalogs.read_fortunes(str(tmp_path), 'ru') == [
+      'Жизнь - это выяснение отношений с Вечностью.', 'Ещё одна хорошая мысль здесь.']
+
+
+# --- multi-way held-out logic ------------------------------------------------------
+
+PAIRS = {
+    'de': {'Open the file now': 'Die Datei jetzt öffnen',
+           'Open this file now': 'Die Datei jetzt öffnen',  # same translation
+           'Close the window now': 'Das Fenster jetzt schließen',
+           'Print the page now': 'Die Seite jetzt drucken',
+           'Only in German here': 'Nur auf Deutsch hier'},
+    'fr': {'Open the file now': 'Ouvrir le fichier maintenant',
+           'Open this file now': 'Ouvrir ce fichier maintenant',
+           'Close the window now': 'Fermer la fenêtre maintenant',
+           'Print the page now': 'Imprimer la page maintenant'},
+}
+
+
+def test_multiway_selection_and_hold_out():
+  languages = ['en', 'de', 'fr']
+  multiway = build_corpus.select_multiway(PAIRS, languages)
+  assert multiway == sorted(['Open the file now', 'Open this file now',
+                             'Close the window now', 'Print the page now'])
+  held = {'Open the file now'}
+  held_text = {lang: [build_corpus.multiway_texts(e, PAIRS, languages)[lang] for e in held]
+               for lang in languages}
+  train_pairs = build_corpus.remove_held_out(PAIRS, held)
+  assert all('Open the file now' not in table for table in train_pairs.values())
+  fortunes = {'en': ['open the file now!', 'A fortune in English here.'],
+              'de': ['Die Datei jetzt öffnen.', 'Ein deutsches Sprichwort hier.']}
+  rng = np.random.default_rng(0)
+  for lang in languages:
+    lines = build_corpus.training_text(lang, train_pairs, fortunes.get(lang, []),
+                                       held_text[lang], rng, None)
+    keys = {build_corpus.holdout_key(line) for line in lines}
+    for text in held_text[lang]:
+      assert build_corpus.holdout_key(text) not in keys, (lang, text, lines)
+    assert len(lines) == len(set(lines))
+  # The German translation shared by a held-in English string is gone too.
+  de = build_corpus.training_text('de', train_pairs, fortunes['de'], held_text['de'], rng, None)
+  assert sorted(de) == ['Das Fenster jetzt schließen', 'Die Seite jetzt drucken',
+                        'Ein deutsches Sprichwort hier.', 'Nur auf Deutsch hier']
+  en = build_corpus.training_text('en', train_pairs, fortunes['en'], held_text['en'], rng, 2)
+  assert len(en) == 2
+
+
+def test_derive_seed_is_stable():
+  assert build_corpus.derive_seed(0, 'text', 'de') == build_corpus.derive_seed(0, 'text', 'de')
+  assert build_corpus.derive_seed(0, 'text', 'de') != build_corpus.derive_seed(1, 'text', 'de')
+  assert build_corpus.derive_seed(0, 'text', 'de') != build_corpus.derive_seed(0, 'text', 'fr')
+
+
+def test_encode_flac_rounds_to_sample_bits():
+  t = np.arange(16000) / 16000
+  waveform = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+  for bits in (16, 11):
+    decoded, rate = sf.read(io.BytesIO(build_corpus.encode_flac(waveform, 16000, bits)),
+                            dtype='int16')
+    assert rate == 16000 and decoded.shape == waveform.shape
+    step = 2 ** (16 - bits)
+    assert np.all(decoded % step == 0)
+    np.testing.assert_allclose(decoded / 32768, waveform, atol=step / 32768)
+  info = sf.info(io.BytesIO(build_corpus.encode_flac(waveform, 16000, 11)))
+  assert (info.format, info.subtype, info.channels) == ('FLAC', 'PCM_16', 1)
+
+
+# --- synthesis -------------------------------------------------------------------------
+
+def test_parse_wav_reads_streamed_header():
+  samples = np.array([0, 1000, -1000, 32767], np.int16)
+  fmt = struct.pack('<HHIIHH', 1, 1, 22050, 44100, 2, 16)
+  # espeak --stdout writes 0x7fffffff-ish sizes; the parser must not trust them.
+  wav = (b'RIFF' + struct.pack('<I', 0x7ffff024) + b'WAVE' + b'fmt ' + struct.pack('<I', 16)
+         + fmt + b'data' + struct.pack('<I', 0x7ffff000) + samples.tobytes())
+  waveform, rate = synthesis._parse_wav(wav)  # pylint: disable=protected-access
+  assert rate == 22050
+  np.testing.assert_array_equal(waveform, samples / 32768.0)
+
+
+@needs_espeak
+def test_synthesize_gives_16khz_float_audio():
+  text = 'The quick brown fox jumps over the lazy dog.'
+  waveform = synthesis.synthesize(text, 'en', np.random.default_rng(0))
+  assert waveform.dtype == np.float32 and waveform.ndim == 1
+  seconds = len(waveform) / synthesis.SAMPLE_RATE
+  assert 1.5 < seconds < 5.0, seconds  # 9 words at 130-190 words per minute
+  assert 0.29 < np.max(np.abs(waveform)) < 0.71
+  again = synthesis.synthesize(text, 'en', np.random.default_rng(0))
+  np.testing.assert_array_equal(waveform, again)
+
+
+@needs_espeak
+def test_voices_exist_for_presets():
+  for preset in build_corpus.PRESETS.values():
+    assert set(synthesis.check_languages(preset.languages)) == set(preset.languages)
+  with pytest.raises(synthesis.SynthesisError, match='xx'):
+    synthesis.voice_for('xx')
+
+
+# --- a miniature end-to-end build -----------------------------------------------------
+
+def _fake_packages(root):
+  """--catalog_dir with the packages a build of en, de, fr reads, a handful of strings each."""
+  strings = {
+      'Open the file now': ('Die Datei jetzt öffnen', 'Ouvrir le fichier maintenant'),
+      'Close the window now': ('Das Fenster jetzt schließen', 'Fermer la fenêtre maintenant'),
+      'Print the page now': ('Die Seite jetzt drucken', 'Imprimer la page maintenant'),
+      'Save the picture now': ('Das Bild jetzt speichern', "Enregistrer l'image maintenant"),
+      'Delete the old layer': ('Die alte Ebene löschen', "Supprimer l'ancien calque"),
+      'Rotate the image left': ('Das Bild nach links drehen', "Tourner l'image à gauche"),
+      'Show the color palette': ('Die Farbpalette anzeigen', 'Afficher la palette'),
+      'Zoom into the drawing': ('In die Zeichnung zoomen', 'Zoomer dans le dessin'),
+      'Play the next song': ('Das nächste Lied abspielen', 'Lire la chanson suivante'),
+      'Stop the playback here': ('Die Wiedergabe hier stoppen', 'Arrêter la lecture ici'),
+  }
+  for i, lang in enumerate(['de', 'fr']):
+    write_mo(os.path.join(root, 'vlc-l10n/usr/share/locale', lang, 'LC_MESSAGES', 'vlc.mo'),
+             {e: t[i] for e, t in strings.items()})
+  for name in catalogs.CATALOG_PACKAGES[1:] + ('fortunes-min',):
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+  for name, lang, text in (('fortunes', 'en', 'A penny saved is a penny earned.\n%\n'
+                            'Never put off until tomorrow.\n'),
+                           ('fortunes-de', 'de', 'Morgenstund hat Gold im Mund.\n%\n'
+                            'Wer rastet, der rostet.\n')):
+    games = os.path.join(root, name, 'usr/share/games/fortunes', lang)
+    os.makedirs(games)
+    with open(os.path.join(games, 'misc'), 'w', encoding='utf-8') as f:
+      f.write(text)
+  with open(os.path.join(root, 'versions.json'), 'w') as f:
+    json.dump({'vlc-l10n': 'test-1'}, f)
+
+
+def _records(path):
+  out = []
+  for record in tf.data.TFRecordDataset(path):
+    feature = tf.train.Example.FromString(record.numpy()).features.feature
+    out.append({k: (v.bytes_list.value[0] if v.bytes_list.value else v.int64_list.value[0])
+                for k, v in feature.items()})
+  return out
+
+
+@needs_espeak
+def test_build_small_corpus(tmp_path, monkeypatch):
+  catalog_dir = str(tmp_path / 'packages')
+  _fake_packages(catalog_dir)
+  tiny = dataclasses.replace(build_corpus.PRESETS['small'], speech=2, paired=2, dev=1, test=1,
+                             max_text_lines=None, min_seconds=0.5, max_seconds=6.0)
+  monkeypatch.setitem(build_corpus.PRESETS, 'small', tiny)
+  output = str(tmp_path / 'corpus')
+  meta = build_corpus.build(build_corpus.parse_args([
+      f'--output={output}', '--languages=en,de,fr', f'--catalog_dir={catalog_dir}',
+      '--no_system_locale', '--workers=2']))
+  assert meta['languages'] == ['en', 'de', 'fr']
+  assert 'vlc-l10n=test-1' in meta['sources']
+  held = {}
+  ids = {}
+  for lang in meta['languages']:
+    for split in ('dev', 'test'):
+      records = _records(os.path.join(output, 'paired', split, f'{lang}.tfrecord'))
+      assert meta['kinds']['paired'][split][lang]['examples'] == len(records) == 1
+      ids.setdefault(split, set()).add(tuple(r['id'] for r in records))
+      for r in records:
+        held.setdefault(lang, set()).add(build_corpus.holdout_key(r['transcript'].decode()))
+        held.setdefault('en', set()).add(build_corpus.holdout_key(r['english'].decode()))
+        assert r['english'] and r['id'].startswith(b'mw-')
+  assert all(len(v) == 1 for v in ids.values())  # Identical ids across languages.
+  assert ids['dev'] != ids['test']
+  for lang in meta['languages']:
+    with open(os.path.join(output, 'text', 'train', f'{lang}.txt'), encoding='utf-8') as f:
+      train = f.read().splitlines()
+    assert meta['kinds']['text']['train'][lang]['examples'] == len(train)
+    for kind in ('speech', 'paired'):
+      records = _records(os.path.join(output, kind, 'train', f'{lang}.tfrecord'))
+      assert len(records) == 2 and meta['kinds'][kind]['train'][lang]['examples'] == 2
+      for r in records:
+        assert r['language'] == lang.encode() and r['english'] == b''
+        waveform, rate = sf.read(io.BytesIO(r['audio']), dtype='float32')
+        assert rate == 16000 and len(waveform) == r['num_samples']
+        assert 0.5 * rate <= len(waveform) <= 6.0 * rate
+        train.append(r['transcript'].decode())
+    leaked = [t for t in train if build_corpus.holdout_key(t) in held[lang]]
+    assert not leaked, (lang, leaked)
+  assert os.path.getsize(os.path.join(output, 'vocab.txt')) > 0

@@ -1,0 +1,178 @@
+"""Task preprocessing: sources, features and every bad-input case (skipped or cleaned, counted)."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+import seqio
+import soundfile as sf
+import tensorflow as tf
+
+import toy_corpus
+from mslam_jax.data import audio
+from mslam_jax.data import bad_input
+from mslam_jax.data import registry
+from mslam_jax.data import sources
+from mslam_jax.data.bad_input import Problem
+from mslam_jax.data.vocabulary import CharacterVocabulary
+
+LIMITS = {'features': 120, 'ids': 12}  # 1.2 s of frames, 12 characters
+
+
+def wav_bytes(waveform, subtype='PCM_16', rate=16000):
+  return toy_corpus.flac_bytes(waveform, rate, fmt='WAV', subtype=subtype)
+
+
+@pytest.fixture(autouse=True)
+def _vocab(tmp_path):
+  path = str(tmp_path / 'vocab.txt')
+  CharacterVocabulary.build(['abcdefgh ']).save(path)
+  registry.set_vocabulary_path(path)
+  bad_input.LOG.reset()
+  yield
+  bad_input.LOG.reset()
+
+
+def _examples(task_name, split='train'):
+  ds = seqio.get_mixture_or_task(task_name).get_dataset(
+      LIMITS, split=split, shuffle=False, num_epochs=1)
+  return {ex['id'].decode(): ex for ex in ds.as_numpy_iterator()}
+
+
+def _write_records(path, rows):
+  with tf.io.TFRecordWriter(path) as w:
+    for ex_id, audio_bytes, transcript in rows:
+      w.write(toy_corpus.example(ex_id, 'aa', audio_bytes, transcript).SerializeToString())
+
+
+def test_paired_bad_inputs_are_skipped_or_cleaned_and_counted(tmp_path):
+  rng = np.random.default_rng(0)
+  good = toy_corpus.tone(rng, 0.8)
+  flac = toy_corpus.flac_bytes(good)
+  nan = good.copy()
+  nan[100] = np.nan
+  rows = [
+      ('good', flac, 'abc def'),
+      ('good_wav_22k', wav_bytes(toy_corpus.tone(rng, 0.8, 22050), rate=22050), 'abc'),
+      ('garbage', rng.bytes(3000), 'abc'),
+      ('truncated', wav_bytes(good)[:6000], 'abc'),
+      ('empty', wav_bytes(np.zeros(0, np.float32)), 'abc'),
+      ('silent', wav_bytes(np.zeros(8000, np.float32)), 'abc'),
+      ('nan', wav_bytes(nan, subtype='FLOAT'), 'abc'),
+      ('short', toy_corpus.flac_bytes(good[:3000]), 'abc'),      # 0.19 s < 32 frames
+      ('long_audio', toy_corpus.flac_bytes(toy_corpus.tone(rng, 2.0)), 'abc'),
+      ('empty_text', flac, '  '),
+      ('long_text', flac, 'abcdefgh abcdefgh'),
+      ('unknown_chars', flac, 'abc xyz'),
+  ]
+  path = str(tmp_path / 'bad.tfrecord')
+  _write_records(path, rows)
+  registry.add_task('test_bad_paired', kind='paired', language='aa',
+                    source=sources.tfrecords(path), size=len(rows))
+  kept = _examples('test_bad_paired')
+  assert sorted(kept) == ['good', 'good_wav_22k', 'unknown_chars']
+  expected = {
+      'garbage': Problem.UNREADABLE_AUDIO, 'truncated': Problem.TRUNCATED_AUDIO,
+      'empty': Problem.EMPTY_AUDIO, 'silent': Problem.EMPTY_AUDIO,
+      'nan': Problem.NONFINITE_AUDIO, 'short': Problem.TOO_SHORT_AUDIO,
+      'long_audio': Problem.TOO_LONG_AUDIO, 'empty_text': Problem.EMPTY_TEXT,
+      'long_text': Problem.TOO_LONG_TEXT, 'unknown_chars': Problem.UNKNOWN_CHARS_CLEANED}
+  counts = bad_input.LOG.counts()
+  for name, problem in expected.items():
+    assert name in bad_input.LOG.examples('test_bad_paired', problem), (name, problem)
+  assert sum(counts.values()) == len(expected)
+  assert counts[('test_bad_paired', Problem.EMPTY_AUDIO)] == 2
+  report = bad_input.LOG.report()
+  assert 'test_bad_paired: 1 skipped: truncated audio file (e.g. truncated)' in report
+  assert 'kept: characters outside the vocabulary mapped to UNK (e.g. unknown_chars)' in report
+  # The cleaned example maps unknown characters to UNK; its features are the log-mel.
+  vocab = registry.SHARED_VOCABULARY.loaded
+  assert kept['unknown_chars']['ids'].tolist() == vocab.encode('abc xyz')
+  want = audio.log_mel(audio.decode_audio(flac)[0], audio.FeatureConfig()).numpy()
+  np.testing.assert_allclose(kept['good']['features'], want, rtol=1e-5, atol=1e-5)
+  # 22.05 kHz audio was resampled: 0.8 s gives the frames of 0.8 s at 16 kHz.
+  assert abs(kept['good_wav_22k']['features'].shape[0] - 78) <= 1
+
+
+def test_unlabeled_speech_and_text_are_cropped_not_skipped(tmp_path):
+  rng = np.random.default_rng(1)
+  path = str(tmp_path / 'speech.tfrecord')
+  _write_records(path, [('long', toy_corpus.flac_bytes(toy_corpus.tone(rng, 2.0)), '')])
+  registry.add_task('test_crop_speech', kind='speech', language='aa',
+                    source=sources.tfrecords(path))
+  (ex,) = _examples('test_crop_speech').values()
+  full = audio.log_mel(audio.decode_audio(toy_corpus.flac_bytes(
+      toy_corpus.tone(np.random.default_rng(1), 2.0)))[0], audio.FeatureConfig()).numpy()
+  assert ex['features'].shape == (LIMITS['features'], 80)
+  # The crop is a contiguous window of the full features.
+  starts = [s for s in range(full.shape[0] - LIMITS['features'] + 1)
+            if np.allclose(full[s:s + LIMITS['features']], ex['features'], atol=1e-5)]
+  assert starts
+  text_path = str(tmp_path / 'aa.txt')
+  with open(text_path, 'w', encoding='utf-8') as f:
+    f.write('abcdefgh abcdefgh abcdefgh\n\nabc\n')
+  registry.add_task('test_crop_text', kind='text', language='aa',
+                    source=sources.text_lines(text_path, 'aa'))
+  kept = _examples('test_crop_text')
+  assert sorted(kept) == [f'{text_path}:1', f'{text_path}:3']
+  cropped = registry.SHARED_VOCABULARY.loaded.decode(kept[f'{text_path}:1']['ids'])
+  assert len(cropped) == LIMITS['ids'] and cropped in 'abcdefgh abcdefgh abcdefgh'
+  assert bad_input.LOG.examples('test_crop_text', Problem.EMPTY_TEXT) == [f'{text_path}:2']
+  assert bad_input.LOG.total(Problem.CROPPED_AUDIO) == 1
+  assert bad_input.LOG.total(Problem.CROPPED_TEXT) == 1
+
+
+def test_manifest_source_reads_relative_paths_and_counts_missing_files(tmp_path):
+  rng = np.random.default_rng(2)
+  os.makedirs(tmp_path / 'clips')
+  sf.write(str(tmp_path / 'clips' / 'one.flac'), toy_corpus.tone(rng, 0.7), 16000)
+  manifest = tmp_path / 'train.tsv'
+  manifest.write_text('path\tlanguage\ttranscript\n'
+                      'clips/one.flac\taa\tabc\n'
+                      'clips/missing.flac\taa\tabc\n', encoding='utf-8')
+  registry.add_task('test_manifest', kind='paired', language='aa',
+                    source=sources.manifest(str(manifest)))
+  kept = _examples('test_manifest')
+  assert list(kept) == [str(tmp_path / 'clips' / 'one.flac')]
+  assert bad_input.LOG.examples('test_manifest', Problem.UNREADABLE_AUDIO) == [
+      str(tmp_path / 'clips' / 'missing.flac')]
+  bad = tmp_path / 'bad.tsv'
+  bad.write_text('only_one_field\n', encoding='utf-8')
+  with pytest.raises(ValueError, match='bad.tsv:1: expected'):
+    sources.ManifestSource.read_manifest(str(bad))
+
+
+def test_missing_source_fails_with_the_fix(tmp_path):
+  task = registry.add_task('test_missing', kind='text', language='aa',
+                           source=sources.text_lines(str(tmp_path / 'nope' / '*.txt'), 'aa'))
+  with pytest.raises(FileNotFoundError, match='test_missing: no files match .*build_corpus'):
+    task.source.check('train')
+  with pytest.raises(FileNotFoundError, match='metadata.json not found'):
+    registry.add_corpus(str(tmp_path / 'no_corpus'), 'x')
+
+
+def test_add_task_rejects_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="kind must be one of"):
+    registry.add_task('t', kind='audio', language='aa', source=sources.text_lines('x', 'aa'))
+  with pytest.raises(TypeError, match='mslam_jax.data.sources'):
+    registry.add_task('t', kind='text', language='aa', source='x.txt')
+
+
+def test_sharded_sources_are_disjoint_and_cover(tmp_path):
+  """Two hosts of one file (record sharding) and of four files (file sharding)."""
+  for num_files in (1, 4):
+    paths = []
+    for f in range(num_files):
+      path = str(tmp_path / f'{num_files}_{f}.txt')
+      with open(path, 'w', encoding='utf-8') as out:
+        out.write(''.join(f'line {f} {i}\n' for i in range(10)))
+      paths.append(path)
+    source = sources.text_lines(str(tmp_path / f'{num_files}_*.txt'), 'aa')
+    seen = []
+    for host in range(2):
+      ds = source.get_dataset('train', shuffle=True, seed=3,
+                              shard_info=seqio.ShardInfo(host, 2))
+      seen.append({ex['id'] for ex in ds.as_numpy_iterator()})
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 10 * num_files

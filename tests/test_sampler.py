@@ -1,0 +1,203 @@
+"""The three-stream sampler: shapes, temperature rates, determinism, resume, hosts, user tasks."""
+
+import collections
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import toy_corpus
+from mslam_jax import special_ids
+from mslam_jax.data import audio
+from mslam_jax.data import registry
+from mslam_jax.data import sampler as sampler_lib
+from mslam_jax.data.batch_spec import BatchConfig
+
+BATCH = BatchConfig(speech_batch_size=4, text_batch_size=8, paired_batch_size=2,
+                    speech_frames=100, text_length=12, paired_frames=160,
+                    paired_text_length=24)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('toy_corpus'))
+  meta = toy_corpus.write(root)
+  registry.add_corpus(root, 'toy')
+  return root, meta
+
+
+def make(corpus, seed=0, **kwargs):
+  root, _ = corpus
+  config = sampler_lib.DataConfig(task_modules=(), speech_tasks=('toy_*',),
+                                  text_tasks=('toy_*',), paired_tasks=('toy_*',),
+                                  vocabulary_path=os.path.join(root, 'vocab.txt'), seed=seed)
+  kwargs.setdefault('shard_index', 0)
+  kwargs.setdefault('num_shards', 1)
+  return sampler_lib.ThreeStreamSampler(kwargs.pop('batch', BATCH), config, **kwargs)
+
+
+def test_batches_have_the_configured_shapes_kinds_and_paddings(corpus):
+  s = make(corpus, with_metadata=True)
+  vocab = s.vocabulary
+  for _ in range(3):
+    batch = next(s)
+    assert set(batch) == {'speech', 'text', 'paired'}
+    sp, tx, pr = batch['speech'], batch['text'], batch['paired']
+    assert sp['features'].shape == (4, 100, 80) and sp['features'].dtype == np.float32
+    assert sp['feature_paddings'].shape == (4, 100)
+    assert tx['ids'].shape == (8, 12) and tx['ids'].dtype == np.int32
+    assert pr['features'].shape == (2, 160, 80) and pr['ids'].shape == (2, 24)
+    for part, key, pad_key in ((sp, 'features', 'feature_paddings'), (tx, 'ids', 'id_paddings'),
+                               (pr, 'features', 'feature_paddings'), (pr, 'ids', 'id_paddings')):
+      paddings = part[pad_key]
+      # Right-padded: 0 then 1, padding positions hold zeros, every example non-empty.
+      assert np.all(np.diff(paddings, axis=1) >= 0) and np.all(paddings[:, 0] == 0)
+      values = part[key].reshape(paddings.shape + (-1,))
+      assert np.all(values[paddings == 1] == 0)
+    assert {l.decode() for l in sp['language']} <= set(toy_corpus.ALPHABETS)
+    assert all(i.decode().split('-')[1] == 'speech' for i in sp['id'])
+    assert all(i.decode().split('-')[1] == 'paired' for i in pr['id'])
+    # Paired ids spell the example's transcript in its language's alphabet.
+    for ids, pad, lang in zip(pr['ids'], pr['id_paddings'], pr['language']):
+      text = vocab.decode(ids[pad == 0].tolist())
+      assert set(text) <= set(toy_corpus.ALPHABETS[lang.decode()] + ' ')
+      assert special_ids.UNK_ID not in ids
+  # Paired audio of 0.5-1.5 s fits 160 frames uncropped: valid frames match its length.
+  frames = (1 - pr['feature_paddings']).sum(axis=1)
+  assert np.all((frames >= audio.num_frames(8000, audio.FeatureConfig())) & (frames <= 160))
+
+
+def test_parts_selects_streams(corpus):
+  batch = next(make(corpus, parts=('speech',)))
+  assert set(batch) == {'speech'}
+
+
+def test_language_shares_match_temperature_rates(corpus):
+  """Text languages over 2,560 draws vs n_i^(1/3) / sum: within 4.5 binomial sigmas."""
+  _, meta = corpus
+  sizes = {lang: v['examples'] for lang, v in meta['kinds']['text']['train'].items()}
+  weights = {lang: n ** (1 / 3) for lang, n in sizes.items()}
+  want = {lang: w / sum(weights.values()) for lang, w in weights.items()}
+  batch = BatchConfig(**{**BATCH.__dict__, 'text_batch_size': 64})
+  s = make(corpus, parts=('text',), with_metadata=True, batch=batch)
+  assert s.rates()['text'] == pytest.approx({f'toy_text_{l}': p for l, p in want.items()})
+  counts = collections.Counter()
+  for _ in range(40):
+    counts.update(l.decode() for l in next(s)['text']['language'])
+  n = sum(counts.values())
+  proportional = {lang: v / sum(sizes.values()) for lang, v in sizes.items()}
+  for lang, p in want.items():
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(counts[lang] / n - p) < 4.5 * sigma, (lang, counts, want)
+  # T = 3 is measurably flatter than sampling in proportion to size (T = 1).
+  assert abs(counts['aa'] / n - proportional['aa']) > 10 * np.sqrt(0.25 / n)
+
+
+def test_temperature_rates_closed_form():
+  rates = registry.temperature_rates({'a': 1000, 'b': 10, 'c': 0}, temperature=3.0)
+  assert rates == pytest.approx({'a': 10 / (10 + 10 ** (1 / 3)), 'b': 10 ** (1 / 3) / (
+      10 + 10 ** (1 / 3))})
+  assert registry.temperature_rates({'a': 3, 'b': 1}, 1.0) == pytest.approx({'a': .75, 'b': .25})
+  with pytest.raises(ValueError):
+    registry.temperature_rates({'a': 1}, 0.0)
+
+
+def _take(s, n):
+  return [next(s) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  for x, y in zip(a, b):
+    for kind in x:
+      for key in x[kind]:
+        np.testing.assert_array_equal(x[kind][key], y[kind][key], err_msg=f'{kind}/{key}')
+
+
+def test_deterministic_for_a_seed_and_restored_state_gives_the_same_next_batches(corpus,
+                                                                                  tmp_path):
+  first = make(corpus, with_metadata=True)
+  _take(first, 3)
+  path = first.save(str(tmp_path / 'sampler' / 'state'))
+  expected = _take(first, 4)
+  restored = make(corpus, with_metadata=True)
+  restored.restore(path)
+  _assert_same(expected, _take(restored, 4))
+  fresh = make(corpus, with_metadata=True)
+  _assert_same(expected, _take(fresh, 7)[3:])
+  other_seed = next(make(corpus, seed=1, with_metadata=True))
+  assert list(other_seed['text']['id']) != list(expected[0]['text']['id']) or list(
+      other_seed['speech']['id']) != list(expected[0]['speech']['id'])
+
+
+def test_two_hosts_see_disjoint_examples_that_cover_the_corpus(corpus):
+  _, meta = corpus
+  seen = []
+  for host in range(2):
+    s = make(corpus, shard_index=host, num_shards=2, with_metadata=True, parts=('speech',))
+    assert s.per_host_batch_size('speech') == 2
+    ids = set()
+    for _ in range(40):
+      ids.update(i.decode() for i in next(s)['speech']['id'])
+    seen.append(ids)
+  assert not seen[0] & seen[1]
+  total = sum(v['examples'] for v in meta['kinds']['speech']['train'].values())
+  assert len(seen[0] | seen[1]) == total
+  with pytest.raises(ValueError, match='not divisible by the 3 hosts'):
+    make(corpus, shard_index=0, num_shards=3, parts=('speech',))
+
+
+def test_user_task_module_joins_the_mixture(corpus, tmp_path):
+  text = tmp_path / 'zz.txt'
+  text.write_text('abc abc\nabd\n', encoding='utf-8')
+  module = tmp_path / 'my_tasks.py'
+  module.write_text(textwrap.dedent(f'''
+      from mslam_jax.data import registry, sources
+      registry.add_task('user_text_zz', kind='text', language='zz',
+                        source=sources.text_lines({str(text)!r}, 'zz'))
+  '''), encoding='utf-8')
+  root, _ = corpus
+  config = sampler_lib.DataConfig(task_modules=(), vocabulary_path=os.path.join(root, 'vocab.txt'),
+                                  text_tasks=('toy_*', 'user_*'))
+  s = sampler_lib.ThreeStreamSampler(BATCH, config, parts=('text',), shard_index=0,
+                                     num_shards=1, with_metadata=True,
+                                     extra_task_modules=[str(module)])
+  assert 'user_text_zz' in s.rates()['text']
+  languages = collections.Counter()
+  for _ in range(10):
+    languages.update(l.decode() for l in next(s)['text']['language'])
+  assert languages['zz'] > 0
+
+
+def test_vocabulary_larger_than_the_model_fails_at_start(corpus):
+  with pytest.raises(ValueError, match='ModelConfig.vocab_size'):
+    make(corpus, model_vocab_size=8)
+
+
+def test_no_matching_task_names_the_fix(corpus):
+  root, _ = corpus
+  config = sampler_lib.DataConfig(task_modules=(), text_tasks=('nothing_*',),
+                                  vocabulary_path=os.path.join(root, 'vocab.txt'))
+  with pytest.raises(ValueError, match='no text task matches'):
+    sampler_lib.ThreeStreamSampler(BATCH, config, parts=('text',), shard_index=0, num_shards=1)
+
+
+def test_process_exits_promptly_after_sampling(corpus):
+  """tf.data threads in tf.numpy_function must not hang interpreter shutdown."""
+  root, _ = corpus
+  script = textwrap.dedent(f'''
+      from mslam_jax.data import registry, sampler
+      from mslam_jax.data.batch_spec import BatchConfig
+      registry.add_corpus({root!r}, 'toy')
+      config = sampler.DataConfig(task_modules=(), vocabulary_path={root!r} + '/vocab.txt')
+      s = sampler.ThreeStreamSampler(BatchConfig(**{BATCH.__dict__!r}), config,
+                                     shard_index=0, num_shards=1)
+      next(s)
+      print('sampled')
+  ''')
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'sampled' in out.stdout
