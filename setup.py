@@ -31,6 +31,7 @@ setuptools.setup(
         'tensorboard',
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3'],
+        # importlib_resources: TFDS needs it to prepare a dataset (the TFDS source test does).
+        'test': ['pytest>=8', 'pytest-xdist>=3', 'importlib_resources'],
     },
 )

@@ -32,7 +32,7 @@ RUNS = {
 def run(name, bindings, steps, log_every, seed, extra):
   """Trains one configuration; returns its logged records, step 0 = the initial state."""
   gin_utils.parse_gin(['gin/pretrain_tiny_cpu.gin', 'gin/variants/w2v_bert.gin'],
-                      [*bindings, *extra])
+                      ["DataConfig.source = 'synthetic'", *bindings, *extra])
   model_dir = tempfile.mkdtemp(prefix=f'collapse_{name}_')
   _, history = train.train(ModelConfig(), pretrain_loss.LossConfig(), BatchConfig(),
                            TrainConfig(model_dir=model_dir, train_steps=steps,

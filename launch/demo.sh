@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main command of the README: sets up .venv if needed, then pre-trains the
-# tiny mSLAM on one CPU (a few minutes). Extra arguments go to mslam_jax.train,
+# tiny mSLAM on one CPU, on the embedded corpus (a few minutes). Extra arguments go to mslam_jax.train,
 # e.g. --gin.TRAIN_STEPS=50.
 set -euo pipefail
 cd "$(dirname "$0")/.."

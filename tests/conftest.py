@@ -27,6 +27,18 @@ SMALL_BATCH = BatchConfig(speech_batch_size=2, text_batch_size=2, paired_batch_s
                           paired_text_length=8)
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _isolated_task_registry():
+  """Tasks a test module registers are gone for the next module (xdist runs several per process)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from mslam_jax.data import registry  # pylint: disable=g-import-not-at-top
+  before = set(registry.TASKS)
+  yield
+  for name in set(registry.TASKS) - before:
+    registry.TASKS.pop(name)
+    seqio.TaskRegistry.remove(name)
+
+
 @pytest.fixture(autouse=True)
 def _clean_gin():
   gin.clear_config()

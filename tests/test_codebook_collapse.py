@@ -14,7 +14,8 @@ from mslam_jax.train_config import TrainConfig
 
 def _curves(tmp_path, name, *bindings, steps=80):
   gin_utils.parse_gin(['gin/pretrain_tiny_cpu.gin', 'gin/variants/w2v_bert.gin'],
-                      ['BatchConfig.speech_batch_size = 4', 'BatchConfig.speech_frames = 160',
+                      ["DataConfig.source = 'synthetic'", 'BatchConfig.speech_batch_size = 4',
+                       'BatchConfig.speech_frames = 160',
                        *bindings])
   _, history = train.train(
       ModelConfig(), pretrain_loss.LossConfig(), BatchConfig(),

@@ -176,3 +176,40 @@ def test_sharded_sources_are_disjoint_and_cover(tmp_path):
       seen.append({ex['id'] for ex in ds.as_numpy_iterator()})
     assert not seen[0] & seen[1]
     assert len(seen[0] | seen[1]) == 10 * num_files
+
+
+def test_a_task_that_skips_everything_stops_with_a_message(tmp_path):
+  registry.add_task('test_all_skipped', kind='paired', language='aa',
+                    source=sources.manifest(str(tmp_path / 'm.tsv')))
+  (tmp_path / 'm.tsv').write_text('missing.flac\taa\tabc\n', encoding='utf-8')
+  ds = seqio.get_mixture_or_task('test_all_skipped').get_dataset(
+      LIMITS, split='train', shuffle=False, num_epochs=None)
+  old = bad_input.LOG.max_consecutive_skips
+  bad_input.LOG.max_consecutive_skips = 25
+  try:
+    with pytest.raises(tf.errors.OpError, match='test_all_skipped: the last 25 examples were '
+                       'all skipped'):
+      next(iter(ds))
+  finally:
+    bad_input.LOG.max_consecutive_skips = old
+
+
+def test_tfds_source_reencodes_decoded_audio(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  clips = [np.round(toy_corpus.tone(rng, s) * 32767).astype(np.int16) for s in (0.6, 0.9)]
+  features = tfds.features.FeaturesDict({
+      'speech': tfds.features.Audio(dtype=np.int16, sample_rate=16000),
+      'text': tfds.features.Text()})
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='toy_speech_ds', version='1.0.0', features=features, data_dir=str(tmp_path),
+      split_datasets={'train': [(i, {'speech': c, 'text': 'abc'}) for i, c in enumerate(clips)]})
+  registry.add_task('test_tfds', kind='paired', language='aa', source=sources.tfds_dataset(
+      'toy_speech_ds', audio_key='speech', transcript_key='text', language='aa',
+      data_dir=str(tmp_path)))
+  kept = sorted(_examples('test_tfds').values(), key=lambda ex: ex['features'].shape[0])
+  config = audio.FeatureConfig()
+  for ex, clip in zip(kept, clips):
+    want = audio.log_mel(clip.astype(np.float32) / 32768, config).numpy()
+    np.testing.assert_allclose(ex['features'], want, atol=1e-3)
+    assert registry.SHARED_VOCABULARY.loaded.decode(ex['ids']) == 'abc'

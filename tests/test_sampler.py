@@ -150,14 +150,7 @@ def test_two_hosts_see_disjoint_examples_that_cover_the_corpus(corpus):
 
 
 def test_user_task_module_joins_the_mixture(corpus, tmp_path):
-  text = tmp_path / 'zz.txt'
-  text.write_text('abc abc\nabd\n', encoding='utf-8')
-  module = tmp_path / 'my_tasks.py'
-  module.write_text(textwrap.dedent(f'''
-      from mslam_jax.data import registry, sources
-      registry.add_task('user_text_zz', kind='text', language='zz',
-                        source=sources.text_lines({str(text)!r}, 'zz'))
-  '''), encoding='utf-8')
+  module = toy_corpus.write_user_task_module(str(tmp_path), ['abc abc', 'abd'])
   root, _ = corpus
   config = sampler_lib.DataConfig(task_modules=(), vocabulary_path=os.path.join(root, 'vocab.txt'),
                                   text_tasks=('toy_*', 'user_*'))

@@ -8,6 +8,7 @@ language so that temperature rates differ from uniform.
 import io
 import json
 import os
+import textwrap
 
 import numpy as np
 import soundfile as sf
@@ -72,3 +73,18 @@ def write(root, *, text_sizes=(40, 10, 3), audio_sizes=(12, 6, 3), seconds=(0.5,
   with open(os.path.join(root, 'metadata.json'), 'w', encoding='utf-8') as f:
     json.dump(meta, f, ensure_ascii=False, indent=1)
   return meta
+
+
+def write_user_task_module(folder, lines, size=None):
+  """A task module registering text task `user_text_zz` over `lines`; returns its path."""
+  text = os.path.join(folder, 'zz.txt')
+  with open(text, 'w', encoding='utf-8') as f:
+    f.write(''.join(line + '\n' for line in lines))
+  module = os.path.join(folder, 'user_tasks.py')
+  with open(module, 'w', encoding='utf-8') as f:
+    f.write(textwrap.dedent(f'''
+        from mslam_jax.data import registry, sources
+        registry.add_task('user_text_zz', kind='text', language='zz',
+                          source=sources.text_lines({text!r}, 'zz'), size={size!r})
+    '''))
+  return module

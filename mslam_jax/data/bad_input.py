@@ -48,22 +48,46 @@ MESSAGES = {
 }
 
 
-class BadInputLog:
-  """Thread-safe counts per (task, problem), with the first few example names."""
+class AllSkippedError(RuntimeError):
+  """A task skipped every one of its last `max_consecutive_skips` examples."""
 
-  def __init__(self, names_kept: int = 5):
+
+class BadInputLog:
+  """Thread-safe counts per (task, problem), with the first few example names.
+
+  Attributes:
+    max_consecutive_skips: a task that skips this many examples in a row
+      raises AllSkippedError instead of filtering forever (ours: 1000; a corpus
+      whose every example is too long for the configured shapes would
+      otherwise hang the input pipeline without a word).
+  """
+
+  def __init__(self, names_kept: int = 5, max_consecutive_skips: int = 1000):
     self._lock = threading.Lock()
     self._counts = collections.Counter()
     self._names: Dict[Tuple[str, Problem], List[str]] = collections.defaultdict(list)
+    self._streaks = collections.Counter()
     self._names_kept = names_kept
+    self.max_consecutive_skips = max_consecutive_skips
 
-  def record(self, task: str, problem: int, name: str) -> None:
+  def record(self, task: str, problem: int, name: str) -> bool:
+    """Counts one example's outcome; returns whether to keep it."""
     problem = Problem(int(problem))
+    keep = problem in KEPT
     with self._lock:
-      self._counts[(task, problem)] += 1
-      names = self._names[(task, problem)]
-      if len(names) < self._names_kept:
-        names.append(name)
+      self._streaks[task] = 0 if keep else self._streaks[task] + 1
+      streak = self._streaks[task]
+      if problem != Problem.OK:
+        self._counts[(task, problem)] += 1
+        names = self._names[(task, problem)]
+        if len(names) < self._names_kept and name not in names:
+          names.append(name)
+    if streak >= self.max_consecutive_skips:
+      raise AllSkippedError(
+          f'task {task}: the last {streak} examples were all skipped; so far:\n'
+          f'{self.report(task)}\nFix the data, or the limits it breaks (BatchConfig lengths, '
+          'preprocessors.audio_features.min_frames).')
+    return keep
 
   def counts(self) -> Dict[Tuple[str, Problem], int]:
     with self._lock:
@@ -81,11 +105,13 @@ class BadInputLog:
     with self._lock:
       self._counts.clear()
       self._names.clear()
+      self._streaks.clear()
 
-  def report(self) -> str:
+  def report(self, task: str = None) -> str:
     """One line per (task, problem): count, skipped or kept, message, first names."""
     with self._lock:
-      items = sorted(self._counts.items(), key=lambda kv: (kv[0][0], kv[0][1]))
+      items = sorted(((k, n) for k, n in self._counts.items() if task in (None, k[0])),
+                     key=lambda kv: (kv[0][0], kv[0][1]))
       lines = []
       for (task, problem), n in items:
         verdict = 'kept' if problem in KEPT else 'skipped'

@@ -4,7 +4,7 @@ r"""Builds the embedded multilingual corpus from Debian packages and espeak-ng.
         [--languages=en,de,...] [--seed=0] [--workers=2]
 
 Text comes from gettext catalogs and fortunes (catalogs.py), speech from
-espeak-ng (synthesis.py); /work/shared/DATA.md describes both. The output, read
+espeak-ng (synthesis.py); the project notes' DATA.md describe both. The output, read
 by mslam_jax/data/registry.py:
 
     DIR/metadata.json                     languages, per-kind/split/language sizes, sources
@@ -365,6 +365,7 @@ def read_text(languages: Sequence[str], args: argparse.Namespace
 
 def build(args: argparse.Namespace) -> dict:
   """Writes the corpus to args.output; returns its metadata."""
+  args.output = os.path.expanduser(args.output)
   preset = PRESETS[args.size]
   languages = (tuple(args.languages.split(',')) if args.languages else preset.languages)
   languages = tuple(dict.fromkeys(l.strip() for l in languages if l.strip()))

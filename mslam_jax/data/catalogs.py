@@ -5,7 +5,7 @@ fetching (`apt-get download` + `dpkg-deb -x`, cached), reading (.mo
 catalogs into English -> translation pairs, fortune files into prose pieces)
 and filtering (`drop_reason` for pairs, `fortune_pieces` for prose).
 
-Sources (/work/shared/DATA.md): the five packages in `CATALOG_PACKAGES` hold
+Sources (the project notes' DATA.md): the five packages in `CATALOG_PACKAGES` hold
 about 750k English <-> xx catalog pairs in 127 languages; `/usr/share/locale`
 adds the catalogs of whatever is installed; the `fortunes-*` packages hold
 natural prose for en, de, ru, cs, it, pl, es and pt. The filter rules of

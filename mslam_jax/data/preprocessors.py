@@ -40,6 +40,19 @@ def _crop_start(example_id: tf.Tensor, length: tf.Tensor, limit: int) -> tf.Tens
                                      maxval=tf.maximum(length - limit + 1, 1), dtype=tf.int32)
 
 
+def _fit_to_limit(example_id: tf.Tensor, values: tf.Tensor, limit: Optional[int], crop: bool,
+                  cropped: Problem, too_long: Problem):
+  """(values cropped to `limit` along axis 0 if `crop`, the problem code for the length)."""
+  if limit is None:
+    return values, tf.constant(0)
+  length = tf.shape(values)[0]
+  over = length > limit
+  if not crop:
+    return values, tf.where(over, int(too_long), 0)
+  start = tf.where(over, _crop_start(example_id, length, limit), 0)
+  return values[start:start + limit], tf.where(over, int(cropped), 0)
+
+
 @gin.configurable(denylist=['dataset', 'sequence_length', 'crop'])
 def audio_features(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, int]],
                    *, crop: bool, min_frames: int = 32) -> tf.data.Dataset:
@@ -63,14 +76,9 @@ def audio_features(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[s
     problem = tf.cast(status, tf.int32)  # AudioStatus codes 1-4 are Problem codes 1-4
     problem = _merge_problem(problem, tf.where(frames < min_frames,
                                                int(Problem.TOO_SHORT_AUDIO), 0))
-    if limit is not None:
-      over = frames > limit
-      if crop:
-        start = tf.where(over, _crop_start(ex['id'], frames, limit), 0)
-        features = features[start:start + limit]
-        problem = _merge_problem(problem, tf.where(over, int(Problem.CROPPED_AUDIO), 0))
-      else:
-        problem = _merge_problem(problem, tf.where(over, int(Problem.TOO_LONG_AUDIO), 0))
+    features, fit = _fit_to_limit(ex['id'], features, limit, crop, Problem.CROPPED_AUDIO,
+                                  Problem.TOO_LONG_AUDIO)
+    problem = _merge_problem(problem, fit)
     out = {k: v for k, v in ex.items() if k != 'audio'}
     out['features'] = tf.ensure_shape(features, [None, config.num_mel_bins])
     out[PROBLEM] = _merge_problem(ex.get(PROBLEM, tf.constant(0)), problem)
@@ -101,14 +109,9 @@ def char_ids(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, in
     length = tf.shape(ids)[0]
     problem = tf.where(tf.reduce_any(tf.equal(ids, special_ids.UNK_ID)),
                        int(Problem.UNKNOWN_CHARS_CLEANED), 0)
-    if limit is not None:
-      over = length > limit
-      if crop:
-        start = tf.where(over, _crop_start(ex['id'], length, limit), 0)
-        ids = ids[start:start + limit]
-        problem = _merge_problem(problem, tf.where(over, int(Problem.CROPPED_TEXT), 0))
-      else:
-        problem = _merge_problem(problem, tf.where(over, int(Problem.TOO_LONG_TEXT), 0))
+    ids, fit = _fit_to_limit(ex['id'], ids, limit, crop, Problem.CROPPED_TEXT,
+                             Problem.TOO_LONG_TEXT)
+    problem = _merge_problem(problem, fit)
     problem = _merge_problem(problem, tf.where(length == 0, int(Problem.EMPTY_TEXT), 0))
     out = {k: v for k, v in ex.items() if k != key}
     out['ids'] = ids
@@ -120,12 +123,8 @@ def char_ids(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, in
 
 def drop_bad(dataset: tf.data.Dataset, *, task_name: str) -> tf.data.Dataset:
   """Records every non-OK example in bad_input.LOG; keeps the cleaned ones, skips the rest."""
-  kept = tuple(int(p) for p in bad_input.KEPT)
-
   def record(problem, name):
-    if problem != 0:
-      bad_input.LOG.record(task_name, int(problem), name.decode('utf-8', errors='replace'))
-    return problem in kept
+    return bad_input.LOG.record(task_name, int(problem), name.decode('utf-8', errors='replace'))
 
   def keep(ex):
     flag = tf.numpy_function(record, [ex[PROBLEM], ex['id']], tf.bool, stateful=True)

@@ -148,6 +148,7 @@ def add_corpus(corpus_dir: str, prefix: str, splits: Sequence[str] = ('train', '
   Tasks are `{prefix}_{kind}_{language}`; paired tasks get every split present
   (dev and test are the multi-way held-out sets).
   """
+  corpus_dir = os.path.expanduser(corpus_dir)
   meta_path = os.path.join(corpus_dir, 'metadata.json')
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f'{meta_path} not found: build the corpus with '
@@ -219,7 +220,7 @@ def mixture(kind: str, patterns: Sequence[str] = ('*',), temperature: float = 1.
 
 
 def import_task_module(module: str) -> None:
-  """Imports a task module by dotted name (`tasks.embedded`) or file path (`my_tasks.py`)."""
+  """Runs a task module, by dotted name (`tasks.embedded`) or file path (`my_tasks.py`)."""
   if module.endswith('.py') or os.sep in module:
     path = module if os.path.isabs(module) or os.path.exists(module) else os.path.join(
         REPO_ROOT, module)
@@ -235,7 +236,12 @@ def import_task_module(module: str) -> None:
   if REPO_ROOT not in sys.path:  # so `tasks.embedded` imports from any directory
     sys.path.append(REPO_ROOT)
   try:
-    importlib.import_module(module)
+    if module in sys.modules:
+      # Run the registrations again: a caller may have removed the tasks since
+      # (tests do), and add_task replaces tasks of the same name.
+      importlib.reload(sys.modules[module])
+    else:
+      importlib.import_module(module)
   except ModuleNotFoundError as e:
     raise ModuleNotFoundError(f'task module {module!r} not found ({e}); name a module on '
                               'the Python path (tasks.embedded) or a file (path/to/my_tasks.py)'

@@ -56,6 +56,8 @@ class DataConfig:
   """Which tasks feed each kind, and how they are mixed.
 
   Attributes:
+    source: 'tasks' (the sampler over seqio tasks) or 'synthetic' (the toy
+      generator in synthetic.py, for model tests without data).
     task_modules: modules imported before the mixtures are built; each
       registers tasks (dotted names or .py paths; `--task_module` adds more).
     speech_tasks, text_tasks, paired_tasks: fnmatch patterns of task names per
@@ -69,6 +71,7 @@ class DataConfig:
     split: which split the sampler reads.
     seed: shuffling and mixing seed (the same on every host).
   """
+  source: str = 'tasks'
   task_modules: Tuple[str, ...] = ('tasks.embedded',)
   speech_tasks: Tuple[str, ...] = ('*',)
   text_tasks: Tuple[str, ...] = ('*',)

@@ -6,7 +6,7 @@ texts in parallel. The speech is very robotic (DATA.md: an English
 recogniser gets over 90% WER on it): good for pipeline tests and for
 comparing pre-training variants, not a stand-in for natural speech.
 
-Constants come from /work/shared/DATA.md (espeak-ng writes 22.05 kHz mono
+Constants come from the shared notes' DATA.md (espeak-ng writes 22.05 kHz mono
 WAV; rate 130-190 and pitch 30-70 per utterance give some speaker variety)
 unless marked as our choice.
 """
