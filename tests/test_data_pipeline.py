@@ -133,6 +133,7 @@ def test_manifest_source_reads_relative_paths_and_counts_missing_files(tmp_path)
                       'clips/missing.flac\taa\tabc\n', encoding='utf-8')
   registry.add_task('test_manifest', kind='paired', language='aa',
                     source=sources.manifest(str(manifest)))
+  assert registry.task_size('test_manifest') == 2  # rows, without reading the audio
   kept = _examples('test_manifest')
   assert list(kept) == [str(tmp_path / 'clips' / 'one.flac')]
   assert bad_input.LOG.examples('test_manifest', Problem.UNREADABLE_AUDIO) == [
@@ -207,6 +208,7 @@ def test_tfds_source_reencodes_decoded_audio(tmp_path):
   registry.add_task('test_tfds', kind='paired', language='aa', source=sources.tfds_dataset(
       'toy_speech_ds', audio_key='speech', transcript_key='text', language='aa',
       data_dir=str(tmp_path)))
+  assert registry.task_size('test_tfds') == 2
   kept = sorted(_examples('test_tfds').values(), key=lambda ex: ex['features'].shape[0])
   config = audio.FeatureConfig()
   for ex, clip in zip(kept, clips):

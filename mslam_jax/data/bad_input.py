@@ -62,7 +62,7 @@ class BadInputLog:
       otherwise hang the input pipeline without a word).
   """
 
-  def __init__(self, names_kept: int = 5, max_consecutive_skips: int = 1000):
+  def __init__(self, names_kept: int = 3, max_consecutive_skips: int = 1000):
     self._lock = threading.Lock()
     self._counts = collections.Counter()
     self._names: Dict[Tuple[str, Problem], List[str]] = collections.defaultdict(list)

@@ -16,6 +16,7 @@ Shuffling: the file order and a record buffer, seeded, reshuffled each epoch.
 import csv
 import glob
 import os
+import zlib
 from typing import Callable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -79,6 +80,18 @@ class RecordSource(seqio.DataSource):
           'the path in the module that registers this task.')
     return files
 
+  def _task_seed(self, seed: Optional[int]) -> Optional[int]:
+    # Tasks share the sampler's seed; without this, equal-sized tasks (one per
+    # language) would all be shuffled by the same permutation.
+    if seed is None:
+      return None
+    return (seed + zlib.crc32(self.task_name.encode('utf-8'))) % 2**31
+
+  def count_examples(self, split: str) -> int:
+    """Records in `split` (one pass over the files)."""
+    ds = self.get_dataset(split, shuffle=False)
+    return int(ds.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+
   def _read(self, path: tf.Tensor) -> tf.data.Dataset:
     """The records of one file (a string scalar tensor)."""
     raise NotImplementedError
@@ -87,6 +100,7 @@ class RecordSource(seqio.DataSource):
                   seed: Optional[int] = None, shard_info: Optional[seqio.ShardInfo] = None,
                   **unused_kwargs) -> tf.data.Dataset:
     files = self.check(split)
+    seed = self._task_seed(seed)
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     shard_by_record = False
     if shard_info is not None and shard_info.num_shards > 1:
@@ -185,6 +199,9 @@ class ManifestSource(RecordSource):
         transcripts.append(row[2] if len(row) == 3 else '')
     return paths, languages, transcripts
 
+  def count_examples(self, split: str) -> int:
+    return sum(len(self.read_manifest(f)[0]) for f in self.check(split))
+
   def _read(self, path: tf.Tensor) -> tf.data.Dataset:
     def read(manifest):
       paths, languages, transcripts = self.read_manifest(manifest.decode('utf-8'))
@@ -232,11 +249,17 @@ class TfdsSource(RecordSource):
                               'with tfds.builder(...).download_and_prepare()') from e
     return super().check(split)
 
+  def count_examples(self, split: str) -> int:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.check(split)
+    return tfds.builder(self.name, data_dir=self.data_dir).info.splits[split].num_examples
+
   def get_dataset(self, split: str = 'train', shuffle: bool = True,
                   seed: Optional[int] = None, shard_info: Optional[seqio.ShardInfo] = None,
                   **unused_kwargs) -> tf.data.Dataset:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.check(split)
+    seed = self._task_seed(seed)
     ds = tfds.builder(self.name, data_dir=self.data_dir).as_dataset(split=split,
                                                                     shuffle_files=False)
     if shard_info is not None and shard_info.num_shards > 1:
