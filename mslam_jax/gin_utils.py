@@ -25,7 +25,7 @@ _SEARCH_PATHS = set()
 def register_configurables() -> None:
   """Imports every module that defines gin configurables, so any gin file parses."""
   # pylint: disable=g-import-not-at-top,unused-import
-  from mslam_jax import optimizer, pretrain_loss, train_config  # noqa: F401
+  from mslam_jax import optimizer, partitioning, pretrain_loss, train_config  # noqa: F401
   from mslam_jax.data import audio, batch_spec, preprocessors, sampler  # noqa: F401
   from mslam_jax.models import config, quantizer  # noqa: F401
 

@@ -10,12 +10,14 @@ the console and to MODEL_DIR/metrics.jsonl.
 """
 
 import argparse
-import itertools
+import os
 from typing import Sequence
 
 import jax
 
+from mslam_jax import checkpoints
 from mslam_jax import gin_utils
+from mslam_jax import partitioning
 from mslam_jax import optimizer as optimizer_lib
 from mslam_jax import pretrain_loss
 from mslam_jax import trainer
@@ -28,9 +30,16 @@ from mslam_jax.train_config import TrainConfig
 
 
 def synthetic_batches(seed: int, batch_config: BatchConfig, parts):
+  """Synthetic global batches; each process keeps its rows (so N processes = 1 process)."""
   corpus = SyntheticCorpus(seed, num_mel_bins=batch_config.num_mel_bins)
+  index, count = jax.process_index(), jax.process_count()
+
+  def rows(x):
+    per = x.shape[0] // count
+    return x[index * per:(index + 1) * per]
+
   while True:
-    yield corpus.batch(batch_config, parts)
+    yield jax.tree.map(rows, corpus.batch(batch_config, parts))
 
 
 def make_batches(data_config: sampler_lib.DataConfig, batch_config: BatchConfig, parts,
@@ -52,35 +61,97 @@ def make_batches(data_config: sampler_lib.DataConfig, batch_config: BatchConfig,
 
 def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
           batch_config: BatchConfig, train_config: TrainConfig,
-          data_config: sampler_lib.DataConfig = None, *, task_modules: Sequence[str] = (),
+          data_config: sampler_lib.DataConfig = None,
+          mesh_config: partitioning.MeshConfig = None, *, task_modules: Sequence[str] = (),
           log_initial: bool = False):
-  """Trains for train_config.train_steps; returns (state, logged metric records).
+  """Trains up to train_config.train_steps, resuming from MODEL_DIR's latest checkpoint.
 
+  Returns (state, logged metric records of this call).
   task_modules: extra modules that register seqio tasks (--task_module).
   log_initial: also log the metrics of the initial parameters as step 0.
   """
   data_config = data_config or sampler_lib.DataConfig()
+  mesh_config = mesh_config or partitioning.MeshConfig()
+  mesh = partitioning.make_mesh(mesh_config)
+  rules = mesh_config.rules
+  print(partitioning.describe(mesh, rules), flush=True)
   batches = make_batches(data_config, batch_config, loss_config.parts, seed=train_config.seed,
                          model_vocab_size=model_config.vocab_size, task_modules=task_modules)
-  first = next(batches)
-  rng = jax.random.key(train_config.seed)
-  init_rng, step_rng = jax.random.split(rng)
+  init_rng, step_rng = jax.random.split(jax.random.key(train_config.seed))
   optimizer = optimizer_lib.make_optimizer()
-  state = trainer.init_train_state(init_rng, first, optimizer, model_config=model_config,
-                                   loss_config=loss_config)
-  step = trainer.make_train_step(optimizer, model_config=model_config,
-                                 loss_config=loss_config)
-
+  shape_kwargs = dict(model_config=model_config, loss_config=loss_config,
+                      batch_config=batch_config)
+  abstract, shardings = trainer.state_shardings(optimizer, mesh, rules, **shape_kwargs)
+  checkpointer = checkpoints.Checkpointer(
+      train_config.model_dir, save_every=train_config.save_every,
+      keep=train_config.keep_checkpoints, async_save=train_config.async_checkpoints)
+  sampler = batches if isinstance(batches, sampler_lib.ThreeStreamSampler) else None
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    print(f'resuming from step {latest} ({checkpointer.directory})', flush=True)
+    state = checkpointer.restore(latest, abstract, sampler)
+    if sampler is None:  # the synthetic stream replays to the same position
+      for _ in range(latest):
+        next(batches)
+  else:
+    state = trainer.create_train_state(init_rng, optimizer, mesh, rules, **shape_kwargs)
+  step_fn = trainer.jit_train_step(
+      trainer.make_train_step(optimizer, accumulate_steps=train_config.accumulate_steps,
+                              model_config=model_config, loss_config=loss_config),
+      shardings, mesh, rules)
   eval_step = (trainer.make_eval_step(model_config=model_config, loss_config=loss_config)
-               if log_initial else None)
-  result = trainer.run(state, step, itertools.chain([first], batches), step_rng,
-                       num_steps=train_config.train_steps, log_every=train_config.log_every,
-                       writer=trainer.MetricsWriter(train_config.model_dir),
-                       eval_step=eval_step)
+               if log_initial and latest is None else None)
+  writer = trainer.MetricsWriter(train_config.model_dir)
+  try:
+    result = trainer.run(
+        state, step_fn, batches, step_rng, mesh=mesh, num_steps=train_config.train_steps,
+        log_every=train_config.log_every, writer=writer, checkpointer=checkpointer,
+        sampler=sampler, eval_step=eval_step,
+        max_consecutive_nonfinite=train_config.max_consecutive_nonfinite,
+        **_flops_and_peak(model_config, loss_config, batch_config, train_config))
+  finally:
+    checkpointer.close()
+    writer.close()
   report = bad_input.LOG.report()
   if report:
     print('input examples skipped or cleaned:\n' + report, flush=True)
   return result
+
+
+def _flops_and_peak(model_config, loss_config, batch_config, train_config):
+  """step_flops (analytical, mslam_jax.flops) and the per-device peak for MFU."""
+  try:
+    from mslam_jax import flops  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {}
+  step_flops = flops.train_step_flops(model_config, batch_config, loss_config)
+  if isinstance(step_flops, dict):
+    step_flops = step_flops['total']
+  peak = train_config.peak_flops_per_device or flops.measure_peak_flops()
+  print(f'train step: {step_flops / 1e12:.4g} TFLOP; peak {peak / 1e12:.4g} TFLOP/s per '
+        'device (MFU denominator)', flush=True)
+  return {'step_flops': step_flops, 'peak_flops_per_device': peak}
+
+
+def initialize_distributed(args) -> None:
+  """jax.distributed from --coordinator_address/--num_processes/--process_id, if given."""
+  given = [a is not None for a in (args.coordinator_address, args.num_processes,
+                                   args.process_id)]
+  if any(given) and not all(given):
+    raise SystemExit('give all of --coordinator_address, --num_processes and --process_id, '
+                     'or none (a Cloud TPU pod needs none)')
+  on_cpu = (jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')) == 'cpu'
+  if all(given):
+    if on_cpu:  # DESIGN.md: CPU collectives across processes need gloo
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  elif not on_cpu:
+    # A Cloud TPU pod (or a SLURM GPU job) is discovered by jax itself; on a
+    # single machine there is no cluster and initialize() says so.
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      print(f'single process ({e})', flush=True)
 
 
 def main(argv=None):
@@ -88,14 +159,19 @@ def main(argv=None):
   parser.add_argument('--task_module', action='append', default=[],
                       help='module that registers seqio tasks (repeatable): a dotted name '
                       'on the Python path or a .py file')
+  parser.add_argument('--coordinator_address', help='HOST:PORT of process 0 (multi-process)')
+  parser.add_argument('--num_processes', type=int)
+  parser.add_argument('--process_id', type=int)
   args = gin_utils.parse_command_line(parser.description, argv, parser)
+  initialize_distributed(args)
   jax.config.update('jax_compilation_cache_dir',
                     jax.config.jax_compilation_cache_dir or '.jax_cache')
   train_config = TrainConfig()
   print(f'model_dir: {train_config.model_dir}  steps: {train_config.train_steps}  '
-        f'devices: {jax.devices()}', flush=True)
+        f'process {jax.process_index()}/{jax.process_count()}  '
+        f'devices: {jax.device_count()} ({jax.devices()[0].platform})', flush=True)
   train(ModelConfig(), pretrain_loss.LossConfig(), BatchConfig(), train_config,
-        sampler_lib.DataConfig(), task_modules=args.task_module)
+        sampler_lib.DataConfig(), partitioning.MeshConfig(), task_modules=args.task_module)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Run-level settings of a pre-training job, bound from gin macros."""
 
 import dataclasses
+from typing import Optional
 
 import gin
 
@@ -9,12 +10,27 @@ import gin
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Attributes:
-    model_dir: where metrics.jsonl (and later checkpoints) go.
+    model_dir: checkpoints/, data_state/, tensorboard/ and metrics.jsonl go here
+      (a gs:// path on a TPU pod: every host writes there).
     train_steps: total optimizer steps (paper: 1.3M for 0.6B, 350k for 2B).
     log_every: steps between logged metrics.
-    seed: seeds parameters, masks and the synthetic data stream.
+    seed: seeds parameters, masks, dropout and the synthetic data stream.
+    save_every: steps between checkpoints (also saved at the end and on SIGTERM).
+    keep_checkpoints: how many of the latest checkpoints to keep.
+    async_checkpoints: write checkpoints in the background (orbax async).
+    accumulate_steps: micro-batches per step (gradient accumulation).
+    max_consecutive_nonfinite: this many skipped (NaN/Inf) steps in a row stop
+      the run with an error; the last checkpoint stays intact.
+    peak_flops_per_device: the MFU denominator (FLOP/s); None measures a
+      matmul on the device at start-up (DESIGN.md: a measured peak).
   """
   model_dir: str = 'runs/default'
   train_steps: int = 100
   log_every: int = 10
   seed: int = 0
+  save_every: int = 1000
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  accumulate_steps: int = 1
+  max_consecutive_nonfinite: int = 20
+  peak_flops_per_device: Optional[float] = None

@@ -1,59 +1,158 @@
-"""Train state and the jitted pre-training step (single device for now).
+"""The sharded train state and step, and the training loop.
 
-The pjit-sharded, checkpointed, multi-host trainer comes with the trainer
-issue; this module holds the pieces it will keep: the state, the step, and
-the metric logging.
+  abstract state (jax.eval_shape, logical names) -> shardings on the mesh
+  -> state created already sharded (jit with out_shardings), or restored
+  -> step: jit(in_shardings=(state, batch over (data, fsdp), rng), out_shardings=...)
+     gradient accumulation over micro-batches; a non-finite loss or gradient
+     leaves the state unchanged and is counted
+  -> loop: batches from the sampler, metrics every log_every steps, orbax
+     saves every save_every steps and on SIGTERM.
 """
 
-import itertools
+import dataclasses
 import json
 import os
+import signal
 import time
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, Optional
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from mslam_jax import partitioning
 from mslam_jax import pretrain_loss
+from mslam_jax.data import batch_spec
 from mslam_jax.models.config import ModelConfig
 
 
 @flax.struct.dataclass
 class TrainState:
+  """step: optimizer steps taken (batches consumed, skipped ones included)."""
   step: jax.Array
   params: Any
   opt_state: Any
 
 
-def init_train_state(rng, batch, optimizer: optax.GradientTransformation, *,
-                     model_config: ModelConfig, loss_config: pretrain_loss.LossConfig):
-  params = pretrain_loss.init_params(rng, batch, model_config=model_config,
-                                     loss_config=loss_config)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params))
+def init_batch(batch_config: batch_spec.BatchConfig, parts) -> Dict[str, Any]:
+  """Zeros with one example per kind: parameters do not depend on the batch size."""
+  small = dataclasses.replace(batch_config, speech_batch_size=1, text_batch_size=1,
+                              paired_batch_size=1)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                      batch_spec.abstract_batch(small, parts))
 
 
-def make_train_step(optimizer: optax.GradientTransformation, *,
-                    model_config: ModelConfig,
-                    loss_config: pretrain_loss.LossConfig) -> Callable:
-  """(state, batch, rng) -> (state, metrics): one Adam step on the total loss."""
+def _init_fn(optimizer, model_config, loss_config, batch_config):
+  def init(rng):
+    params = pretrain_loss.init_params(rng, init_batch(batch_config, loss_config.parts),
+                                       model_config=model_config, loss_config=loss_config)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+  return init
+
+
+def state_shardings(optimizer, mesh, rules, *, model_config: ModelConfig,
+                    loss_config: pretrain_loss.LossConfig,
+                    batch_config: batch_spec.BatchConfig):
+  """(abstract unboxed state with shardings, shardings tree); allocates nothing."""
+  init = _init_fn(optimizer, model_config, loss_config, batch_config)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = partitioning.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def create_train_state(rng, optimizer, mesh, rules, *, model_config: ModelConfig,
+                       loss_config: pretrain_loss.LossConfig,
+                       batch_config: batch_spec.BatchConfig):
+  """A fresh state, each array created on its devices (never whole on one)."""
+  _, shardings = state_shardings(optimizer, mesh, rules, model_config=model_config,
+                                 loss_config=loss_config, batch_config=batch_config)
+  init = _init_fn(optimizer, model_config, loss_config, batch_config)
+  # No mesh context here: flax's DenseGeneral reshapes its boxed kernel during
+  # init, and a logical constraint on the reshaped value would not fit. The
+  # out_shardings place every array; activation constraints only matter in the step.
+  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def _split_micro(batch, num_micro: int):
+  """[B, ...] -> [num_micro, B / num_micro, ...] for every leaf."""
+  def split(x):
+    if x.shape[0] % num_micro:
+      raise ValueError(f'batch size {x.shape[0]} is not divisible by accumulate_steps='
+                       f'{num_micro}')
+    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(optimizer: optax.GradientTransformation, *, model_config: ModelConfig,
+                    loss_config: pretrain_loss.LossConfig,
+                    accumulate_steps: int = 1) -> Callable:
+  """(state, batch, rng) -> (state, metrics).
+
+  With accumulate_steps = k the batch is split into k micro-batches whose
+  gradients and metrics are averaged (same update as the whole batch when the
+  loss is a mean over equal micro-batches, at 1/k of the activation memory).
+  A step whose loss or gradient norm is not finite keeps the old params and
+  optimizer state (metrics['skipped'] = 1) but still advances `step`, so the
+  data stream and the step counter stay in step.
+  """
 
   def loss_fn(params, batch, rng, step):
     return pretrain_loss.pretrain_loss(params, batch, rng, step, model_config=model_config,
                                        loss_config=loss_config)
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
   def train_step(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng, state.step)
+    if accumulate_steps == 1:
+      (_, metrics), grads = grad_fn(state.params, batch, rng, state.step)
+    else:
+      micro = _split_micro(batch, accumulate_steps)
+
+      def body(carry, xs):
+        i, mb = xs
+        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.step)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      metric_shapes = jax.eval_shape(lambda: loss_fn(
+          state.params, jax.tree.map(lambda x: x[0], micro), rng, state.step)[1])
+      zeros = (jax.tree.map(jnp.zeros_like, state.params),
+               jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), metric_shapes))
+      (grads, metrics), _ = jax.lax.scan(body, zeros,
+                                         (jnp.arange(accumulate_steps), micro))
+      grads, metrics = jax.tree.map(lambda x: x / accumulate_steps, (grads, metrics))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics['grad_norm'] = grad_norm
+    metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
+    return TrainState(step=state.step + 1, params=keep(params, state.params),
+                      opt_state=keep(opt_state, state.opt_state)), metrics
 
   return train_step
+
+
+def jit_train_step(train_step: Callable, state_sh, mesh, rules) -> Callable:
+  """The step under jit with explicit shardings (pjit); donates the old state."""
+  jitted = jax.jit(train_step, in_shardings=(state_sh, partitioning.batch_sharding(mesh),
+                                             partitioning.replicated(mesh)),
+                   out_shardings=(state_sh, partitioning.replicated(mesh)),
+                   donate_argnums=0)
+
+  def step(state, batch, rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(state, batch, rng)
+
+  step.jitted = jitted
+  return step
 
 
 def make_eval_step(*, model_config: ModelConfig,
@@ -69,45 +168,140 @@ def make_eval_step(*, model_config: ModelConfig,
 
 
 class MetricsWriter:
-  """Appends one JSON line per logged step to MODEL_DIR/metrics.jsonl and prints it."""
+  """One JSON line per logged step in MODEL_DIR/metrics.jsonl, the console, TensorBoard.
 
-  def __init__(self, model_dir: str):
-    os.makedirs(model_dir, exist_ok=True)
+  Only process 0 writes files; every process prints (so each host's log shows progress).
+  """
+
+  _CONSOLE = ('loss', 'contrastive', 'masked_prediction', 'span_mlm', 'ctc',
+              'code_perplexity', 'step_time_s', 'mfu', 'skipped_total')
+
+  def __init__(self, model_dir: str, tensorboard: bool = True):
+    self.primary = jax.process_index() == 0
     self.path = os.path.join(model_dir, 'metrics.jsonl')
+    self._summary = None
+    if self.primary:
+      os.makedirs(model_dir, exist_ok=True)
+      if tensorboard:
+        from clu import metric_writers  # pylint: disable=g-import-not-at-top
+        self._summary = metric_writers.SummaryWriter(os.path.join(model_dir, 'tensorboard'))
 
   def write(self, step: int, metrics: Dict[str, Any]) -> Dict[str, float]:
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, 'a', encoding='utf-8') as f:
-      f.write(json.dumps(record) + '\n')
-    terms = ' '.join(f'{k}={record[k]:.4g}' for k in sorted(record)
-                     if k.endswith(('loss', 'contrastive', 'masked_prediction', 'span_mlm',
-                                    'ctc', 'code_perplexity', 'step_time_s')))
+    if self.primary:
+      with open(self.path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record) + '\n')
+      if self._summary is not None:
+        self._summary.write_scalars(int(step), {k: v for k, v in record.items() if k != 'step'})
+        self._summary.flush()
+    terms = ' '.join(f'{k}={record[k]:.4g}' for k in sorted(record) if k.endswith(self._CONSOLE))
     print(f'step {record["step"]:>6d} {terms}', flush=True)
     return record
 
+  def close(self) -> None:
+    if self._summary is not None:
+      self._summary.close()
 
-def run(state: TrainState, train_step: Callable, batches: Iterator, rng, *,
-        num_steps: int, log_every: int, writer: MetricsWriter, eval_step: Callable = None):
-  """Runs `num_steps` steps; logs the mean step time since the previous log.
 
-  With `eval_step` ((params, batch, rng) -> metrics), the metrics of the
-  initial parameters are logged first, as step 0, on the first batch.
+class NonFiniteLossError(RuntimeError):
+  """Too many steps in a row had a NaN or Inf loss."""
+
+
+class _SigtermFlag:
+  """Set by SIGTERM (preemption notice); the loop saves and returns."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, as in tests run from threads
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _throughput(batch) -> Dict[str, float]:
+  """Examples and audio seconds (valid frames / 100) in one host batch."""
+  examples = sum(next(iter(part.values())).shape[0] for part in batch.values())
+  frames = sum(float(np.sum(1.0 - part['feature_paddings'])) for part in batch.values()
+               if 'feature_paddings' in part)
+  return {'examples': float(examples), 'audio_seconds': frames / 100.0}
+
+
+def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
+        num_steps: int, log_every: int, writer: MetricsWriter, checkpointer=None,
+        sampler=None, eval_step: Callable = None, step_flops: Optional[float] = None,
+        peak_flops_per_device: Optional[float] = None, max_consecutive_nonfinite: int = 20):
+  """Trains until state.step == num_steps; returns (state, logged records).
+
+  Logs every log_every steps: each loss term, grad norm, code perplexity, step
+  time, examples/s and audio s/s (all hosts), and with step_flops TFLOP/s and
+  MFU against peak_flops_per_device. Saves through `checkpointer` on its
+  interval, at the end, and on SIGTERM (then returns early).
   """
-  step_fn = jax.jit(train_step, donate_argnums=0)
   history = []
   if eval_step is not None:
     batch = next(batches)
-    history.append(writer.write(int(state.step), jax.device_get(
-        jax.jit(eval_step)(state.params, batch, rng))))
-    batches = itertools.chain([batch], batches)
+    with jax.set_mesh(mesh):
+      metrics = jax.jit(eval_step)(state.params, partitioning.global_batch(batch, mesh), rng)
+    history.append(writer.write(int(state.step), jax.device_get(metrics)))
+    batches = _prepend(batch, batches)
   last_time, last_step = time.perf_counter(), int(state.step)
-  for _ in range(num_steps):
-    state, metrics = step_fn(state, next(batches), rng)
-    step = int(state.step)
-    if step % log_every == 0 or step == num_steps:
-      metrics = jax.device_get(metrics)
-      now = time.perf_counter()
-      metrics['step_time_s'] = (now - last_time) / max(step - last_step, 1)
-      last_time, last_step = now, step
-      history.append(writer.write(step, metrics))
+  counts = {'examples': 0.0, 'audio_seconds': 0.0}
+  nonfinite_run, skipped_total = 0, 0
+  with _SigtermFlag() as sigterm:
+    while int(state.step) < num_steps:
+      batch = next(batches)
+      for k, v in _throughput(batch).items():
+        counts[k] += v * jax.process_count()
+      state, metrics = step_fn(state, partitioning.global_batch(batch, mesh), rng)
+      step = int(state.step)
+      skipped = float(metrics['skipped'])
+      skipped_total += int(skipped)
+      nonfinite_run = nonfinite_run + 1 if skipped else 0
+      if nonfinite_run >= max_consecutive_nonfinite:
+        if checkpointer is not None:
+          checkpointer.wait()
+        raise NonFiniteLossError(
+            f'{nonfinite_run} steps in a row (up to step {step}) had a non-finite loss or '
+            'gradient; their updates were skipped and the last checkpoint is intact. Lower '
+            'the learning rate, check the data (see the bad-input report), or enable '
+            'gradient clipping (make_optimizer.clip_norm).')
+      if checkpointer is not None:
+        checkpointer.save(step, state, sampler, force=sigterm.raised or step == num_steps)
+      if step % log_every == 0 or step == num_steps or sigterm.raised:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        elapsed, steps = now - last_time, max(step - last_step, 1)
+        metrics['step_time_s'] = elapsed / steps
+        metrics['examples_per_s'] = counts['examples'] / elapsed
+        metrics['audio_seconds_per_s'] = counts['audio_seconds'] / elapsed
+        metrics['skipped_total'] = skipped_total
+        if step_flops:
+          metrics['tflops_per_s'] = step_flops / metrics['step_time_s'] / 1e12
+          if peak_flops_per_device:
+            metrics['mfu'] = step_flops / metrics['step_time_s'] / (
+                peak_flops_per_device * mesh.devices.size)
+        last_time, last_step = now, step
+        counts = {'examples': 0.0, 'audio_seconds': 0.0}
+        history.append(writer.write(step, metrics))
+      if sigterm.raised:
+        print(f'SIGTERM: saved step {step}; exiting', flush=True)
+        break
+  if checkpointer is not None:
+    checkpointer.wait()
   return state, history
+
+
+def _prepend(first, rest: Iterator) -> Iterator:
+  yield first
+  yield from rest

@@ -58,14 +58,8 @@ class SelfAttention(nn.Module):
     h = layers.layer_norm(name='ln', dtype=dtype)(x)
 
     def projection(name):
-      return nn.DenseGeneral(
-          (cfg.num_heads, head_dim),
-          dtype=dtype,
-          param_dtype=jnp.float32,
-          kernel_init=layers.logical_init(
-              nn.initializers.lecun_normal(), ('embed', 'heads', 'kv')),
-          bias_init=layers.logical_init(nn.initializers.zeros_init(), ('heads', 'kv')),
-          name=name)
+      return layers.MultiAxisDense((cfg.num_heads, head_dim), num_in_axes=1,
+                                   axes=('embed', 'heads', 'kv'), dtype=dtype, name=name)
 
     q, k, v = (projection(n)(h) for n in ('query', 'key', 'value'))  # [B, T, N, H]
     # Keys at padded positions are masked; a row with no valid key (an all-pad
@@ -73,15 +67,8 @@ class SelfAttention(nn.Module):
     mask = (paddings < 0.5)[:, None, None, :]  # [B, 1, 1, T]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
-    out = nn.DenseGeneral(
-        cfg.d_model,
-        axis=(-2, -1),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=layers.logical_init(
-            nn.initializers.lecun_normal(), ('heads', 'kv', 'embed')),
-        bias_init=layers.logical_init(nn.initializers.zeros_init(), ('embed',)),
-        name='out')(out)
+    out = layers.MultiAxisDense((cfg.d_model,), num_in_axes=2, axes=('heads', 'kv', 'embed'),
+                                dtype=dtype, name='out')(out)
     return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
 
 

@@ -35,6 +35,40 @@ def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
       name=name)
 
 
+class MultiAxisDense(nn.Module):
+  """x [..., *in_shape] . kernel [*in_shape, *out_shape] + bias [*out_shape].
+
+  For the attention projections: [B, T, d] -> [B, T, heads, head_dim] and back.
+  Unlike nn.DenseGeneral, the kernel is created at its final shape (fan-in =
+  product of the input axes, as DenseGeneral's LeCun init), so its logical
+  names always match its rank: DenseGeneral initialises a flat kernel and
+  reshapes it, which breaks a logical sharding constraint under a mesh.
+
+  Attributes:
+    out_shape: trailing output shape.
+    num_in_axes: how many trailing input axes are contracted.
+    axes: logical names of the kernel's axes (inputs then outputs).
+  """
+  out_shape: Sequence[int]
+  num_in_axes: int
+  axes: Sequence[str]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = tuple(x.shape[-self.num_in_axes:])
+    out_shape = tuple(self.out_shape)
+    n_in = len(in_shape)
+    init = nn.initializers.lecun_normal(
+        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
+    kernel = self.param('kernel', logical_init(init, self.axes), in_shape + out_shape,
+                        jnp.float32)
+    bias = self.param('bias', logical_init(nn.initializers.zeros_init(), self.axes[n_in:]),
+                      out_shape, jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+    return y + bias.astype(self.dtype)
+
+
 def layer_norm(*, name: str, dtype=jnp.float32) -> nn.LayerNorm:
   """LayerNorm over the model dim with logically named scale and bias."""
   return nn.LayerNorm(

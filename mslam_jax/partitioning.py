@@ -1,0 +1,132 @@
+"""The device mesh and the logical-to-mesh rules (which array axes shard where).
+
+Three mesh axes, all configured in gin (`MESH_SHAPE`, `gin/meshes/*.gin`):
+  data   pure data parallelism: the batch is split, every weight is replicated;
+  fsdp   the batch is split *and* weights are sharded along their 'embed' axis
+         (gathered per layer in the step: ZeRO-3 / FSDP);
+  model  tensor parallelism: 'mlp', 'heads', 'vocab' and 'codes' axes are split.
+A -1 in the shape takes the remaining devices, e.g. (-1, 1, 1) is data
+parallel on every device.
+
+The model names its axes (`nn.with_logical_partitioning` on parameters,
+`nn.with_logical_constraint` on activations); `LOGICAL_RULES` maps those names
+to mesh axes. flax applies the rules in order and never uses a mesh axis twice
+in one array, so 'batch' (listed first) takes (data, fsdp) on activations and
+'embed' falls back to replicated there, while on weights 'embed' takes fsdp.
+"""
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'model')
+BATCH_AXES = ('data', 'fsdp')
+
+# (logical axis, mesh axes or None); ours, following t5x/MaxText conventions.
+LOGICAL_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('vocab', 'model'),
+    ('codes', 'model'),
+    ('kv', None),
+    ('length', None),
+    ('layers', None),
+    ('code_dim', None),
+    ('conv_out', None),
+    ('conv_time', None),
+    ('conv_freq', None),
+    ('conv_in', None),
+    ('conv_window', None),
+    ('frontend_in', None),
+)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Attributes:
+    shape: sizes of the (data, fsdp, model) axes; one may be -1 (the rest).
+    rules: logical axis -> mesh axes (LOGICAL_RULES by default).
+  """
+  shape: Tuple[int, int, int] = (-1, 1, 1)
+  rules: Tuple[Tuple[str, Any], ...] = LOGICAL_RULES
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int) -> Tuple[int, ...]:
+  """Fills one -1 so the product is num_devices; raises with the fix otherwise."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f'MESH_SHAPE {shape} must have {len(MESH_AXES)} entries {MESH_AXES}')
+  if shape.count(-1) > 1:
+    raise ValueError(f'MESH_SHAPE {shape}: at most one -1')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f'MESH_SHAPE {shape}: {num_devices} devices are not divisible by {known}')
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f'MESH_SHAPE {shape} holds {math.prod(shape)} devices, but there are '
+                     f'{num_devices}; make the product {num_devices} or use -1 for one axis')
+  return shape
+
+
+def make_mesh(config: Optional[MeshConfig] = None,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A mesh of all (or the given) devices with (data, fsdp, model) axes.
+
+  Axes are of type Auto: the classic jit + sharding-constraint style (DESIGN.md:
+  jax.make_mesh would make them Explicit by default).
+  """
+  config = config or MeshConfig()
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = resolve_shape(config.shape, len(devices))
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if devices == jax.devices():
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+  return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree whose leaves may carry logical axis names.
+
+  Leaves without names (e.g. Adam's step count) are replicated.
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over (data, fsdp); the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch, mesh: Mesh):
+  """This process's numpy batch -> global jax.Arrays split over (data, fsdp).
+
+  Every process passes its own rows (the sampler's per-host share); the global
+  batch is their concatenation in process order.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)
+
+
+def describe(mesh: Mesh, rules) -> str:
+  """The mesh and the rules, for the start-up log (users should see where things go)."""
+  shape = ', '.join(f'{name}={size}' for name, size in mesh.shape.items())
+  lines = [f'mesh: {shape} ({mesh.devices.size} devices, {jax.process_count()} processes)',
+           'logical axis rules:']
+  lines += [f'  {logical:12s} -> {mesh_axes}' for logical, mesh_axes in rules]
+  return '\n'.join(lines)
