@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh
+rm -rf runs/demo  # the demo starts afresh (a MODEL_DIR with checkpoints resumes)
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
 export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python -m mslam_jax.train --gin_file=gin/pretrain_tiny_cpu.gin \

@@ -1,0 +1,257 @@
+"""Ahead-of-time compile of the sharded train step on fake CPU devices.
+
+    python -m mslam_jax.compile --gin_file=gin/pretrain_2b.gin --num_devices=8 \
+        --gin.MESH_SHAPE="(1, 8, 1)"
+
+Answers "does this config fit, and how is it split?" before a pod slice is
+booked, on any machine:
+
+  --num_devices fake CPU devices -> mesh and rules from gin
+  -> abstract state (shapes + shardings) + abstract global batch + abstract rng
+  -> lower `trainer.jit_train_step(...).jitted` -> compile
+  -> print: mesh and rules, parameter count, lowering and compile time,
+     XLA's per-device memory (arguments, outputs, temporaries, code, aliasing),
+     the analytical step TFLOP, and the per-device bytes of params + optimizer
+     state from the shardings (FSDP divides them by the fsdp axis size).
+
+Nothing is allocated: every input is a jax.ShapeDtypeStruct. The last line is
+`per_device_bytes: N`, XLA's total for one device.
+
+The figures come from XLA:CPU's buffer assignment. The state bytes depend only
+on the shardings and hold on any backend; temporaries depend on the compiler
+(fusion, layouts, remat), so a TPU or GPU compile will differ somewhat.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from mslam_jax import gin_utils
+from mslam_jax import partitioning
+from mslam_jax import optimizer as optimizer_lib
+from mslam_jax import pretrain_loss
+from mslam_jax import trainer
+from mslam_jax.data import batch_spec
+from mslam_jax.models.config import ModelConfig
+from mslam_jax.train_config import TrainConfig
+
+GIB = 1024 ** 3
+_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+# (label, CompiledMemoryStats attribute), in the order they are printed.
+_MEMORY_FIELDS = (
+    ('argument', 'argument_size_in_bytes'),
+    ('output', 'output_size_in_bytes'),
+    ('alias', 'alias_size_in_bytes'),
+    ('temp', 'temp_size_in_bytes'),
+    ('generated_code', 'generated_code_size_in_bytes'),
+)
+
+
+class ConfigError(ValueError):
+  """The gin config does not fit the devices (mesh shape, batch split)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+  """What one ahead-of-time compile found; all sizes in bytes.
+
+  Attributes:
+    mesh_description: `partitioning.describe` of the mesh and rules.
+    num_devices: devices in the mesh.
+    num_params: trainable parameters.
+    lower_s: seconds to trace and lower the step (abstract state included).
+    compile_s: seconds XLA took to compile it.
+    memory: XLA's per-device sizes by `_MEMORY_FIELDS` label.
+    per_device_bytes: argument + output - alias + temp + generated code: what
+      one device holds at the step's peak (donated state counted once).
+    state_bytes: params + optimizer state (+ step counters), whole.
+    state_bytes_per_device: the same, one device's shards only.
+    step_flops: analytical FLOPs of one step (mslam_jax.flops), all devices.
+  """
+  mesh_description: str
+  num_devices: int
+  num_params: int
+  lower_s: float
+  compile_s: float
+  memory: Dict[str, int]
+  per_device_bytes: int
+  state_bytes: int
+  state_bytes_per_device: int
+  step_flops: Optional[float]
+
+
+def use_fake_cpu_devices(num_devices: int) -> None:
+  """Makes jax start `num_devices` CPU devices; needs a backend not yet started.
+
+  XLA reads the device count when the CPU client is created, so setting the
+  flag after `import jax` works as long as nothing has asked for a device yet.
+  Any device count already in XLA_FLAGS is replaced, not appended: XLA would
+  otherwise take whichever comes last.
+  """
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith(_DEVICE_COUNT_FLAG)]
+  os.environ['XLA_FLAGS'] = ' '.join(flags + [f'{_DEVICE_COUNT_FLAG}={num_devices}'])
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  # jax read JAX_PLATFORMS when it was imported; the config is what counts now.
+  jax.config.update('jax_platforms', 'cpu')
+
+
+def require_devices(num_devices: int) -> None:
+  """Raises SystemExit unless jax sees exactly `num_devices` devices."""
+  found = jax.device_count()
+  if found != num_devices:
+    raise SystemExit(
+        f'--num_devices={num_devices}, but jax started {found} {jax.devices()[0].platform} '
+        f'device(s): its backend was already running when the flag was set. Run the tool in '
+        f'a fresh process (python -m mslam_jax.compile), or start Python with '
+        f'JAX_PLATFORMS=cpu XLA_FLAGS={_DEVICE_COUNT_FLAG}={num_devices}.')
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every leaf of an abstract (or real) tree, unsharded."""
+  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def tree_bytes_per_device(tree) -> int:
+  """Bytes of one device's shard of every leaf (leaves must carry a sharding).
+
+  Shards of a NamedSharding all have one shape (jit rejects uneven splits of
+  arguments), so one device's share is the shard shape's size.
+  """
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree)))
+
+
+def _check_batch_divides(batch_config: batch_spec.BatchConfig, parts, mesh) -> None:
+  """Every kind's batch must split evenly over the (data, fsdp) axes."""
+  shards = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES)
+  sizes = {'speech': batch_config.speech_batch_size, 'text': batch_config.text_batch_size,
+           'paired': batch_config.paired_batch_size}
+  for part in parts:
+    if sizes[part] % shards:
+      raise ConfigError(
+          f'BatchConfig.{part}_batch_size={sizes[part]} does not split over the {shards} '
+          f'batch shards of the mesh (data x fsdp = {dict(mesh.shape)}); make it a '
+          f'multiple of {shards}.')
+
+
+def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
+                       batch_config: batch_spec.BatchConfig, train_config: TrainConfig,
+                       mesh_config: partitioning.MeshConfig,
+                       optimizer=None):
+  """Lowers and compiles the train step on the current devices, all abstract.
+
+  Returns (compiled, CompileReport). Raises ConfigError with the fix when the
+  mesh shape does not match the devices or a batch does not split over it.
+  """
+  optimizer = optimizer or optimizer_lib.make_optimizer()
+  try:
+    mesh = partitioning.make_mesh(mesh_config)
+  except ValueError as e:  # resolve_shape's message already names the fix
+    raise ConfigError(str(e)) from e
+  rules = mesh_config.rules
+  _check_batch_divides(batch_config, loss_config.parts, mesh)
+  start = time.perf_counter()
+  abstract_state, shardings = trainer.state_shardings(
+      optimizer, mesh, rules, model_config=model_config, loss_config=loss_config,
+      batch_config=batch_config)
+  batch = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                     sharding=partitioning.batch_sharding(mesh)),
+      batch_spec.abstract_batch(batch_config, loss_config.parts))
+  # The key's dtype without creating a key on a device.
+  key_dtype = jax.eval_shape(jax.random.key, 0).dtype
+  rng = jax.ShapeDtypeStruct((), key_dtype, sharding=partitioning.replicated(mesh))
+  step = trainer.jit_train_step(
+      trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config,
+                              accumulate_steps=train_config.accumulate_steps),
+      shardings, mesh, rules)
+  # The same contexts the wrapper enters around a real call: the model's
+  # logical constraints resolve against this mesh and these rules.
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    lowered = step.jitted.lower(abstract_state, batch, rng)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+
+  stats = compiled.memory_analysis()
+  memory = {label: int(getattr(stats, attr, 0) or 0) for label, attr in _MEMORY_FIELDS}
+  per_device = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
+                + memory['generated_code'])
+  report = CompileReport(
+      mesh_description=partitioning.describe(mesh, rules),
+      num_devices=mesh.devices.size,
+      num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))),
+      lower_s=lower_s, compile_s=compile_s, memory=memory, per_device_bytes=per_device,
+      state_bytes=tree_bytes(abstract_state),
+      state_bytes_per_device=tree_bytes_per_device(abstract_state),
+      step_flops=_step_flops(model_config, batch_config, loss_config))
+  return compiled, report
+
+
+def _step_flops(model_config, batch_config, loss_config) -> Optional[float]:
+  try:
+    from mslam_jax import flops  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  total = flops.train_step_flops(model_config, batch_config, loss_config)
+  return float(total['total'] if isinstance(total, dict) else total)
+
+
+def _gib(n: int) -> str:
+  return f'{n / GIB:9.3f} GiB'
+
+
+def format_report(report: CompileReport) -> str:
+  """Human-readable lines; the last one is `per_device_bytes: N`."""
+  r = report
+  lines = [r.mesh_description,
+           f'parameters: {r.num_params:,d} ({r.num_params / 1e9:.3f}B)',
+           f'lowering: {r.lower_s:.1f} s  compile: {r.compile_s:.1f} s']
+  if r.step_flops is not None:
+    lines.append(f'train step: {r.step_flops / 1e12:.4g} TFLOP (analytical, all devices; '
+                 f'{r.step_flops / r.num_devices / 1e12:.4g} per device)')
+  lines.append(f'params + optimizer state: {_gib(r.state_bytes)} whole, '
+               f'{_gib(r.state_bytes_per_device)} per device '
+               f'({r.state_bytes / max(r.state_bytes_per_device, 1):.2f}x split)')
+  lines.append('XLA memory per device:')
+  for label, n in r.memory.items():
+    lines.append(f'  {label:<15s}{_gib(n)}  ({n:,d} bytes)')
+  lines.append(f'  {"total":<15s}{_gib(r.per_device_bytes)}  '
+               '(argument + output - alias + temp + generated_code)')
+  lines.append(f'state_bytes_per_device: {r.state_bytes_per_device}')
+  lines.append(f'per_device_bytes: {r.per_device_bytes}')
+  return '\n'.join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> CompileReport:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--num_devices', type=int, required=True,
+                      help='fake CPU devices to compile for (the mesh must hold them all)')
+  args = gin_utils.parse_command_line(parser.description, argv, parser)
+  if args.num_devices < 1:
+    parser.error('--num_devices must be at least 1')
+  use_fake_cpu_devices(args.num_devices)
+  require_devices(args.num_devices)
+  try:
+    _, report = compile_train_step(ModelConfig(), pretrain_loss.LossConfig(),
+                                   batch_spec.BatchConfig(), TrainConfig(),
+                                   partitioning.MeshConfig())
+  except ConfigError as e:
+    raise SystemExit(f'cannot compile for --num_devices={args.num_devices}: {e}') from e
+  print(format_report(report), flush=True)
+  return report
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

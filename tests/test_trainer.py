@@ -1,0 +1,168 @@
+"""The sharded trainer: mesh equivalence, shards per device, NaN skips, checkpoints on other meshes."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import small_batch, tiny_configs
+from mslam_jax import checkpoints
+from mslam_jax import partitioning
+from mslam_jax import pretrain_loss
+from mslam_jax import trainer
+from mslam_jax.data.batch_spec import BatchConfig
+
+BATCH = BatchConfig(speech_batch_size=4, text_batch_size=4, paired_batch_size=4,
+                    speech_frames=48, text_length=24, paired_frames=48, paired_text_length=8)
+BATCH8 = dataclasses.replace(BATCH, speech_batch_size=8, text_batch_size=8, paired_batch_size=8)
+SPEECH_ONLY = ('LossConfig.num_negatives = 4', 'LossConfig.use_text = False',
+               'LossConfig.use_paired = False')
+RULES = partitioning.LOGICAL_RULES
+
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake) devices: '
+                             'XLA_FLAGS=--xla_force_host_platform_device_count=8')
+
+
+def _mesh(shape, n):
+  return partitioning.make_mesh(partitioning.MeshConfig(shape=shape), jax.devices()[:n])
+
+
+def _setup(mesh, model_config, loss_config):
+  import optax  # pylint: disable=g-import-not-at-top
+  optimizer = optax.adam(1e-3)
+  state = trainer.create_train_state(jax.random.key(0), optimizer, mesh, RULES,
+                                     model_config=model_config, loss_config=loss_config,
+                                     batch_config=BATCH)
+  _, shardings = trainer.state_shardings(optimizer, mesh, RULES, model_config=model_config,
+                                         loss_config=loss_config, batch_config=BATCH)
+  return optimizer, state, shardings
+
+
+def _loss_and_grads(mesh, state, shardings, batch, model_config, loss_config):
+  def loss(params, batch, rng):
+    return pretrain_loss.pretrain_loss(params, batch, rng, 0, model_config=model_config,
+                                       loss_config=loss_config)
+  fn = jax.jit(jax.value_and_grad(loss, has_aux=True),
+               in_shardings=(shardings.params, partitioning.batch_sharding(mesh),
+                             partitioning.replicated(mesh)))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    (total, metrics), grads = fn(state.params, batch, jax.random.key(1))
+  return jax.device_get((total, metrics, grads))
+
+
+@needs_8
+def test_step_on_a_2x2x2_mesh_equals_one_device_and_weights_are_sharded():
+  model_config, loss_config = tiny_configs('LossConfig.num_negatives = 4')
+  batch = jax.device_get(small_batch(config=BATCH))
+  results = []
+  for shape, n in (((1, 1, 1), 1), ((2, 2, 2), 8)):
+    mesh = _mesh(shape, n)
+    _, state, shardings = _setup(mesh, model_config, loss_config)
+    results.append(_loss_and_grads(mesh, state, shardings,
+                                   partitioning.global_batch(batch, mesh), model_config,
+                                   loss_config))
+    if n == 8:
+      # An FFN kernel [layers, embed, mlp] -> (None, fsdp, model): each device a quarter.
+      kernel = state.params['params']['shared_layers']['layers']['ffn_start']['wi']['kernel']
+      shard = kernel.addressable_shards[0].data.shape
+      assert shard == (kernel.shape[0], kernel.shape[1] // 2, kernel.shape[2] // 2)
+      assert all(s.data.shape == shard for s in kernel.addressable_shards)
+  (total1, metrics1, grads1), (total8, metrics8, grads8) = results
+  np.testing.assert_allclose(total8, total1, rtol=1e-5)
+  for key in metrics1:
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-5, err_msg=key)
+  flat1, flat8 = jax.tree.leaves(grads1), jax.tree.leaves(grads8)
+  assert len(flat1) == len(flat8)
+  for g1, g8 in zip(flat1, flat8):
+    np.testing.assert_allclose(g8, g1, rtol=2e-3, atol=2e-5)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  mesh = _mesh((1, 1, 1), 1)
+  optimizer, state, shardings = _setup(mesh, model_config, loss_config)
+  step = trainer.jit_train_step(
+      trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
+      shardings, mesh, RULES)
+  batch = jax.tree.map(np.array, small_batch(config=BATCH, parts=('speech',)))  # writable
+  batch['speech']['features'][0, 3, 5] = np.nan
+  before = jax.device_get(state.params)
+  state, metrics = step(state, partitioning.global_batch(batch, mesh), jax.random.key(0))
+  assert float(metrics['skipped']) == 1.0 and int(state.step) == 1
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)
+
+  class Writer:
+    def write(self, step, metrics):
+      return {'step': step, **metrics}
+
+  batches = iter([batch] * 10)
+  with pytest.raises(trainer.NonFiniteLossError, match='3 steps in a row'):
+    trainer.run(state, step, batches, jax.random.key(0), mesh=mesh, num_steps=10,
+                log_every=1, writer=Writer(), max_consecutive_nonfinite=3)
+
+
+def test_gradient_accumulation_averages_the_micro_batch_gradients():
+  """SGD(1) with 2 micro-batches moves the params by minus the mean of the two gradients,
+  each computed separately with the rng the step gives that micro-batch."""
+  model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  mesh = _mesh((1, 1, 1), 1)
+  import optax  # pylint: disable=g-import-not-at-top
+  _, state, _ = _setup(mesh, model_config, loss_config)
+  batch = jax.device_get(small_batch(config=BATCH, parts=('speech',)))
+  step = trainer.make_train_step(optax.sgd(1.0), model_config=model_config,
+                                 loss_config=loss_config, accumulate_steps=2)
+  key = jax.random.key(3)
+  new_state, metrics = jax.jit(step)(state, batch, key)
+  assert float(metrics['skipped']) == 0
+
+  def loss(params, micro, rng):
+    return pretrain_loss.pretrain_loss(params, micro, rng, 0, model_config=model_config,
+                                       loss_config=loss_config)[0]
+
+  rng = jax.random.fold_in(key, 0)
+  grads = [jax.jit(jax.grad(loss))(state.params, jax.tree.map(lambda x: x[i * 2:(i + 1) * 2],
+                                                               batch),
+                                   jax.random.fold_in(rng, i)) for i in range(2)]
+  want = jax.tree.map(lambda p, a, b: p - (a + b) / 2, state.params, *grads)
+  for got, exp in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-6)
+
+
+@needs_8
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+  model_config, loss_config = tiny_configs('LossConfig.num_negatives = 4')
+  import optax  # pylint: disable=g-import-not-at-top
+  batch = jax.device_get(small_batch(config=BATCH8))
+  mesh_a = _mesh((8, 1, 1), 8)
+  _, state, shardings_a = _setup(mesh_a, model_config, loss_config)
+  want = _loss_and_grads(mesh_a, state, shardings_a, partitioning.global_batch(batch, mesh_a),
+                         model_config, loss_config)[0]
+  ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1, async_save=True)
+  ckpt.save(5, state, force=True)
+  ckpt.close()
+  mesh_b = _mesh((2, 2, 2), 8)
+  abstract_b, shardings_b = trainer.state_shardings(
+      optax.adam(1e-3), mesh_b, RULES, model_config=model_config, loss_config=loss_config,
+      batch_config=BATCH)
+  restored_ckpt = checkpoints.Checkpointer(str(tmp_path), save_every=1)
+  assert restored_ckpt.latest_step() == 5
+  restored = restored_ckpt.restore(5, abstract_b)
+  restored_ckpt.close()
+  kernel = restored.params['params']['shared_layers']['layers']['ffn_start']['wi']['kernel']
+  assert kernel.sharding.spec == shardings_b.params['params']['shared_layers']['layers'][
+      'ffn_start']['wi']['kernel'].spec
+  got = _loss_and_grads(mesh_b, restored, shardings_b, partitioning.global_batch(batch, mesh_b),
+                        model_config, loss_config)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_resolve_shape_fills_and_explains():
+  assert partitioning.resolve_shape((-1, 2, 1), 8) == (4, 2, 1)
+  with pytest.raises(ValueError, match='holds 3 devices, but there are 8'):
+    partitioning.resolve_shape((3, 1, 1), 8)
+  with pytest.raises(ValueError, match='at most one -1'):
+    partitioning.resolve_shape((-1, -1, 1), 8)
