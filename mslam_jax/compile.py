@@ -24,11 +24,12 @@ on the shardings and hold on any backend; temporaries depend on the compiler
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -186,6 +187,8 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
 
   stats = compiled.memory_analysis()
   memory = {label: int(getattr(stats, attr, 0) or 0) for label, attr in _MEMORY_FIELDS}
+  # Not stats.peak_memory_in_bytes: XLA:CPU reports less there than one
+  # argument plus its temporaries, so the buffers are summed instead.
   per_device = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
                 + memory['generated_code'])
   report = CompileReport(
@@ -208,36 +211,44 @@ def _step_flops(model_config, batch_config, loss_config) -> Optional[float]:
   return float(total['total'] if isinstance(total, dict) else total)
 
 
-def _gib(n: int) -> str:
-  return f'{n / GIB:9.3f} GiB'
+def _size(n: int) -> str:
+  """Bytes in MiB below 1 GiB, else GiB (tiny and 2B configs both stay readable)."""
+  return f'{n / GIB:8.3f} GiB' if n >= GIB else f'{n / 2 ** 20:8.3f} MiB'
+
+
+def _count(n: int) -> str:
+  return f'{n / 1e9:.3f}B' if n >= 1e9 else f'{n / 1e6:.2f}M'
 
 
 def format_report(report: CompileReport) -> str:
   """Human-readable lines; the last one is `per_device_bytes: N`."""
   r = report
   lines = [r.mesh_description,
-           f'parameters: {r.num_params:,d} ({r.num_params / 1e9:.3f}B)',
+           f'parameters: {r.num_params:,d} ({_count(r.num_params)})',
            f'lowering: {r.lower_s:.1f} s  compile: {r.compile_s:.1f} s']
   if r.step_flops is not None:
     lines.append(f'train step: {r.step_flops / 1e12:.4g} TFLOP (analytical, all devices; '
                  f'{r.step_flops / r.num_devices / 1e12:.4g} per device)')
-  lines.append(f'params + optimizer state: {_gib(r.state_bytes)} whole, '
-               f'{_gib(r.state_bytes_per_device)} per device '
-               f'({r.state_bytes / max(r.state_bytes_per_device, 1):.2f}x split)')
+  lines.append(f'params + optimizer state: {_size(r.state_bytes).strip()} whole, '
+               f'{_size(r.state_bytes_per_device).strip()} per device '
+               f'(1/{r.state_bytes / max(r.state_bytes_per_device, 1):.2f})')
   lines.append('XLA memory per device:')
   for label, n in r.memory.items():
-    lines.append(f'  {label:<15s}{_gib(n)}  ({n:,d} bytes)')
-  lines.append(f'  {"total":<15s}{_gib(r.per_device_bytes)}  '
-               '(argument + output - alias + temp + generated_code)')
+    lines.append(f'  {label:<15s}{_size(n)}  {n:>16,d} bytes')
+  lines.append(f'  {"total":<15s}{r.per_device_bytes / GIB:8.3f} GiB  '
+               f'{r.per_device_bytes:>16,d} bytes  (argument + output - alias + temp + code)')
   lines.append(f'state_bytes_per_device: {r.state_bytes_per_device}')
   lines.append(f'per_device_bytes: {r.per_device_bytes}')
   return '\n'.join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> CompileReport:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog='python -m mslam_jax.compile',
+                                   description=__doc__.splitlines()[0])
   parser.add_argument('--num_devices', type=int, required=True,
                       help='fake CPU devices to compile for (the mesh must hold them all)')
+  parser.add_argument('--json', metavar='PATH',
+                      help='also write the report as a JSON object to PATH')
   args = gin_utils.parse_command_line(parser.description, argv, parser)
   if args.num_devices < 1:
     parser.error('--num_devices must be at least 1')
@@ -249,6 +260,9 @@ def main(argv: Optional[Sequence[str]] = None) -> CompileReport:
                                    partitioning.MeshConfig())
   except ConfigError as e:
     raise SystemExit(f'cannot compile for --num_devices={args.num_devices}: {e}') from e
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump(dataclasses.asdict(report), f, indent=1)
   print(format_report(report), flush=True)
   return report
 

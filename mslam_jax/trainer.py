@@ -276,9 +276,10 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
             'gradient; their updates were skipped and the last checkpoint is intact. Lower '
             'the learning rate, check the data (see the bad-input report), or enable '
             'gradient clipping (make_optimizer.clip_norm).')
+      stop = sigterm.raised  # read once: the signal may arrive at any moment
       if checkpointer is not None:
-        checkpointer.save(step, state, sampler, force=sigterm.raised or step == num_steps)
-      if step % log_every == 0 or step == num_steps or sigterm.raised:
+        checkpointer.save(step, state, sampler, force=stop or step == num_steps)
+      if step % log_every == 0 or step == num_steps or stop:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         elapsed, steps = now - last_time, max(step - last_step, 1)
@@ -294,7 +295,7 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
         last_time, last_step = now, step
         counts = {'examples': 0.0, 'audio_seconds': 0.0}
         history.append(writer.write(step, metrics))
-      if sigterm.raised:
+      if stop:
         print(f'SIGTERM: saved step {step}; exiting', flush=True)
         break
   if checkpointer is not None:

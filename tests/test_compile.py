@@ -1,0 +1,161 @@
+"""Ahead-of-time compile tool: FSDP shrinks the state per device, bad meshes fail clearly.
+
+Needs 8 devices (the suite runs with --xla_force_host_platform_device_count=8).
+State bytes are checked against an independent count from the parameter
+shapes of `jax.eval_shape`, and XLA's argument bytes against state + batch.
+The compiled runs use the tiny model's speech-only step (gin/variants/w2v_bert.gin):
+about 15 s to compile on 8 CPU devices where all three kinds take about 40 s.
+"""
+
+import contextlib
+import io
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from mslam_jax import compile as compile_lib
+from mslam_jax import gin_utils
+from mslam_jax import info
+from mslam_jax import pretrain_loss
+from mslam_jax.data import batch_spec
+from mslam_jax.gin_utils import REPO_ROOT
+from mslam_jax.models.config import ModelConfig
+
+NUM_DEVICES = 8
+GIN_FILES = ('gin/pretrain_tiny_cpu.gin', 'gin/variants/w2v_bert.gin')
+ARGS = tuple(f'--gin_file={f}' for f in GIN_FILES) + (f'--num_devices={NUM_DEVICES}',)
+DATA_PARALLEL, FSDP = '(8, 1, 1)', '(1, 8, 1)'
+# Non-parameter leaves of the state: the step and Adam's count (int32 scalars).
+SCALAR_SLACK = 64
+
+
+
+@pytest.fixture
+def eight_devices():
+  if jax.device_count() != NUM_DEVICES:
+    pytest.skip('run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
+
+
+@contextlib.contextmanager
+def _restored_jax_env():
+  """main() points XLA_FLAGS and JAX_PLATFORMS at N CPU devices; undo it afterwards."""
+  platforms = jax.config.jax_platforms
+  with pytest.MonkeyPatch.context() as mp:
+    for name in ('XLA_FLAGS', 'JAX_PLATFORMS'):
+      mp.setenv(name, os.environ.get(name, ''))  # records the old value (or absence)
+    try:
+      yield
+    finally:
+      jax.config.update('jax_platforms', platforms)
+
+
+def run_tool(*args):
+  """(report, stdout lines) of `python -m mslam_jax.compile ARGS...`, in-process."""
+  out = io.StringIO()
+  with _restored_jax_env(), contextlib.redirect_stdout(out):
+    report = compile_lib.main(list(args))
+  return report, out.getvalue().strip().splitlines()
+
+
+@pytest.fixture(scope='module')
+def runs():
+  """{mesh shape: (report, output lines)} for data parallel and FSDP (one compile each)."""
+  if jax.device_count() != NUM_DEVICES:
+    pytest.skip('run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  return {mesh: run_tool(*ARGS, f'--gin.MESH_SHAPE={mesh}') for mesh in (DATA_PARALLEL, FSDP)}
+
+
+def _independent_counts():
+  """(param bytes, param bytes one FSDP device holds) from the boxed parameter shapes.
+
+  Reads only the parameters' logical names: a weight with an 'embed' axis is
+  split 8 ways under FSDP, any other weight is whole on every device.
+  """
+  gin_utils.parse_gin(GIN_FILES)
+  boxed = info.abstract_params(ModelConfig(), pretrain_loss.LossConfig())
+  total = fsdp = 0
+  for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+    value, names = (leaf.value, leaf.names) if isinstance(leaf, nn.Partitioned) else (leaf, ())
+    size = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+    total += size
+    fsdp += size // NUM_DEVICES if 'embed' in names else size
+  return total, fsdp
+
+
+def _batch_bytes_per_device():
+  gin_utils.parse_gin(GIN_FILES)
+  spec = batch_spec.abstract_batch(batch_spec.BatchConfig(), pretrain_loss.LossConfig().parts)
+  return compile_lib.tree_bytes(spec) // NUM_DEVICES
+
+
+def test_fsdp_splits_params_and_adam_state(runs):
+  param_bytes, fsdp_param_bytes = _independent_counts()
+  data_parallel, fsdp = runs[DATA_PARALLEL][0], runs[FSDP][0]
+  # Adam keeps mu and nu beside the params: 3 copies, whole on every device.
+  assert 0 <= data_parallel.state_bytes_per_device - 3 * param_bytes < SCALAR_SLACK
+  assert data_parallel.state_bytes == data_parallel.state_bytes_per_device
+  assert 0 <= fsdp.state_bytes_per_device - 3 * fsdp_param_bytes < SCALAR_SLACK
+  assert fsdp.state_bytes == data_parallel.state_bytes
+  # Nearly every weight has an 'embed' axis: close to 1/8 overall.
+  ratio = fsdp.state_bytes_per_device / data_parallel.state_bytes_per_device
+  assert 1 / 8 < ratio < 1 / 6, ratio
+  assert fsdp.num_params == data_parallel.num_params == param_bytes // 4
+
+
+def test_xla_arguments_are_state_plus_batch_shards(runs):
+  batch = _batch_bytes_per_device()
+  key_bytes = 8  # a threefry key is two uint32
+  for report, _ in runs.values():
+    assert report.memory['argument'] == report.state_bytes_per_device + batch + key_bytes
+    # The donated state is reused for the new one rather than held twice.
+    assert report.memory['alias'] >= report.state_bytes_per_device - SCALAR_SLACK
+    assert report.memory['temp'] > 0
+  assert runs[FSDP][0].per_device_bytes < runs[DATA_PARALLEL][0].per_device_bytes
+
+
+def test_output_last_lines_parse(runs):
+  for report, lines in runs.values():
+    key, value = lines[-1].split(': ')
+    assert key == 'per_device_bytes' and int(value) == report.per_device_bytes
+    assert lines[-2] == f'state_bytes_per_device: {report.state_bytes_per_device}'
+    assert lines[0].startswith('mesh: ')
+    assert any(line.strip().startswith('embed') and 'fsdp' in line for line in lines)
+    assert report.lower_s > 0 and report.compile_s > 0 and report.step_flops > 0
+
+
+@pytest.mark.usefixtures('eight_devices')
+def test_mesh_that_does_not_hold_the_devices_fails_clearly():
+  with pytest.raises(SystemExit, match=r'MESH_SHAPE \(3, 1, 1\) holds 3 devices, but there '
+                     r'are 8; make the product 8'):
+    run_tool(*ARGS, '--gin.MESH_SHAPE=(3, 1, 1)')
+
+
+@pytest.mark.usefixtures('eight_devices')
+def test_batch_that_does_not_split_fails_clearly():
+  # The full tiny config's paired batch is 4.
+  with pytest.raises(SystemExit, match=r'paired_batch_size=4 does not split over the 8 batch'):
+    run_tool('--gin_file=gin/pretrain_tiny_cpu.gin', f'--num_devices={NUM_DEVICES}',
+             f'--gin.MESH_SHAPE={FSDP}')
+
+
+@pytest.mark.usefixtures('eight_devices')
+def test_device_count_fixed_too_late_fails_clearly():
+  # This process's backend already holds 8 devices: 4 cannot be had any more.
+  with pytest.raises(SystemExit, match='already running'):
+    run_tool('--gin_file=gin/pretrain_tiny_cpu.gin', '--num_devices=4')
+
+
+def test_command_line_sets_up_its_own_devices():
+  """Without XLA_FLAGS the tool still starts 8 CPU devices (checked via the mesh error)."""
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  result = subprocess.run(
+      [sys.executable, '-m', 'mslam_jax.compile', *ARGS, '--gin.MESH_SHAPE=(3, 1, 1)'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert 'holds 3 devices, but there are 8' in result.stderr
