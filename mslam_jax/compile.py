@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from mslam_jax import flops
 from mslam_jax import gin_utils
 from mslam_jax import partitioning
 from mslam_jax import optimizer as optimizer_lib
@@ -86,7 +87,7 @@ class CompileReport:
   per_device_bytes: int
   state_bytes: int
   state_bytes_per_device: int
-  step_flops: Optional[float]
+  step_flops: float
 
 
 def use_fake_cpu_devices(num_devices: int) -> None:
@@ -198,17 +199,9 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
       lower_s=lower_s, compile_s=compile_s, memory=memory, per_device_bytes=per_device,
       state_bytes=tree_bytes(abstract_state),
       state_bytes_per_device=tree_bytes_per_device(abstract_state),
-      step_flops=_step_flops(model_config, batch_config, loss_config))
+      step_flops=float(flops.train_step_flops(model_config, batch_config,
+                                              loss_config)['total']))
   return compiled, report
-
-
-def _step_flops(model_config, batch_config, loss_config) -> Optional[float]:
-  try:
-    from mslam_jax import flops  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  total = flops.train_step_flops(model_config, batch_config, loss_config)
-  return float(total['total'] if isinstance(total, dict) else total)
 
 
 def _size(n: int) -> str:
@@ -226,12 +219,11 @@ def format_report(report: CompileReport) -> str:
   lines = [r.mesh_description,
            f'parameters: {r.num_params:,d} ({_count(r.num_params)})',
            f'lowering: {r.lower_s:.1f} s  compile: {r.compile_s:.1f} s']
-  if r.step_flops is not None:
-    lines.append(f'train step: {r.step_flops / 1e12:.4g} TFLOP (analytical, all devices; '
-                 f'{r.step_flops / r.num_devices / 1e12:.4g} per device)')
+  lines.append(f'train step: {r.step_flops / 1e12:.4g} TFLOP (analytical, all devices; '
+               f'{r.step_flops / r.num_devices / 1e12:.4g} per device)')
   lines.append(f'params + optimizer state: {_size(r.state_bytes).strip()} whole, '
                f'{_size(r.state_bytes_per_device).strip()} per device '
-               f'(1/{r.state_bytes / max(r.state_bytes_per_device, 1):.2f})')
+               f'(split {r.state_bytes / max(r.state_bytes_per_device, 1):.2f} ways)')
   lines.append('XLA memory per device:')
   for label, n in r.memory.items():
     lines.append(f'  {label:<15s}{_size(n)}  {n:>16,d} bytes')
