@@ -35,7 +35,6 @@ DATA_PARALLEL, FSDP = '(8, 1, 1)', '(1, 8, 1)'
 SCALAR_SLACK = 64
 
 
-
 @pytest.fixture
 def eight_devices():
   if jax.device_count() != NUM_DEVICES:
