@@ -87,6 +87,13 @@ def make_mesh(config: Optional[MeshConfig] = None,
   """
   config = config or MeshConfig()
   devices = list(devices) if devices is not None else jax.devices()
+  wanted = math.prod(config.shape)
+  if -1 not in config.shape and wanted < len(devices) and jax.process_count() == 1:
+    # A fixed small mesh (the tiny CPU config's (1, 1, 1)) on a machine with
+    # more devices, e.g. the 8 fake devices of the test suite: use the first ones.
+    print(f'mesh {tuple(config.shape)} uses {wanted} of the {len(devices)} devices; '
+          'use -1 in MESH_SHAPE to take them all', flush=True)
+    devices = devices[:wanted]
   shape = resolve_shape(config.shape, len(devices))
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if devices == jax.devices():

@@ -75,6 +75,13 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
   mesh = partitioning.make_mesh(mesh_config)
   rules = mesh_config.rules
   print(partitioning.describe(mesh, rules), flush=True)
+  split = mesh.shape['data'] * mesh.shape['fsdp']
+  for kind in loss_config.parts:
+    size = getattr(batch_config, f'{kind}_batch_size')
+    if size % split:
+      raise ValueError(f'BatchConfig.{kind}_batch_size={size} does not split over the '
+                       f'{split} devices of the data x fsdp mesh axes; make it a multiple of '
+                       f'{split} or change MESH_SHAPE')
   batches = make_batches(data_config, batch_config, loss_config.parts, seed=train_config.seed,
                          model_vocab_size=model_config.vocab_size, task_modules=task_modules)
   init_rng, step_rng = jax.random.split(jax.random.key(train_config.seed))

@@ -102,7 +102,7 @@ def test_two_processes_match_one_process(tmp_path):
   """2 processes x 1 device (gloo) against 1 process x 2 devices: same global batch."""
   # Speech only (w2v-BERT) and synthetic batches keep the three compiles short.
   synthetic = ['--gin_file=gin/variants/w2v_bert.gin', "--gin.DataConfig.source='synthetic'",
-               '--gin.BatchConfig.speech_frames=48']
+               '--gin.BatchConfig.speech_frames=48', '--gin.MESH_SHAPE=(-1, 1, 1)']
   one = str(tmp_path / 'one')
   _run(_train_args(one, 2, *synthetic), devices=2)
   two = str(tmp_path / 'two')
