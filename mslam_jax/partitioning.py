@@ -87,13 +87,13 @@ def make_mesh(config: Optional[MeshConfig] = None,
   """
   config = config or MeshConfig()
   devices = list(devices) if devices is not None else jax.devices()
-  wanted = math.prod(config.shape)
-  if -1 not in config.shape and wanted < len(devices) and jax.process_count() == 1:
-    # A fixed small mesh (the tiny CPU config's (1, 1, 1)) on a machine with
-    # more devices, e.g. the 8 fake devices of the test suite: use the first ones.
-    print(f'mesh {tuple(config.shape)} uses {wanted} of the {len(devices)} devices; '
-          'use -1 in MESH_SHAPE to take them all', flush=True)
-    devices = devices[:wanted]
+  if tuple(config.shape) == (1, 1, 1) and len(devices) > 1 and jax.process_count() == 1:
+    # A one-device run (the tiny CPU config) on a machine with more devices,
+    # e.g. the 8 fake devices of the test suite: take the first. Any other shape
+    # must hold every device (resolve_shape says so).
+    print(f'mesh (1, 1, 1) uses 1 of the {len(devices)} devices; use -1 in MESH_SHAPE '
+          'to take them all', flush=True)
+    devices = devices[:1]
   shape = resolve_shape(config.shape, len(devices))
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if devices == jax.devices():
