@@ -35,16 +35,9 @@ import threading
 import time
 
 from shell_words import join
+from shell_words import split_passthrough
 
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
-
-
-def split_passthrough(argv):
-  """(launcher args, module args): the split is at the first `--`."""
-  if '--' in argv:
-    i = argv.index('--')
-    return argv[:i], argv[i + 1:]
-  return argv, []
 
 
 def parse_args(argv):

@@ -1,4 +1,4 @@
-"""Readable shell quoting for the commands the launchers print and run.
+"""Command-line words for the launchers: readable shell quoting, and the `--` split.
 
 Usage (from a script in launch/, whose directory is on sys.path):
   from shell_words import join
@@ -39,3 +39,11 @@ def quote(word):
 def join(words):
   """A command list as one shell line: shlex.join with quote() for each word."""
   return ' '.join(quote(word) for word in words)
+
+
+def split_passthrough(argv):
+  """(launcher args, args for the launched module): the split is at the first `--`."""
+  if '--' in argv:
+    i = argv.index('--')
+    return argv[:i], argv[i + 1:]
+  return argv, []

@@ -42,6 +42,7 @@ import sys
 import tempfile
 
 from shell_words import join
+from shell_words import split_passthrough
 from shell_words import quote
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,14 +59,6 @@ MODEL_DIR_BINDINGS = ('MODEL_DIR', 'TrainConfig.model_dir')
 
 class LaunchError(Exception):
   """A problem with the launch request that the user must fix."""
-
-
-def split_passthrough(argv):
-  """(launcher args, mslam_jax.train args): the split is at the first `--`."""
-  if '--' in argv:
-    i = argv.index('--')
-    return argv[:i], argv[i + 1:]
-  return argv, []
 
 
 def parse_args(argv):
