@@ -51,7 +51,7 @@ class Checkpointer:
     """Saves if the interval says so (or force); returns whether a save started."""
     if not force and not self.manager.should_save(step):
       return False
-    if sampler is not None and hasattr(sampler, 'save'):
+    if sampler is not None:
       sampler.save(self._data_path(step))
     saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
     self._prune_data_states()
@@ -73,7 +73,7 @@ class Checkpointer:
     abstract_state: jax.ShapeDtypeStruct leaves with `.sharding` (the new mesh).
     """
     state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    if sampler is not None and hasattr(sampler, 'restore'):
+    if sampler is not None:
       path = self._data_path(step)
       if os.path.exists(path + '.index'):
         sampler.restore(path)

@@ -16,6 +16,7 @@ from typing import Sequence
 import jax
 
 from mslam_jax import checkpoints
+from mslam_jax import flops
 from mslam_jax import gin_utils
 from mslam_jax import partitioning
 from mslam_jax import optimizer as optimizer_lib
@@ -101,7 +102,7 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
       for _ in range(latest):
         next(batches)
   else:
-    state = trainer.create_train_state(init_rng, optimizer, mesh, rules, **shape_kwargs)
+    state = trainer.create_train_state(init_rng, optimizer, shardings, **shape_kwargs)
   step_fn = trainer.jit_train_step(
       trainer.make_train_step(optimizer, accumulate_steps=train_config.accumulate_steps,
                               model_config=model_config, loss_config=loss_config),
@@ -127,13 +128,7 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
 
 def _flops_and_peak(model_config, loss_config, batch_config, train_config):
   """step_flops (analytical, mslam_jax.flops) and the per-device peak for MFU."""
-  try:
-    from mslam_jax import flops  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return {}
-  step_flops = flops.train_step_flops(model_config, batch_config, loss_config)
-  if isinstance(step_flops, dict):
-    step_flops = step_flops['total']
+  step_flops = flops.train_step_flops(model_config, batch_config, loss_config)['total']
   peak = train_config.peak_flops_per_device or flops.measure_peak_flops()
   print(f'train step: {step_flops / 1e12:.4g} TFLOP; peak {peak / 1e12:.4g} TFLOP/s per '
         'device (MFU denominator)', flush=True)

@@ -10,6 +10,7 @@
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -66,12 +67,14 @@ def state_shardings(optimizer, mesh, rules, *, model_config: ModelConfig,
   return abstract, shardings
 
 
-def create_train_state(rng, optimizer, mesh, rules, *, model_config: ModelConfig,
+def create_train_state(rng, optimizer, shardings, *, model_config: ModelConfig,
                        loss_config: pretrain_loss.LossConfig,
                        batch_config: batch_spec.BatchConfig):
-  """A fresh state, each array created on its devices (never whole on one)."""
-  _, shardings = state_shardings(optimizer, mesh, rules, model_config=model_config,
-                                 loss_config=loss_config, batch_config=batch_config)
+  """A fresh state, each array created on its devices (never whole on one).
+
+  shardings: from `state_shardings` (computed once by the caller, who also
+  needs them for the step).
+  """
   init = _init_fn(optimizer, model_config, loss_config, batch_config)
   # No mesh context here: flax's DenseGeneral reshapes its boxed kernel during
   # init, and a logical constraint on the reshaped value would not fit. The
@@ -254,7 +257,7 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
     with jax.set_mesh(mesh):
       metrics = jax.jit(eval_step)(state.params, partitioning.global_batch(batch, mesh), rng)
     history.append(writer.write(int(state.step), jax.device_get(metrics)))
-    batches = _prepend(batch, batches)
+    batches = itertools.chain([batch], batches)
   last_time, last_step = time.perf_counter(), int(state.step)
   counts = {'examples': 0.0, 'audio_seconds': 0.0}
   nonfinite_run, skipped_total = 0, 0
@@ -302,7 +305,3 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
     checkpointer.wait()
   return state, history
 
-
-def _prepend(first, rest: Iterator) -> Iterator:
-  yield first
-  yield from rest

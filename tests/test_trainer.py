@@ -33,11 +33,11 @@ def _mesh(shape, n):
 def _setup(mesh, model_config, loss_config):
   import optax  # pylint: disable=g-import-not-at-top
   optimizer = optax.adam(1e-3)
-  state = trainer.create_train_state(jax.random.key(0), optimizer, mesh, RULES,
-                                     model_config=model_config, loss_config=loss_config,
-                                     batch_config=BATCH)
   _, shardings = trainer.state_shardings(optimizer, mesh, RULES, model_config=model_config,
                                          loss_config=loss_config, batch_config=BATCH)
+  state = trainer.create_train_state(jax.random.key(0), optimizer, shardings,
+                                     model_config=model_config, loss_config=loss_config,
+                                     batch_config=BATCH)
   return optimizer, state, shardings
 
 
