@@ -133,6 +133,21 @@ def tree_bytes_per_device(tree) -> int:
                  for x in jax.tree.leaves(tree)))
 
 
+def memory_per_device(compiled):
+  """(XLA's sizes by `_MEMORY_FIELDS` label, their per-device total) of a compiled program.
+
+  The total is argument + output - alias + temp + generated code: what one
+  device holds at the program's peak, donated buffers counted once. Not
+  `peak_memory_in_bytes`: XLA:CPU reports less there than one argument plus
+  its temporaries, so the buffers are summed instead.
+  """
+  stats = compiled.memory_analysis()
+  memory = {label: int(getattr(stats, attr, 0) or 0) for label, attr in _MEMORY_FIELDS}
+  total = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
+           + memory['generated_code'])
+  return memory, total
+
+
 def _check_batch_divides(batch_config: batch_spec.BatchConfig, parts, mesh) -> None:
   """Every kind's batch must split evenly over the (data, fsdp) axes."""
   shards = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES)
@@ -186,12 +201,7 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
 
-  stats = compiled.memory_analysis()
-  memory = {label: int(getattr(stats, attr, 0) or 0) for label, attr in _MEMORY_FIELDS}
-  # Not stats.peak_memory_in_bytes: XLA:CPU reports less there than one
-  # argument plus its temporaries, so the buffers are summed instead.
-  per_device = (memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
-                + memory['generated_code'])
+  memory, per_device = memory_per_device(compiled)
   report = CompileReport(
       mesh_description=partitioning.describe(mesh, rules),
       num_devices=mesh.devices.size,

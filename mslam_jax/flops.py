@@ -15,13 +15,13 @@ static shapes of a `BatchConfig`:
   * attention scores Q K^T and the weighted sum A V over the padded length;
   * the depthwise convolution as 2 * kernel * channels per frame (written as
     K shifted multiply-adds in `layers.depthwise_conv1d`);
-  * the contrastive cosine similarity against the positive and K distractors
-    as 2 * (K + 1) * code_dim per encoder frame (it is evaluated for every
-    frame, masked or not, and only then weighted by the mask).
+  * the contrastive similarities as one [T', code_dim] x [code_dim, T']
+    matmul per utterance, 2 * T'^2 * code_dim (`losses/contrastive.py` scores
+    every frame against every target and gathers the K + 1 it needs).
 
 Forward passes of one step (`mslam_jax.models.mslam`, `mslam_jax.pretrain_loss`):
 
-  speech:     frontend -> quantizer (logits + one-hot @ codebook) on the unmasked
+  speech:     frontend -> quantizer (logits + softmax @ codebook) on the unmasked
               features; N speech layers -> context projection + contrastive
               similarity; M shared layers -> code head.
   text:       embedding (a gather: 0 FLOPs) -> M shared layers -> char head.
@@ -154,9 +154,9 @@ def forward_flops_detail(model_config: ModelConfig, batch_config: BatchConfig,
     {part: {component: FLOPs}} for the enabled parts among PARTS. Components:
       frontend_conv, frontend_projection: `frontend_flops`.
       quantizer_logits, quantizer_codebook: d -> num_codes logits, and the
-        one-hot [.., num_codes] @ codebook [num_codes, code_dim] product.
+        straight-through softmax [.., num_codes] @ codebook [num_codes, code_dim].
       context_projection: d -> code_dim on the N-layer output.
-      contrastive_similarity: 2 (K + 1) code_dim per frame.
+      contrastive_similarity: 2 T' code_dim per frame (all-pairs cosines).
       code_head, char_head, ctc_head: d -> num_codes / vocab / vocab.
       ctc_label_gather: optax.ctc_loss reads each label's log-probability with
         an einsum of log-probs [B, T', vocab] and one-hot labels [B, L, vocab].
@@ -176,7 +176,7 @@ def forward_flops_detail(model_config: ModelConfig, batch_config: BatchConfig,
         'quantizer_logits': _matmul(b * t, d, codes),
         'quantizer_codebook': _matmul(b * t, codes, code_dim),
         'context_projection': _matmul(b * t, d, code_dim),
-        'contrastive_similarity': 2 * b * t * (loss_config.num_negatives + 1) * code_dim,
+        'contrastive_similarity': b * _matmul(t, code_dim, t),
         'code_head': _matmul(b * t, d, codes),
     }
     _add_frontend(part, cfg, b, frames)
@@ -285,8 +285,10 @@ def train_step_flops(model_config: ModelConfig, batch_config: BatchConfig,
   (dx = dy W^T and dW = x^T dy), so forward + backward = 3x forward. That
   rule slightly overcounts what runs: no gradient is formed for the log-mel
   input of the first frontend conv, for the one-hot labels of the CTC label
-  gather, or anywhere through the TLM quantizer logits (used only via
-  argmax); together well under 0.1% of the step for the 0.6B model.
+  gather, for the codebook in the quantizer's soft product (it learns
+  through the gathered rows), or anywhere through the TLM quantizer logits
+  (used only via argmax); together well under 0.1% of the step for the 0.6B
+  model.
   Rematerialisation adds `remat_flops`; the optimizer update (elementwise
   over the parameters) is left out. Returns the same keys as `forward_flops`.
   """

@@ -1,13 +1,23 @@
-"""Adam with linear warm-up then inverse square root decay (PAPER.md, "Optimisation")."""
+"""Adam with linear warm-up then inverse square root decay (mSLAM, Bapna et al. 2022).
+
+The learning rate is a function of the train step that the trainer passes to
+`update` (`step=TrainState.step`), not of a count inside the optimizer state:
+the trainer's step is the one counter of every schedule (learning rate and
+Gumbel temperature), so a step skipped for a non-finite gradient moves both
+or neither. Adam's own count (its bias correction) counts the updates it made.
+"""
+
+from typing import Callable, NamedTuple
 
 import gin
+import jax
 import jax.numpy as jnp
 import optax
 
 
 @gin.configurable
 def warmup_rsqrt_schedule(*, peak_learning_rate: float = 6e-4, warmup_steps: int = 40_000):
-  """lr(s) = peak * min(s / warmup, sqrt(warmup / s)).
+  """lr(s) = peak * min(s / warmup, sqrt(warmup / s)), with s clamped to at least 1.
 
   Paper: peak 6e-4 (0.6B) or 3.6e-4 (2B), 40k warm-up steps, then inverse
   square root.
@@ -19,14 +29,42 @@ def warmup_rsqrt_schedule(*, peak_learning_rate: float = 6e-4, warmup_steps: int
   return schedule
 
 
+class ScaleByStepScheduleState(NamedTuple):
+  """learning_rate: the rate of the last update (for logging)."""
+  learning_rate: jax.Array
+
+
+def scale_by_step_schedule(schedule: Callable[[jax.Array], jax.Array]
+                           ) -> optax.GradientTransformationExtraArgs:
+  """Multiplies updates by -schedule(step), `step` given to `update` as a keyword.
+
+  Unlike optax.scale_by_learning_rate, no count is kept in the state: the
+  caller's step is used, so skipped steps advance the schedule as they
+  advance everything else that depends on the step.
+  """
+  def init(params):
+    del params
+    return ScaleByStepScheduleState(learning_rate=jnp.zeros((), jnp.float32))
+
+  def update(updates, state, params=None, *, step, **extra_args):
+    del state, params, extra_args
+    rate = jnp.asarray(schedule(step), jnp.float32)
+    updates = jax.tree.map(lambda u: (-rate).astype(u.dtype) * u, updates)
+    return updates, ScaleByStepScheduleState(learning_rate=rate)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 @gin.configurable
 def make_optimizer(*, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6,
-                   clip_norm: float = 1.0) -> optax.GradientTransformation:
-  """Gradient clipping by global norm, then Adam on the warm-up/rsqrt schedule.
+                   clip_norm: float = 1.0) -> optax.GradientTransformationExtraArgs:
+  """Gradient clipping by global norm, Adam, then the warm-up/rsqrt learning rate.
 
-  Adam's betas and eps (inferred: 0.9, 0.98, 1e-6, the Conformer/w2v-BERT
-  values) and clip_norm (inferred: 1.0) are not given by the paper.
+  `update(grads, state, params, step=step)` needs the train step. Adam's
+  betas and eps (inferred: 0.9, 0.98, 1e-6, the Conformer/w2v-BERT values)
+  and clip_norm (inferred: 1.0) are not given by the paper.
   """
   return optax.chain(
       optax.clip_by_global_norm(clip_norm),
-      optax.adam(warmup_rsqrt_schedule(), b1=b1, b2=b2, eps=eps))
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      scale_by_step_schedule(warmup_rsqrt_schedule()))

@@ -57,6 +57,9 @@ def make_batches(data_config: sampler_lib.DataConfig, batch_config: BatchConfig,
   for kind, rates in sampler.rates().items():
     shares = ', '.join(f'{name} {rate:.3f}' for name, rate in rates.items())
     print(f'{kind} mixture ({len(rates)} tasks): {shares}', flush=True)
+  warning = sampler.paired_length_warning()
+  if warning:
+    print(warning, flush=True)
   return sampler
 
 

@@ -3,8 +3,9 @@
   abstract state (jax.eval_shape, logical names) -> shardings on the mesh
   -> state created already sharded (jit with out_shardings), or restored
   -> step: jit(in_shardings=(state, batch over (data, fsdp), rng), out_shardings=...)
-     gradient accumulation over micro-batches; a non-finite loss or gradient
-     leaves the state unchanged and is counted
+     gradient accumulation over micro-batches equal to the whole batch
+     (accumulation.py); a non-finite loss or gradient leaves the state
+     unchanged and is counted
   -> loop: batches from the sampler, metrics every log_every steps, orbax
      saves every save_every steps and on SIGTERM.
 """
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mslam_jax import accumulation
 from mslam_jax import partitioning
 from mslam_jax import pretrain_loss
 from mslam_jax.data import batch_spec
@@ -82,61 +84,41 @@ def create_train_state(rng, optimizer, shardings, *, model_config: ModelConfig,
   return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
-def _split_micro(batch, num_micro: int):
-  """[B, ...] -> [num_micro, B / num_micro, ...] for every leaf."""
-  def split(x):
-    if x.shape[0] % num_micro:
-      raise ValueError(f'batch size {x.shape[0]} is not divisible by accumulate_steps='
-                       f'{num_micro}')
-    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
-  return jax.tree.map(split, batch)
-
-
 def make_train_step(optimizer: optax.GradientTransformation, *, model_config: ModelConfig,
                     loss_config: pretrain_loss.LossConfig,
                     accumulate_steps: int = 1) -> Callable:
   """(state, batch, rng) -> (state, metrics).
 
-  With accumulate_steps = k the batch is split into k micro-batches whose
-  gradients and metrics are averaged (same update as the whole batch when the
-  loss is a mean over equal micro-batches, at 1/k of the activation memory).
-  A step whose loss or gradient norm is not finite keeps the old params and
+  With accumulate_steps = k the batch is cut into k micro-batches whose loss
+  terms are divided by the whole batch's counts and summed
+  (`mslam_jax.accumulation`): the same loss and gradient as the whole batch,
+  at 1/k of the activation memory.
+
+  `state.step` is the one step counter: it drives the Gumbel temperature and
+  is passed to the optimizer as `step=` (`mslam_jax.optimizer` reads its
+  learning rate from it; optimizers without extra arguments ignore it). A
+  step whose loss or gradient norm is not finite keeps the old params and
   optimizer state (metrics['skipped'] = 1) but still advances `step`, so the
-  data stream and the step counter stay in step.
+  data stream and every schedule stay in step.
   """
-
-  def loss_fn(params, batch, rng, step):
-    return pretrain_loss.pretrain_loss(params, batch, rng, step, model_config=model_config,
-                                       loss_config=loss_config)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  optimizer = optax.with_extra_args_support(optimizer)
 
   def train_step(state: TrainState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    if accumulate_steps == 1:
-      (_, metrics), grads = grad_fn(state.params, batch, rng, state.step)
-    else:
-      micro = _split_micro(batch, accumulate_steps)
-
-      def body(carry, xs):
-        i, mb = xs
-        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.step)
-        return jax.tree.map(jnp.add, carry, (g, m)), None
-
-      metric_shapes = jax.eval_shape(lambda: loss_fn(
-          state.params, jax.tree.map(lambda x: x[0], micro), rng, state.step)[1])
-      zeros = (jax.tree.map(jnp.zeros_like, state.params),
-               jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), metric_shapes))
-      (grads, metrics), _ = jax.lax.scan(body, zeros,
-                                         (jnp.arange(accumulate_steps), micro))
-      grads, metrics = jax.tree.map(lambda x: x / accumulate_steps, (grads, metrics))
+    _, metrics, grads = accumulation.loss_and_grads(
+        state.params, batch, rng, state.step, accumulate_steps=accumulate_steps,
+        model_config=model_config, loss_config=loss_config)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                          step=state.step)
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     metrics['grad_norm'] = grad_norm
     metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
+    learning_rate = optax.tree.get(opt_state, 'learning_rate', None)
+    if learning_rate is not None:
+      metrics['learning_rate'] = learning_rate
     return TrainState(step=state.step + 1, params=keep(params, state.params),
                       opt_state=keep(opt_state, state.opt_state)), metrics
 

@@ -26,7 +26,7 @@ OVERRIDES = ['--gin.TRAIN_STEPS=100', '--gin.MESH_SHAPE=(4, 2, 2)',
              '--gin.NOTE="it\'s a $HOME `test` \\ !"', '--task_module=tasks/my_lang.py']
 
 
-def launch(script, *args, env=None, timeout=60):
+def launch(script, *args, env=None, timeout=900):
   return subprocess.run([sys.executable, str(REPO / 'launch' / script), *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout,
                         check=False)
@@ -245,7 +245,7 @@ def test_local_dry_run_prints_the_commands_and_starts_nothing(tmp_path):
 def test_local_two_jax_processes_form_one_distributed_job(tmp_path):
   env = with_module(tmp_path, 'jax_hello', JAX_HELPER)
   result = launch('local_multiprocess.py', '--num_processes=2', '--module=jax_hello',
-                  env=env, timeout=120)
+                  env=env)
   assert result.returncode == 0, result.stdout + result.stderr
   for i in range(2):
     assert 'process_count=2 device_count=2 gathered=[0, 1]' in prefixed(result.stdout, i)

@@ -1,18 +1,24 @@
 """The three-stream sampler: shapes, temperature rates, determinism, resume, hosts, user tasks."""
 
 import collections
+import glob
+import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
+import soundfile as sf
+import tensorflow as tf
 
 import toy_corpus
 from mslam_jax import special_ids
 from mslam_jax.data import audio
 from mslam_jax.data import registry
+from mslam_jax.data import sources
 from mslam_jax.data import sampler as sampler_lib
 from mslam_jax.data.batch_spec import BatchConfig
 
@@ -96,6 +102,50 @@ def test_language_shares_match_temperature_rates(corpus):
   assert abs(counts['aa'] / n - proportional['aa']) > 10 * np.sqrt(0.25 / n)
 
 
+def test_a_language_split_over_two_tasks_keeps_its_language_share(corpus, tmp_path):
+  """Languages follow n_l^(1/3) over 2,560 draws when 'aa' has a second text task.
+
+  Sampling tasks instead would raise 'aa' to two task shares: the rates show it.
+  """
+  root, meta = corpus
+  sizes = {lang: v['examples'] for lang, v in meta['kinds']['text']['train'].items()}
+  extra = ['abc de', 'fgh', 'hg fe dc', 'ab', 'ef gh', 'cd ab', 'a b c', 'hh', 'ge', 'fa'] * 2
+  path = tmp_path / 'aa_more.txt'
+  path.write_text('\n'.join(extra) + '\n', encoding='utf-8')
+  registry.add_task('toy2_text_aa', kind='text', language='aa',
+                    source=sources.text_lines(str(path), "aa"), size=len(extra))
+  sizes['aa'] += len(extra)
+  weights = {lang: n ** (1 / 3) for lang, n in sizes.items()}
+  want = {lang: w / sum(weights.values()) for lang, w in weights.items()}
+  batch = BatchConfig(**{**BATCH.__dict__, 'text_batch_size': 64})
+  config = sampler_lib.DataConfig(task_modules=(), text_tasks=('toy_*', 'toy2_*'),
+                                  vocabulary_path=os.path.join(root, 'vocab.txt'))
+  s = sampler_lib.ThreeStreamSampler(batch, config, parts=('text',), shard_index=0,
+                                     num_shards=1, with_metadata=True)
+  rates = s.rates()['text']
+  assert rates['toy_text_aa'] + rates['toy2_text_aa'] == pytest.approx(want['aa'])
+  assert rates['toy2_text_aa'] / rates['toy_text_aa'] == pytest.approx(len(extra) / 40)
+  counts = collections.Counter()
+  for _ in range(40):
+    counts.update(l.decode() for l in next(s)['text']['language'])
+  n = sum(counts.values())
+  for lang, p in want.items():
+    assert abs(counts[lang] / n - p) < 4.5 * np.sqrt(p * (1 - p) / n), (lang, counts, want)
+  by_task = registry.mixture('text', ('toy_*', 'toy2_*'), 3.0, name='by_task', mix_by='task')
+  task_rates = {t.name: by_task.get_rate(t) for t in by_task.tasks}
+  aa_by_task = (task_rates['toy_text_aa'] + task_rates['toy2_text_aa']) / sum(task_rates.values())
+  assert aa_by_task > want['aa'] + 0.05
+
+
+def test_language_rates_closed_form():
+  rates = registry.language_temperature_rates(
+      {'x1': 600, 'x2': 400, 'y': 10, 'z': 0}, {'x1': 'x', 'x2': 'x', 'y': 'y', 'z': 'z'}, 3.0)
+  p_x = 10 / (10 + 10 ** (1 / 3))
+  assert rates == pytest.approx({'x1': 0.6 * p_x, 'x2': 0.4 * p_x, 'y': 1 - p_x})
+  with pytest.raises(ValueError, match='mix_by'):
+    registry.mixture('text', mix_by='corpus')
+
+
 def test_temperature_rates_closed_form():
   rates = registry.temperature_rates({'a': 1000, 'b': 10, 'c': 0}, temperature=3.0)
   assert rates == pytest.approx({'a': 10 / (10 + 10 ** (1 / 3)), 'b': 10 ** (1 / 3) / (
@@ -164,6 +214,35 @@ def test_user_task_module_joins_the_mixture(corpus, tmp_path):
   assert languages['zz'] > 0
 
 
+def _paired_lengths(root):
+  """Log-mel frames and characters of every toy paired train example, by full decoding."""
+  frames, chars = [], []
+  for path in sorted(glob.glob(os.path.join(root, 'paired', 'train', '*.tfrecord'))):
+    for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      features = tf.train.Example.FromString(raw).features.feature
+      samples = len(sf.read(io.BytesIO(features['audio'].bytes_list.value[0]))[0])
+      frames.append(1 + (samples - 400) // 160)  # 25 ms windows, 10 ms hop, 16 kHz
+      chars.append(len(features['transcript'].bytes_list.value[0].decode()))
+  return np.array(frames), np.array(chars)
+
+
+def test_paired_length_survey_warns_with_the_share_over_the_limits(corpus):
+  root, _ = corpus
+  frames, chars = _paired_lengths(root)
+  limit = int(np.median(frames))  # about half the examples are longer
+  over = int(np.sum((frames > limit) | (chars > 24)))
+  batch = BatchConfig(**{**BATCH.__dict__, 'paired_frames': limit})
+  warning = make(corpus, parts=('paired',), batch=batch).paired_length_warning()
+  assert f'{over} of {len(frames)} surveyed examples' in warning
+  assert f'paired_frames={limit}' in warning and 'paired_text_length=24' in warning
+  # The suggested limits keep 99% of the surveyed examples.
+  suggested = int(re.search(r'--gin.BatchConfig.paired_frames=(\d+)', warning).group(1))
+  assert np.mean(frames <= suggested) >= 0.99 and suggested <= frames.max()
+  # Limits that fit everything: nothing to say.
+  assert make(corpus, parts=('paired',)).paired_length_warning() is None
+  assert frames.max() <= BATCH.paired_frames
+
+
 def test_vocabulary_larger_than_the_model_fails_at_start(corpus):
   with pytest.raises(ValueError, match='ModelConfig.vocab_size'):
     make(corpus, model_vocab_size=8)
@@ -191,6 +270,6 @@ def test_process_exits_promptly_after_sampling(corpus):
       print('sampled')
   ''')
   out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                       timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+                       timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'sampled' in out.stdout

@@ -3,6 +3,7 @@
 import dataclasses
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 
 from conftest import small_batch, tiny_configs
 from mslam_jax import checkpoints
+from mslam_jax import gin_utils
+from mslam_jax import optimizer as optimizer_lib
 from mslam_jax import partitioning
 from mslam_jax import pretrain_loss
 from mslam_jax import trainer
@@ -105,31 +108,46 @@ def test_nonfinite_step_is_skipped_and_counted():
                 log_every=1, writer=Writer(), max_consecutive_nonfinite=3)
 
 
-def test_gradient_accumulation_averages_the_micro_batch_gradients():
-  """SGD(1) with 2 micro-batches moves the params by minus the mean of the two gradients,
-  each computed separately with the rng the step gives that micro-batch."""
+def test_skipped_steps_advance_the_learning_rate_and_gumbel_temperature_together():
+  """Two NaN steps, then a finite one: it runs at lr(2) and temperature(2), not lr(0).
+
+  With Adam's first update every parameter moves by lr * g / (|g| + eps), so
+  the step's learning rate is read off the parameters themselves.
+  """
   model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  gin_utils.parse_gin([], ['warmup_rsqrt_schedule.peak_learning_rate = 1e-2',
+                           'warmup_rsqrt_schedule.warmup_steps = 10',
+                           'make_optimizer.clip_norm = 1e9', 'make_optimizer.eps = 1e-12',
+                           'gumbel_temperature.train_steps = 10'])
   mesh = _mesh((1, 1, 1), 1)
-  import optax  # pylint: disable=g-import-not-at-top
-  _, state, _ = _setup(mesh, model_config, loss_config)
-  batch = jax.device_get(small_batch(config=BATCH, parts=('speech',)))
-  step = trainer.make_train_step(optax.sgd(1.0), model_config=model_config,
-                                 loss_config=loss_config, accumulate_steps=2)
-  key = jax.random.key(3)
-  new_state, metrics = jax.jit(step)(state, batch, key)
-  assert float(metrics['skipped']) == 0
-
-  def loss(params, micro, rng):
-    return pretrain_loss.pretrain_loss(params, micro, rng, 0, model_config=model_config,
-                                       loss_config=loss_config)[0]
-
-  rng = jax.random.fold_in(key, 0)
-  grads = [jax.jit(jax.grad(loss))(state.params, jax.tree.map(lambda x: x[i * 2:(i + 1) * 2],
-                                                               batch),
-                                   jax.random.fold_in(rng, i)) for i in range(2)]
-  want = jax.tree.map(lambda p, a, b: p - (a + b) / 2, state.params, *grads)
-  for got, exp in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want)):
-    np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-6)
+  optimizer = optimizer_lib.make_optimizer()
+  _, shardings = trainer.state_shardings(optimizer, mesh, RULES, model_config=model_config,
+                                         loss_config=loss_config, batch_config=BATCH)
+  state = trainer.create_train_state(jax.random.key(0), optimizer, shardings,
+                                     model_config=model_config, loss_config=loss_config,
+                                     batch_config=BATCH)
+  step = trainer.jit_train_step(
+      trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
+      shardings, mesh, RULES)
+  good = jax.device_get(small_batch(config=BATCH, parts=('speech',)))
+  bad = jax.tree.map(np.array, good)
+  bad['speech']['features'][0, 3, 5] = np.nan
+  for _ in range(2):
+    state, metrics = step(state, partitioning.global_batch(bad, mesh), jax.random.key(1))
+    assert float(metrics['skipped']) == 1.0
+  before = jax.device_get(state.params)
+  state, metrics = step(state, partitioning.global_batch(good, mesh), jax.random.key(1))
+  assert float(metrics['skipped']) == 0.0 and int(state.step) == 3
+  lr_at_2 = 1e-2 * 2 / 10  # warm-up: peak * step / warmup_steps
+  assert float(metrics['learning_rate']) == pytest.approx(lr_at_2, rel=1e-6)
+  # Anneal over round(0.46 * 10) = 5 steps from 2.0 to 0.1.
+  assert float(metrics['gumbel_temperature']) == pytest.approx(2.0 * 0.05 ** (2 / 5), rel=1e-5)
+  gin.clear_config()
+  moves = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
+      jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before))])
+  moved = moves[moves > 0]
+  assert moved.size > 0.5 * moves.size
+  np.testing.assert_allclose(np.median(moved), lr_at_2, rtol=1e-3)
 
 
 @needs_8

@@ -1,7 +1,7 @@
 """Shapes of one pre-training step's batch: all three data kinds, static sizes.
 
-PAPER.md: every step holds 2048 speech + 8192 text + 256 paired sequences,
-text capped at 512 characters. Speech lengths are not published: 1600 log-mel
+mSLAM (Bapna et al. 2022): every step holds 2048 speech + 8192 text + 256
+paired sequences, text capped at 512 characters. Speech lengths are not published: 1600 log-mel
 frames (16 s at a 10 ms hop, 400 encoder frames) is our choice.
 """
 
@@ -22,8 +22,9 @@ class BatchConfig:
       (paper: 2048, 8192, 256).
     speech_frames: log-mel frames per speech example (ours: 1600, 16 s).
     text_length: characters per text example (paper: 512).
-    paired_frames: log-mel frames per paired example (ours: 1600).
-    paired_text_length: transcript characters per paired example (ours: 256).
+    paired_frames: log-mel frames per paired example (ours: 2000, 20 s; paired
+      corpora run 10-20 s, and a longer example is skipped, not cropped).
+    paired_text_length: transcript characters per paired example (ours: 400).
     num_mel_bins: log-mel channels (paper: 80).
   """
   speech_batch_size: int = 2048
@@ -31,8 +32,8 @@ class BatchConfig:
   paired_batch_size: int = 256
   speech_frames: int = 1600
   text_length: int = 512
-  paired_frames: int = 1600
-  paired_text_length: int = 256
+  paired_frames: int = 2000
+  paired_text_length: int = 400
   num_mel_bins: int = 80
 
 

@@ -11,7 +11,8 @@ Adding a task is one call, in any module named with `--task_module` or in gin
 (audio + transcript). The task is a plain `seqio.Task` in seqio's TaskRegistry;
 we also keep its kind, language and size here, so that the sampler can build
 one mixture per kind from every task whose name matches the gin patterns, with
-temperature-based rates (PAPER.md: T = 3 for text).
+temperature-based rates over languages (mSLAM: T = 3 for mC4's languages) or,
+optionally, over tasks.
 
 All text tasks share one character vocabulary per process (the model has one
 output layer): `SHARED_VOCABULARY`, loaded from `set_vocabulary_path` (the
@@ -189,7 +190,7 @@ def task_size(name: str) -> int:
 
 
 def temperature_rates(sizes: Mapping[str, float], temperature: float) -> Dict[str, float]:
-  """Mixing rates p_i proportional to n_i^(1/T), normalised (PAPER.md: T = 3 for text).
+  """Mixing rates p_i proportional to n_i^(1/T), normalised.
 
   T = 1 samples in proportion to size; larger T flattens toward uniform.
   """
@@ -200,9 +201,40 @@ def temperature_rates(sizes: Mapping[str, float], temperature: float) -> Dict[st
   return {n: w / total for n, w in weights.items()}
 
 
+def language_temperature_rates(sizes: Mapping[str, float], languages: Mapping[str, str],
+                               temperature: float) -> Dict[str, float]:
+  """Task rates when languages are sampled by temperature and tasks by size within one.
+
+  Language l gets p_l proportional to n_l^(1/T), n_l the examples of all its
+  tasks (mSLAM samples mC4's languages with T = 3); a task gets its
+  language's rate times its share of the language's examples. A language
+  split into several tasks (two corpora, or shards registered separately)
+  thus keeps the share it would have as one task.
+
+  Args:
+    sizes: task -> examples; languages: task -> language code.
+    temperature: T.
+  """
+  per_language: Dict[str, float] = {}
+  for task, size in sizes.items():
+    per_language[languages[task]] = per_language.get(languages[task], 0.0) + float(size)
+  language_rates = temperature_rates(per_language, temperature)
+  return {task: language_rates[languages[task]] * float(size) / per_language[languages[task]]
+          for task, size in sizes.items() if size > 0}
+
+
+MIX_BY = ('language', 'task')
+
+
 def mixture(kind: str, patterns: Sequence[str] = ('*',), temperature: float = 1.0,
-            name: Optional[str] = None) -> seqio.Mixture:
-  """Registers (anew) and returns the seqio mixture of `kind`'s matching tasks."""
+            name: Optional[str] = None, mix_by: str = 'language') -> seqio.Mixture:
+  """Registers (anew) and returns the seqio mixture of `kind`'s matching tasks.
+
+  mix_by: 'language' (temperature over languages, `language_temperature_rates`;
+  the paper's sampling) or 'task' (temperature over tasks, `temperature_rates`).
+  """
+  if mix_by not in MIX_BY:
+    raise ValueError(f'mix_by must be one of {MIX_BY}, got {mix_by!r} (DataConfig.mix_by)')
   names = select(kind, patterns)
   if not names:
     registered = sorted(n for n, i in TASKS.items() if i.kind == kind)
@@ -210,7 +242,12 @@ def mixture(kind: str, patterns: Sequence[str] = ('*',), temperature: float = 1.
         f'no {kind} task matches {list(patterns)} (registered {kind} tasks: {registered}); '
         'import the module that registers them with --task_module=MODULE, or fix '
         f'DataConfig.{kind}_tasks')
-  rates = temperature_rates({n: task_size(n) for n in names}, temperature)
+  sizes = {n: task_size(n) for n in names}
+  if mix_by == 'language':
+    rates = language_temperature_rates(sizes, {n: TASKS[n].language for n in names},
+                                       temperature)
+  else:
+    rates = temperature_rates(sizes, temperature)
   name = name or f'mslam_{kind}_mixture'
   seqio.MixtureRegistry.remove(name)
   return seqio.MixtureRegistry.add(name, [(n, rates[n]) for n in names if n in rates])

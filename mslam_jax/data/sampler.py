@@ -1,8 +1,9 @@
 """The three-stream sampler: every step holds speech, text and paired examples.
 
-PAPER.md: no alternating steps, no curriculum; each step holds B_speech
-unlabeled speech, B_text unlabeled text and B_paired paired sequences. Each kind
-is one seqio mixture of its tasks (registry.mixture, temperature rates), padded
+mSLAM (Bapna et al. 2022): no alternating steps, no curriculum; each step holds
+B_speech unlabeled speech, B_text unlabeled text and B_paired paired sequences.
+Each kind is one seqio mixture of its tasks (registry.mixture, temperature
+rates over languages), padded
 to the static shapes of BatchConfig, and the three are zipped into one batch:
 
   {'speech': {'features' [B_s, F_s, 80] f32, 'feature_paddings' [B_s, F_s] f32},
@@ -33,6 +34,7 @@ import tensorflow as tf
 
 from mslam_jax import special_ids
 from mslam_jax.data import bad_input
+from mslam_jax.data import paired_lengths
 from mslam_jax.data import registry
 from mslam_jax.data import vocabulary as vocabulary_lib
 from mslam_jax.data.batch_spec import BatchConfig
@@ -65,7 +67,10 @@ class DataConfig:
     speech_temperature, paired_temperature: mixing temperature T, rates
       proportional to size^(1/T) (ours: 1, in proportion to size; the paper
       gives no value for speech).
-    text_temperature: T for text (PAPER.md: 3, as for mC4's languages).
+    text_temperature: T for text (mSLAM: 3, over mC4's languages).
+    mix_by: what the temperature is applied to: 'language' (the paper: a
+      language's tasks share its rate, split by size) or 'task' (each task
+      on its own, so a language registered as two tasks gets more).
     vocabulary_path: the character vocabulary (relative paths are tried from
       the current directory, then the repository root).
     split: which split the sampler reads.
@@ -79,6 +84,7 @@ class DataConfig:
   speech_temperature: float = 1.0
   text_temperature: float = 3.0
   paired_temperature: float = 1.0
+  mix_by: str = 'language'
   vocabulary_path: str = 'tasks/embedded_corpus/vocab.txt'
   split: str = 'train'
   seed: int = 0
@@ -191,7 +197,7 @@ class ThreeStreamSampler:
     cfg, dc = self.batch_config, self.data_config
     patterns = getattr(dc, f'{kind}_tasks')
     mix = registry.mixture(kind, patterns, getattr(dc, f'{kind}_temperature'),
-                           name=f'mslam_{kind}_mixture')
+                           name=f'mslam_{kind}_mixture', mix_by=dc.mix_by)
     for task in mix.tasks:
       task.source.check(dc.split)  # a missing source fails here, before any step
     self.mixtures[kind] = mix
@@ -204,6 +210,20 @@ class ThreeStreamSampler:
                          log_mixing_proportions=False)
     return _pad_and_batch(ds, self.per_host_batch_size(kind), frames, chars,
                           cfg.num_mel_bins)
+
+  def paired_length_warning(self, records_per_task: int = 256) -> Optional[str]:
+    """A start-up warning when the paired limits would skip a large share (else None).
+
+    Reads the first `records_per_task` records of every paired task (headers
+    only; `paired_lengths.py`).
+    """
+    if 'paired' not in self.mixtures:
+      return None
+    lengths = paired_lengths.survey([t.name for t in self.mixtures['paired'].tasks],
+                                    split=self.data_config.split,
+                                    records_per_task=records_per_task)
+    return paired_lengths.warning(lengths, self.batch_config.paired_frames,
+                                  self.batch_config.paired_text_length)
 
   def rates(self) -> Dict[str, Dict[str, float]]:
     """kind -> task -> mixing rate, normalised."""

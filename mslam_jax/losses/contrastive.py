@@ -1,8 +1,9 @@
 """w2v-BERT contrastive module losses: InfoNCE against quantized targets, and diversity.
 
-PAPER.md: InfoNCE against K distractors drawn from other masked frames of the
-same utterance (K = 100), plus the codebook diversity loss with weight 0.1,
-on the output of the N speech-only layers.
+mSLAM (Bapna et al. 2022) keeps w2v-BERT's contrastive module (Chung et al.
+2021): InfoNCE against K distractors drawn from other masked frames of the
+same utterance (K = 100, wav2vec 2.0), plus the codebook diversity loss with
+weight 0.1, on the output of the N speech-only layers.
 """
 
 import jax
@@ -52,70 +53,93 @@ def _unit(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
-def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.sum(_unit(a) * _unit(b), axis=-1)
-
-
-def contrastive_loss(context: jax.Array, quantized: jax.Array, mask: jax.Array,
-                     negative_indices: jax.Array, *, temperature: float = 0.1):
+def contrastive_loss(context: jax.Array, quantized: jax.Array, code_ids: jax.Array,
+                     mask: jax.Array, negative_indices: jax.Array, *,
+                     temperature: float = 0.1, normalizer=None):
   """InfoNCE of each masked frame's context against its quantized target.
 
-  logits_t = cos(c_t, [q_t, q_n1, ..., q_nK]) / temperature; a distractor equal
-  to the target (same code) is excluded, as in wav2vec 2.0.
+  logits_t = cos(c_t, [q_t, q_n1, ..., q_nK]) / temperature; a distractor with
+  the target's code id is left out (wav2vec 2.0), decided on the ids, not on
+  the vectors.
+
+  Memory: no [B, T, K + 1, C] candidate tensor. Contexts and targets are
+  unit-normalised once, each utterance's frames are scored against all of its
+  targets in one [T, C] x [C, T] matmul, and the K + 1 logits of a frame are
+  gathered from that row: O(B T^2) floats instead of O(B T K C), the same
+  numbers (a dot product of unit vectors either way).
 
   Args:
     context: [B, T, C] projected N-layer outputs.
     quantized: [B, T, C] quantized unmasked features (the targets).
+    code_ids: int [B, T] the targets' code ids (the quantizer's `ids`).
     mask: bool [B, T] masked frames; only these are scored.
     negative_indices: int [B, T, K] from `sample_negative_indices`.
     temperature: kappa (inferred: 0.1, wav2vec 2.0's value).
+    normalizer: the count the sums are divided by; None: this batch's masked
+      frames. Gradient accumulation passes the whole batch's count, so that
+      the micro-batches' losses add up to the whole batch's.
 
   Returns:
-    (loss, accuracy): mean over masked frames of -log p(target), and how often
-    the target has the highest similarity.
+    (loss, accuracy): sum over masked frames of -log p(target), and of how
+    often no distractor scores above the target, each divided by the
+    normalizer.
   """
-  context = context.astype(jnp.float32)
-  quantized = quantized.astype(jnp.float32)
   batch, time, num_neg = negative_indices.shape
-  negatives = jnp.take_along_axis(
-      quantized, negative_indices.reshape(batch, time * num_neg)[..., None], axis=1
-  ).reshape(batch, time, num_neg, -1)  # [B, T, K, C]
-  candidates = jnp.concatenate([quantized[:, :, None], negatives], axis=2)  # [B, T, K+1, C]
-  logits = _cosine(context[:, :, None], candidates) / temperature
-  same_as_target = jnp.all(negatives == quantized[:, :, None], axis=-1)  # [B, T, K]
-  excluded = jnp.concatenate([jnp.zeros_like(same_as_target[..., :1]), same_as_target], -1)
-  logits = jnp.where(excluded, -jnp.inf, logits)
-  nll = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
-  weights = mask.astype(jnp.float32)
-  denom = jnp.maximum(jnp.sum(weights), 1.0)
-  loss = jnp.sum(jnp.where(mask, nll, 0.0)) / denom
-  correct = (jnp.argmax(logits, axis=-1) == 0).astype(jnp.float32)
-  return loss, jnp.sum(correct * weights) / denom
+  c = _unit(context.astype(jnp.float32))
+  q = _unit(quantized.astype(jnp.float32))
+  similarity = jnp.einsum('btc,bsc->bts', c, q) / temperature  # [B, T, T]
+  positive = jnp.diagonal(similarity, axis1=1, axis2=2)  # [B, T]
+  negatives = jnp.take_along_axis(similarity, negative_indices, axis=2)  # [B, T, K]
+  negative_ids = jnp.take_along_axis(
+      code_ids, negative_indices.reshape(batch, time * num_neg), axis=1
+  ).reshape(batch, time, num_neg)
+  negatives = jnp.where(negative_ids == code_ids[..., None], -jnp.inf, negatives)
+  logits = jnp.concatenate([positive[..., None], negatives], axis=-1)  # [B, T, K + 1]
+  nll = jax.nn.logsumexp(logits, axis=-1) - positive
+  correct = positive >= jnp.max(negatives, axis=-1)  # argmax's rule: a tie goes to the target
+  if normalizer is None:
+    normalizer = jnp.sum(mask)
+  denom = jnp.maximum(jnp.asarray(normalizer, jnp.float32), 1.0)
+  return (jnp.sum(jnp.where(mask, nll, 0.0)) / denom,
+          jnp.sum(jnp.where(mask, correct, False)) / denom)
 
 
-def diversity_loss(code_logits: jax.Array, paddings: jax.Array):
-  """wav2vec 2.0 codebook diversity loss (V - perplexity(mean softmax)) / V.
+def code_probability_sum(code_logits: jax.Array, paddings: jax.Array):
+  """Sum over valid frames of softmax(code_logits), and the valid frame count.
 
   Args:
     code_logits: [B, T, V] quantizer logits (no Gumbel noise).
-    paddings: [B, T], 1 = pad; padded frames are left out of the average.
+    paddings: [B, T], 1 = pad.
 
   Returns:
-    (loss, prob_perplexity): loss in [0, 1 - 1/V]; perplexity in [1, V].
+    (prob_sum [V] float32, count scalar float32); prob_sum / count is the
+    batch's mean code distribution, the argument of `diversity_of_mean`.
   """
-  num_codes = code_logits.shape[-1]
   probs = jax.nn.softmax(code_logits.astype(jnp.float32), axis=-1)
   weights = (1.0 - paddings.astype(jnp.float32))[..., None]
-  mean_probs = jnp.sum(probs * weights, axis=(0, 1)) / jnp.maximum(jnp.sum(weights), 1.0)
-  perplexity = _perplexity(mean_probs)
-  return (num_codes - perplexity) / num_codes, perplexity
+  return jnp.sum(probs * weights, axis=(0, 1)), jnp.sum(weights)
+
+
+def diversity_of_mean(mean_probs: jax.Array) -> jax.Array:
+  """wav2vec 2.0 diversity loss (V - perplexity(mean_probs)) / V, in [0, 1 - 1/V]."""
+  num_codes = mean_probs.shape[-1]
+  return (num_codes - _perplexity(mean_probs)) / num_codes
+
+
+def code_histogram(code_ids: jax.Array, paddings: jax.Array, num_codes: int) -> jax.Array:
+  """How often each code was chosen over valid frames: float32 [V]."""
+  return jnp.sum(jax.nn.one_hot(code_ids, num_codes) *
+                 (1.0 - paddings.astype(jnp.float32))[..., None], axis=(0, 1))
+
+
+def perplexity_of_counts(counts: jax.Array) -> jax.Array:
+  """exp(entropy) of a histogram [V] (normalised here): 1 = one code, V = uniform."""
+  return _perplexity(counts / jnp.maximum(jnp.sum(counts), 1.0))
 
 
 def code_perplexity(code_ids: jax.Array, paddings: jax.Array, num_codes: int) -> jax.Array:
   """exp(entropy) of the hard code histogram over valid frames: 1 = collapsed."""
-  counts = jnp.sum(jax.nn.one_hot(code_ids, num_codes) *
-                   (1.0 - paddings.astype(jnp.float32))[..., None], axis=(0, 1))
-  return _perplexity(counts / jnp.maximum(jnp.sum(counts), 1.0))
+  return perplexity_of_counts(code_histogram(code_ids, paddings, num_codes))
 
 
 def _perplexity(distribution: jax.Array) -> jax.Array:

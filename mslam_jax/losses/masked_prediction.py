@@ -5,21 +5,26 @@ import jax.numpy as jnp
 import optax
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-  """Mean cross-entropy over masked positions.
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, *,
+                         normalizer=None):
+  """Cross-entropy summed over masked positions, divided by their count.
 
   Args:
     logits: [B, T, V].
     targets: int [B, T].
     mask: bool [B, T]; only True positions count.
+    normalizer: the divisor; None: this batch's masked count. Gradient
+      accumulation passes the whole batch's count (see `mslam_jax.accumulation`).
 
   Returns:
-    (loss, accuracy, count): scalars; loss is 0 when nothing is masked.
+    (loss, accuracy, count): scalars; loss is 0 when nothing is masked; count
+    is this batch's masked positions.
   """
   logits = logits.astype(jnp.float32)
   weights = mask.astype(jnp.float32)
   xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   count = jnp.sum(weights)
-  denom = jnp.maximum(count, 1.0)
+  denom = jnp.maximum(count if normalizer is None else jnp.asarray(normalizer, jnp.float32),
+                      1.0)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return (jnp.sum(xent * weights) / denom, jnp.sum(correct * weights) / denom, count)

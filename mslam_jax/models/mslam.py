@@ -1,4 +1,4 @@
-"""The mSLAM encoder with its pre-training heads (PAPER.md, "Architecture").
+"""The mSLAM encoder with its pre-training heads (Bapna et al. 2022, arXiv:2202.01374).
 
     speech: log-mel -> frontend -> [mask] -> N speech layers -> M shared layers
     text:   chars -> [mask] -> embedding + sinusoid + ln -> M shared layers
@@ -112,16 +112,16 @@ class MSLAM(nn.Module):
 
   # ---- pre-training -----------------------------------------------------------
 
-  def speech_outputs(self, features, feature_paddings, mask, temperature):
-    """w2v-BERT pass. mask bool [B, T'] over encoder frames.
+  def speech_outputs(self, features, feature_paddings, mask, temperature, gumbel_keys=None):
+    """w2v-BERT pass. mask bool [B, T'] over encoder frames; gumbel_keys [B] in training.
 
-    Returns a dict: paddings [B, T']; quantized [B, T', code_dim] and
-    code_logits [B, T', V] from the unmasked features; code_ids [B, T'];
-    context [B, T', code_dim] from the N-layer output; code_pred_logits
-    [B, T', V] from the top.
+    Returns a dict: paddings [B, T']; quantized [B, T', code_dim], code_ids
+    [B, T'] (the step's one speech target) and code_logits [B, T', V] from the
+    unmasked features; context [B, T', code_dim] from the N-layer output;
+    code_pred_logits [B, T', V] from the top.
     """
     x, paddings = self.frontend(features, feature_paddings)
-    quantized, code_ids, code_logits = self.quantizer(x, temperature)
+    quantized, code_ids, code_logits = self.quantizer(x, temperature, gumbel_keys)
     h = self.speech_layers(self._masked_speech(x, mask), paddings)
     top = self.shared_layers(h, paddings)
     return dict(
@@ -132,6 +132,16 @@ class MSLAM(nn.Module):
         context=self.context_projection(h),
         code_pred_logits=self.code_head(top))
 
+  def speech_codes(self, features, feature_paddings, temperature, gumbel_keys=None):
+    """Frontend and quantizer only: (code_ids [B, T'], code_logits [B, T', V], paddings [B, T']).
+
+    The same codes as `speech_outputs` for the same keys, at a fraction of its
+    cost: gradient accumulation reads the whole batch's code statistics with it.
+    """
+    x, paddings = self.frontend(features, feature_paddings)
+    _, code_ids, code_logits = self.quantizer(x, temperature, gumbel_keys)
+    return code_ids, code_logits, paddings
+
   def text_outputs(self, ids, id_paddings, mask):
     """SpanBERT pass. mask bool [B, L] -> dict(char_logits [B, L, vocab])."""
     masked_ids = jnp.where(mask, special_ids.MASK_ID, ids)
@@ -139,17 +149,19 @@ class MSLAM(nn.Module):
     return dict(char_logits=self.char_head(top))
 
   def paired_outputs(self, features, feature_paddings, ids, id_paddings,
-                     speech_mask, text_mask, *, tlm: bool = True, ctc: bool = True):
+                     speech_mask, text_mask, temperature=1.0, gumbel_keys=None, *,
+                     tlm: bool = True, ctc: bool = True):
     """TLM pass on packed [masked speech ; masked text] and a CTC pass on clean speech.
 
-    Returns a dict with paddings [B, T'], code_ids [B, T'] (TLM speech targets,
-    from the unmasked features), and when enabled tlm_code_logits [B, T', V],
-    tlm_char_logits [B, L, vocab], ctc_logits [B, T', vocab].
+    Returns a dict with paddings [B, T'], code_ids [B, T'] (TLM speech targets:
+    the quantizer's codes of the unmasked features, chosen as for unpaired
+    speech), and when enabled tlm_code_logits [B, T', V], tlm_char_logits
+    [B, L, vocab], ctc_logits [B, T', vocab].
     """
     x, paddings = self.frontend(features, feature_paddings)
     out = dict(paddings=paddings)
     if tlm:
-      _, code_ids, _ = self.quantizer(jax.lax.stop_gradient(x), 1.0)
+      _, code_ids, _ = self.quantizer(jax.lax.stop_gradient(x), temperature, gumbel_keys)
       h = self.speech_layers(self._masked_speech(x, speech_mask), paddings)
       masked_ids = jnp.where(text_mask, special_ids.MASK_ID, ids)
       t = self.text_embedding(masked_ids, id_paddings)
@@ -169,14 +181,16 @@ class MSLAM(nn.Module):
     """Every enabled path: batch/masks are dicts keyed by 'speech', 'text', 'paired'.
 
     A part missing from `batch` is skipped (that is how gin switches it off).
-    masks['speech'] [B, T'], masks['text'] [B, L], masks['paired_speech'] and
-    masks['paired_text'] are bool.
+    masks (from `pretrain_loss.make_masks`): bool 'speech' [B, T'], 'text'
+    [B, L], 'paired_speech', 'paired_text'; PRNG keys 'speech_gumbel' and
+    'paired_gumbel' [B] for the quantizer in training.
     """
     outputs = {}
     if 'speech' in batch:
       s = batch['speech']
       outputs['speech'] = self.speech_outputs(
-          s['features'], s['feature_paddings'], masks['speech'], temperature)
+          s['features'], s['feature_paddings'], masks['speech'], temperature,
+          masks.get('speech_gumbel'))
     if 'text' in batch:
       t = batch['text']
       outputs['text'] = self.text_outputs(t['ids'], t['id_paddings'], masks['text'])
@@ -184,5 +198,6 @@ class MSLAM(nn.Module):
       p = batch['paired']
       outputs['paired'] = self.paired_outputs(
           p['features'], p['feature_paddings'], p['ids'], p['id_paddings'],
-          masks.get('paired_speech'), masks.get('paired_text'), tlm=tlm, ctc=ctc)
+          masks.get('paired_speech'), masks.get('paired_text'), temperature,
+          masks.get('paired_gumbel'), tlm=tlm, ctc=ctc)
     return outputs
