@@ -31,12 +31,19 @@ from mslam_jax.models.config import ModelConfig
 
 
 def split_micro(tree, num_micro: int):
-  """[B, ...] -> [num_micro, B / num_micro, ...] for every leaf (PRNG key arrays too)."""
+  """[B, ...] -> [num_micro, B / num_micro, ...] for every leaf (PRNG key arrays too).
+
+  Micro-batch i holds rows i, i + num_micro, i + 2 num_micro, ...: a batch
+  sharded over devices in contiguous blocks then gives every device an equal
+  share of every micro-batch (with contiguous micro-batches, each would sit
+  on a few devices and the others would wait or receive copies).
+  """
   def split(x):
     if x.shape[0] % num_micro:
       raise ValueError(f'batch size {x.shape[0]} is not divisible by accumulate_steps='
                        f'{num_micro}; make every BatchConfig batch size a multiple of it')
-    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
+    strided = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:])
+    return jnp.swapaxes(strided, 0, 1)
   return jax.tree.map(split, tree)
 
 

@@ -2,9 +2,8 @@
 
 XLA's `compiled.cost_analysis()['flops']` counts the body of a loop once, and
 both Conformer stacks run under `nn.scan`, so it undercounts by about the
-number of layers; MFU needs an explicit count (DESIGN.md, "Performance
-habits"). This module counts the FLOPs the hardware executes on the padded
-static shapes of a `BatchConfig`:
+number of layers; MFU needs an explicit count. This module counts the FLOPs
+the hardware executes on the padded static shapes of a `BatchConfig`:
 
   * every matmul / einsum / convolution as 2 * m * n * k (one multiply and
     one add per multiply-accumulate), biases and elementwise ops left out:
@@ -308,11 +307,12 @@ def mfu(step_flops: float, step_time_s: float, num_devices: int,
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int = 2048, *, repeats: int = 5) -> float:
-  """Measured matmul FLOP/s of the default device: the MFU denominator (DESIGN.md).
+  """Measured matmul FLOP/s of the default device: the MFU denominator.
 
   Times a jitted [n, n] x [n, n] product (2 n^3 FLOPs) after one warm-up
   call (compilation and first-touch allocation) and returns 2 n^3 over the
-  median of `repeats` timed calls.
+  median of `repeats` timed calls: a peak measured on the machine at hand,
+  since machines of one kind differ (AVX2 or AVX-512, load).
   """
   if repeats < 1:
     raise ValueError(f'measure_peak_flops: repeats={repeats} must be at least 1.')

@@ -3,9 +3,10 @@
 Every valid position starts a span with probability `start_prob`; a position
 is masked when some span covering it started at a valid position. Spans may
 overlap, so far from the edges the masked fraction is
-1 - (1 - start_prob)^span_length (PAPER.md: speech p = 0.065, span 10, about
-49% of frames). For text the paper gives a target rate (about 15%, spans of
-20): `start_prob_for_rate` inverts the formula above.
+1 - (1 - start_prob)^span_length (wav2vec 2.0, Baevski et al. 2020, as used by
+w2v-BERT and mSLAM: speech p = 0.065, span 10, about 49% of frames). For text
+mSLAM (Bapna et al. 2022) gives a target rate (about 15%, spans of 20):
+`start_prob_for_rate` inverts the formula above.
 """
 
 import jax

@@ -82,8 +82,8 @@ def make_mesh(config: Optional[MeshConfig] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A mesh of all (or the given) devices with (data, fsdp, model) axes.
 
-  Axes are of type Auto: the classic jit + sharding-constraint style (DESIGN.md:
-  jax.make_mesh would make them Explicit by default).
+  Axes are of type Auto: the classic jit + sharding-constraint style (in current
+  jax, jax.make_mesh would make them Explicit by default).
   """
   config = config or MeshConfig()
   devices = list(devices) if devices is not None else jax.devices()

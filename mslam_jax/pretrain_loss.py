@@ -36,7 +36,7 @@ class LossConfig:
   Attributes:
     use_speech, use_text, use_paired: data kinds in the batch (False drops that part).
     speech_weight, text_weight, paired_weight: per-kind weights (unpublished;
-      PAPER.md quotes one report: 1.0, 0.3, 0.03).
+      inferred: 1.0, 0.3, 0.03, as one secondary report gives).
     contrastive_weight, masked_prediction_weight: w2v-BERT's two terms (paper: 1, 1).
     diversity_weight: codebook diversity inside the contrastive term (paper: 0.1).
     tlm_weight, ctc_weight: paired terms; ctc_weight = 0 gives mSLAM-TLM, and a

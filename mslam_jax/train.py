@@ -147,7 +147,7 @@ def initialize_distributed(args) -> None:
                      'or none (a Cloud TPU pod needs none)')
   on_cpu = (jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')) == 'cpu'
   if all(given):
-    if on_cpu:  # DESIGN.md: CPU collectives across processes need gloo
+    if on_cpu:  # CPU collectives across processes need gloo
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   elif not on_cpu:

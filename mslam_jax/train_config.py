@@ -22,7 +22,8 @@ class TrainConfig:
     max_consecutive_nonfinite: this many skipped (NaN/Inf) steps in a row stop
       the run with an error; the last checkpoint stays intact.
     peak_flops_per_device: the MFU denominator (FLOP/s); None measures a
-      matmul on the device at start-up (DESIGN.md: a measured peak).
+      matmul on the device at start-up (a peak measured on the machine at
+      hand, not a datasheet figure).
   """
   model_dir: str = 'runs/default'
   train_steps: int = 100

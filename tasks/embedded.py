@@ -2,7 +2,7 @@
 
 Built by `python -m mslam_jax.data.build_corpus --output=tasks/embedded_corpus
 --size=small` from Debian gettext catalogs and fortunes, spoken by espeak-ng
-(../shared/DATA.md); metadata.json lists its languages, sizes and sources.
+(docs/embedded_corpus.md); metadata.json lists its languages, sizes and sources.
 Paired tasks carry the multi-way held-out `dev` and `test` splits.
 """
 

@@ -54,7 +54,7 @@ def write_mo(path, entries, charset='UTF-8'):
     f.write(header + tables[0] + tables[1] + data)
 
 
-# --- pair filter: one case per DATA.md rule ----------------------------------
+# --- pair filter: one case per drop_reason rule ------------------------------
 
 @pytest.mark.parametrize('english, translation, expected', [
     ('Open the selected file', 'Die gewählte Datei öffnen', None),

@@ -9,9 +9,8 @@ a corpus of millions of files always holds a few broken ones, and one bad file
 must not stop a pre-training run. Callers get an `AudioStatus` instead and can
 count and drop bad examples.
 
-Feature constants: PAPER.md gives 80-dim log-mel with a 10 ms hop; the issue
-gives the 25 ms window. Everything else is our choice, with the reason next to
-it.
+Feature constants: mSLAM (Bapna et al. 2022) gives 80-dim log-mel with a 10 ms
+hop. Everything else is our choice, with the reason next to it.
 """
 
 import dataclasses
@@ -34,11 +33,11 @@ class FeatureConfig:
   Attributes:
     sample_rate: waveform rate in Hz (ours: 16 kHz, the usual rate of ASR
       corpora; it also bounds `upper_edge_hz` at the Nyquist frequency).
-    window_ms: STFT window length in ms (issue: 25 ms).
-    hop_ms: STFT hop in ms (PAPER.md: 10 ms).
+    window_ms: STFT window length in ms (ours: 25 ms, the usual ASR window).
+    hop_ms: STFT hop in ms (mSLAM: 10 ms).
     fft_length: FFT size in samples (ours: 512, the next power of two above
       the 400-sample window; the window is zero-padded at the end).
-    num_mel_bins: mel channels (PAPER.md: 80).
+    num_mel_bins: mel channels (mSLAM: 80).
     lower_edge_hz: lower edge of the lowest mel filter (ours: 20 Hz, below
       which speech carries nothing but DC offset and rumble).
     upper_edge_hz: upper edge of the highest mel filter (ours: 8 kHz, the

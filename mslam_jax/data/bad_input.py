@@ -1,9 +1,10 @@
 """Counts of the examples the input pipeline skipped or cleaned, with their names.
 
-A run never dies on one bad example (DESIGN.md): the preprocessors give each
-example a `problem` code, a `tf.data` filter hands non-OK codes to `LOG` (from
-inside the pipeline, through tf.numpy_function) and drops or keeps the example
-as the code says. The trainer and the tools print `LOG.report()`.
+A run never dies on one bad example (a large corpus always holds a few broken
+ones): the preprocessors give each example a `problem` code, a `tf.data` filter
+hands non-OK codes to `LOG` (from inside the pipeline, through
+tf.numpy_function) and drops or keeps the example as the code says. The trainer
+and the tools print `LOG.report()`.
 
 Counts are per process and start at zero in each process (a resumed run counts
 again from its resume point).

@@ -5,11 +5,11 @@ fetching (`apt-get download` + `dpkg-deb -x`, cached), reading (.mo
 catalogs into English -> translation pairs, fortune files into prose pieces)
 and filtering (`drop_reason` for pairs, `fortune_pieces` for prose).
 
-Sources (the project notes' DATA.md): the five packages in `CATALOG_PACKAGES` hold
-about 750k English <-> xx catalog pairs in 127 languages; `/usr/share/locale`
-adds the catalogs of whatever is installed; the `fortunes-*` packages hold
-natural prose for en, de, ru, cs, it, pl, es and pt. The filter rules of
-`drop_reason` are the ones DATA.md lists. Every text leaves this module through
+Sources: the five packages in `CATALOG_PACKAGES` hold about 750k English <->
+xx catalog pairs in 127 languages; `/usr/share/locale` adds the catalogs of
+whatever is installed; the `fortunes-*` packages hold natural prose for en, de,
+ru, cs, it, pl, es and pt. docs/embedded_corpus.md gives the sources and the
+filter rules with their reasons. Every text leaves this module through
 `normalize_text`.
 """
 
@@ -26,13 +26,13 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 
 from mslam_jax.data.vocabulary import normalize_text
 
-# DATA.md: the packages with the most .mo catalogs (about 55 MB to download).
+# Packages with many .mo catalogs (about 55 MB to download).
 CATALOG_PACKAGES = ('vlc-l10n', 'inkscape', 'evolution-common', 'gnucash-common',
                     'gimp-data')
-# DATA.md: catalogs already on a stock machine. Their set depends on what is
+# Catalogs already on a stock machine. Their set depends on what is
 # installed, so a corpus built with them is reproducible only on a like machine.
 SYSTEM_LOCALE_DIR = '/usr/share/locale'
-# DATA.md: prose in these languages; checked with `apt-cache search fortunes`
+# Natural prose in these languages; checked with `apt-cache search fortunes`
 # (Debian bookworm). The offensive `*-off` packages are left out, and so is the
 # `off/` folder that fortunes-es ships inside itself.
 FORTUNE_PACKAGES = {
@@ -48,18 +48,20 @@ FORTUNE_PACKAGES = {
 }
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'mslam_jax')
 
-# DATA.md: strings over 300 characters and English sides under 3 words are
-# filtered out; the same bounds apply to fortune pieces.
+# Strings over 300 characters (help paragraphs) and English sides under 3
+# words (labels, not sentences) are filtered out; the same bounds apply to
+# fortune pieces.
 MAX_CHARS = 300
 MIN_WORDS = 3
 
 # Our choice: when a language has catalogs for several locales, these are read
 # first and the others only fill gaps. Brazilian Portuguese leads because the
-# espeak voice (pt-br) and fortunes-br are Brazilian, and DATA.md's multi-way
-# set is counted over pt_BR. Every other language prefers its plain code.
+# espeak voice (pt-br) and fortunes-br are Brazilian, and the 2,585 multi-way
+# strings of the large preset's languages are counted over pt_BR. Every other
+# language prefers its plain code.
 PREFERRED_LOCALES = {'pt': ('pt_BR', 'pt')}
 
-# DATA.md's fortune files are UTF-8 today, but older releases used legacy
+# The fortune files are UTF-8 today, but older releases used legacy
 # code pages; tried in order after UTF-8 fails (latin-1 never fails).
 LEGACY_ENCODINGS = {
     'ru': ('koi8_r',),
@@ -244,8 +246,9 @@ _URL = re.compile(r'[a-z]+://|www\.|mailto:|\S@\S+\.[a-z]', re.IGNORECASE)
 def drop_reason(english, translation) -> Optional[str]:
   """Why a raw catalog entry is not a clean sentence pair, or None to keep it.
 
-  The rules are DATA.md's. English equal to its translation and English under
-  MIN_WORDS words are judged after normalize_text; the rest on the raw text.
+  docs/embedded_corpus.md gives each rule's reason. English equal to its
+  translation and English under MIN_WORDS words are judged after
+  normalize_text; the rest on the raw text.
   """
   if isinstance(english, tuple) or isinstance(translation, tuple):
     return 'plural'
@@ -386,7 +389,7 @@ def _split_sentences(text: str) -> List[str]:
 def is_prose(text: str, min_words: int = MIN_WORDS) -> bool:
   """True for a normalised piece fit for the text corpus and for speaking.
 
-  min_words is 3 for fortunes and English (DATA.md); translations of a
+  min_words is 3 for fortunes and English (MIN_WORDS); translations of a
   3-word English string may be shorter ("Klangdatei auswählen").
   """
   if count_words(text) < min_words or len(text) > MAX_CHARS:

@@ -3,8 +3,8 @@
 mSLAM (Bapna et al. 2022): no alternating steps, no curriculum; each step holds
 B_speech unlabeled speech, B_text unlabeled text and B_paired paired sequences.
 Each kind is one seqio mixture of its tasks (registry.mixture, temperature
-rates over languages), padded
-to the static shapes of BatchConfig, and the three are zipped into one batch:
+rates over languages), padded to the static shapes of BatchConfig, and the
+three are zipped into one batch:
 
   {'speech': {'features' [B_s, F_s, 80] f32, 'feature_paddings' [B_s, F_s] f32},
    'text':   {'ids' [B_t, L_t] i32, 'id_paddings' [B_t, L_t] f32},

@@ -2,13 +2,13 @@
 
 `synthesize` speaks one text in a random voice variant, rate and pitch and
 returns a 16 kHz float32 waveform; `synthesize_many` does the same for many
-texts in parallel. The speech is very robotic (DATA.md: an English
+texts in parallel. The speech is very robotic (an off-the-shelf English
 recogniser gets over 90% WER on it): good for pipeline tests and for
 comparing pre-training variants, not a stand-in for natural speech.
 
-Constants come from the shared notes' DATA.md (espeak-ng writes 22.05 kHz mono
-WAV; rate 130-190 and pitch 30-70 per utterance give some speaker variety)
-unless marked as our choice.
+espeak-ng writes 22.05 kHz mono WAV; a random voice variant, rate and pitch per
+utterance give some speaker variety. docs/embedded_corpus.md explains the
+settings.
 """
 
 import concurrent.futures
@@ -21,9 +21,9 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import soxr
 
-SAMPLE_RATE = 16000  # DATA.md: resample espeak's 22.05 kHz to the corpus rate, 16 kHz.
-RATE_RANGE = (130, 190)  # DATA.md: words per minute.
-PITCH_RANGE = (30, 70)  # DATA.md: espeak's 0-99 pitch scale.
+SAMPLE_RATE = 16000  # The corpus rate (that of most ASR corpora); espeak writes 22.05 kHz.
+RATE_RANGE = (130, 190)  # Words per minute, around espeak's default of 175.
+PITCH_RANGE = (30, 70)  # On espeak's 0-99 pitch scale, around its default of 50.
 
 # Our code -> espeak-ng voice; each was checked in `espeak-ng --voices` (1.51).
 # American English and Brazilian Portuguese are our choice (the most speakers;

@@ -1,9 +1,9 @@
 """The character vocabulary: one id per Unicode character, shared by all languages.
 
-PAPER.md: a character vocabulary of 4096 symbols over all languages. Ids 0-3
-are reserved (mslam_jax/special_ids.py: PAD = CTC blank, EOS, UNK, MASK); the
-characters of the training text follow, most frequent first, so a smaller
-`max_size` keeps the common ones and maps the rest to UNK.
+mSLAM (Bapna et al. 2022): a character vocabulary of 4096 symbols over all
+languages. Ids 0-3 are reserved (mslam_jax/special_ids.py: PAD = CTC blank, EOS,
+UNK, MASK); the characters of the training text follow, most frequent first, so
+a smaller `max_size` keeps the common ones and maps the rest to UNK.
 
 The file format is one JSON string per line (so space, quote and backslash are
 unambiguous), in id order starting at id 4. `CharacterVocabulary` is a
@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from mslam_jax import special_ids
 
-MAX_SIZE = 4096  # PAPER.md
+MAX_SIZE = 4096  # mSLAM (Bapna et al. 2022)
 UNK_TEXT = '\u2047'  # what an unknown character decodes to (as sentencepiece does)
 MASK_TEXT = '[MASK]'
 _SPACES = re.compile(r'\s+')

@@ -2,7 +2,7 @@
 
 Every field is a gin parameter (`ModelConfig.d_model = 1024`); the size files
 `gin/models/mslam_0.6b.gin`, `gin/models/mslam_2b.gin` and `gin/models/tiny.gin`
-set them. Defaults are the paper's 0.6B model (../shared/PAPER.md, "Architecture");
+set them. Defaults are the 0.6B model of mSLAM (Bapna et al. 2022, arXiv:2202.01374);
 values marked (inferred) are our reading where the papers are silent.
 """
 
@@ -12,7 +12,7 @@ import gin
 import jax.numpy as jnp
 
 # Named rematerialisation policies for the scanned Conformer stacks. Compile
-# time and memory of the 2B model depend on this choice (DESIGN.md).
+# time and memory of the 2B model depend on this choice.
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 
 
@@ -22,7 +22,7 @@ class ModelConfig:
   """Sizes and switches of the mSLAM encoder and its pre-training heads.
 
   Attributes:
-    num_mel_bins: input log-mel channels (PAPER.md: 80-dim log-mel).
+    num_mel_bins: input log-mel channels (paper: 80-dim log-mel).
     frontend_channels: channels of both stride-2 Conv2D layers (inferred: 128,
       the Conformer/w2v-BERT subsampling convention).
     d_model: model dim d (paper: 1024 for 0.6B, 1408 for 2B).

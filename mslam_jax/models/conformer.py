@@ -3,9 +3,9 @@
     x -> +0.5 ffn -> +mhsa -> +conv -> +0.5 ffn -> ln        (Gulati et al. 2020)
 
 Each branch is pre-LayerNorm with a residual. Differences from the original
-Conformer, following w2v-BERT and SLAM (PAPER.md): plain dot-product attention
-without relative positions (position comes from the convolutions), and
-GroupNorm instead of BatchNorm in the convolution module.
+Conformer, following w2v-BERT (Chung et al. 2021) and SLAM (Bapna et al. 2021):
+plain dot-product attention without relative positions (position comes from the
+convolutions), and GroupNorm instead of BatchNorm in the convolution module.
 
 Padding contract: `paddings` [B, T] (1 = pad) mask attention keys, are zeroed
 before the depthwise convolution, and are excluded from GroupNorm statistics,

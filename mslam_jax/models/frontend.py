@@ -2,8 +2,9 @@
 
     [B, T, 80] -> conv3x3/2 -> relu -> conv3x3/2 -> relu -> flatten -> dense -> [B, ceil(T/4), d]
 
-PAPER.md: 80-dim log-mel at a 10 ms hop, two stride-2 Conv2D layers (4x fewer
-frames, so 40 ms per encoder frame), then a projection to the model dim.
+mSLAM (Bapna et al. 2022): 80-dim log-mel at a 10 ms hop, two stride-2 Conv2D
+layers (4x fewer frames, so 40 ms per encoder frame), then a projection to the
+model dim.
 """
 
 import flax.linen as nn

@@ -1,7 +1,8 @@
 """Text path into the shared layers: characters -> embedding + sinusoid -> LayerNorm.
 
-PAPER.md: text gets sinusoidal positions (speech gets its position from the
-convolutions); character vocabulary of 4096 symbols, text capped at 512.
+mSLAM (Bapna et al. 2022): text gets sinusoidal positions (speech gets its
+position from the convolutions); character vocabulary of 4096 symbols, text
+capped at 512.
 """
 
 import flax.linen as nn
