@@ -62,3 +62,19 @@ def tiny():
 
 def small_batch(seed=0, parts=('speech', 'text', 'paired'), config=SMALL_BATCH):
   return jax.tree.map(jnp.asarray, SyntheticCorpus(seed).batch(config, parts))
+
+
+def init_params(model_config, loss_config, batch, seed=0):
+  """MSLAM params for the parts `loss_config` enables, initialised under jit."""
+  return jax.jit(lambda r, b: pretrain_loss.init_params(
+      r, b, model_config=model_config, loss_config=loss_config))(jax.random.key(seed), batch)
+
+
+def assert_trees_close(got, want, *, rtol, atol):
+  """Same structure, and every leaf within tolerance of its counterpart."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(got_leaves, want_leaves):
+    np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import small_batch, tiny_configs
+from conftest import assert_trees_close, init_params, small_batch, tiny_configs
 from mslam_jax import accumulation
 from mslam_jax import pretrain_loss
 from mslam_jax.data.batch_spec import BatchConfig
@@ -35,8 +35,7 @@ def _variable_lengths(batch):
 def test_micro_batches_give_the_whole_batch_loss_and_gradients(accumulate_steps):
   model_config, loss_config = tiny_configs(*MASKS)
   batch = _variable_lengths(jax.device_get(small_batch(config=BATCH)))
-  params = jax.jit(lambda r, b: pretrain_loss.init_params(
-      r, b, model_config=model_config, loss_config=loss_config))(jax.random.key(0), batch)
+  params = init_params(model_config, loss_config, batch)
   rng, step = jax.random.key(7), 3
 
   @jax.jit
@@ -58,18 +57,14 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(accumulate_steps)
   # The diversity term and the count-normalised terms are the ones a plain
   # average of micro-batch means gets wrong: they must be in the comparison.
   assert float(want_metrics['speech/diversity']) > 0
-  leaves, want_leaves = jax.tree.leaves(grads), jax.tree.leaves(want_grads)
-  assert len(leaves) == len(want_leaves)
-  for got, want in zip(leaves, want_leaves):
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-6)
+  assert_trees_close(grads, want_grads, rtol=2e-3, atol=2e-6)
 
 
 def test_averaging_micro_batch_means_would_differ():
   """Sensitivity of the test above: means over two halves, averaged, miss the whole batch."""
   model_config, loss_config = tiny_configs(*MASKS)
   batch = _variable_lengths(jax.device_get(small_batch(config=BATCH)))
-  params = jax.jit(lambda r, b: pretrain_loss.init_params(
-      r, b, model_config=model_config, loss_config=loss_config))(jax.random.key(0), batch)
+  params = init_params(model_config, loss_config, batch)
   batch = loss_config.select(batch)
   masks = pretrain_loss.make_masks(jax.random.key(1), batch, loss_config)
   halves = accumulation.split_micro((batch, masks), 2)

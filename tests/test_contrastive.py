@@ -173,11 +173,16 @@ def test_diversity_loss_and_perplexities_equal_numpy():
   ids = np.argmax(logits, -1)
   hist = np.bincount(np.concatenate([ids[0], ids[1, :4]]), minlength=8) / 10
   nz = hist[hist > 0]
-  np.testing.assert_allclose(contrastive.code_perplexity(ids, paddings, 8),
+  np.testing.assert_allclose(code_perplexity(ids, paddings, 8),
                              np.exp(-np.sum(nz * np.log(nz))), rtol=1e-4)
+
+
+def code_perplexity(ids, paddings, num_codes):
+  """The metric as pretrain_loss.summary_metrics forms it: perplexity of the hard histogram."""
+  return contrastive.perplexity_of_counts(contrastive.code_histogram(ids, paddings, num_codes))
 
 
 def test_code_perplexity_extremes():
   paddings = np.zeros((1, 16), np.float32)
-  assert abs(float(contrastive.code_perplexity(np.zeros((1, 16), int), paddings, 16)) - 1) < 1e-4
-  assert abs(float(contrastive.code_perplexity(np.arange(16)[None], paddings, 16)) - 16) < 1e-3
+  assert abs(float(code_perplexity(np.zeros((1, 16), int), paddings, 16)) - 1) < 1e-4
+  assert abs(float(code_perplexity(np.arange(16)[None], paddings, 16)) - 16) < 1e-3

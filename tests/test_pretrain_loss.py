@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import small_batch, tiny_configs
+from conftest import init_params, small_batch, tiny_configs
 from mslam_jax import pretrain_loss
 
 LOSS_TERMS = ('speech/contrastive', 'speech/diversity', 'speech/masked_prediction',
@@ -25,15 +25,10 @@ def dense():
   return tiny_configs(*DENSE_MASKS)
 
 
-def _params(mc, lc, batch):
-  return jax.jit(lambda r, b: pretrain_loss.init_params(
-      r, b, model_config=mc, loss_config=lc))(jax.random.key(0), batch)
-
-
 def test_every_loss_term_has_finite_nonzero_gradients(dense):
   mc, lc = dense
   batch = small_batch()
-  params = _params(mc, lc, batch)
+  params = init_params(mc, lc, batch)
 
   def terms(p):
     _, metrics = pretrain_loss.pretrain_loss(p, batch, jax.random.key(1), 0,
@@ -52,7 +47,7 @@ def test_total_is_the_weighted_sum_of_terms():
   mc, lc = tiny_configs(*DENSE_MASKS, 'LossConfig.speech_weight = 0.7', 'LossConfig.text_weight = 0.2',
                        'LossConfig.paired_weight = 0.05', 'LossConfig.diversity_weight = 0.3')
   batch = small_batch()
-  params = _params(mc, lc, batch)
+  params = init_params(mc, lc, batch)
   total, m = jax.jit(lambda p: pretrain_loss.pretrain_loss(
       p, batch, jax.random.key(2), 0, model_config=mc, loss_config=lc))(params)
   speech = m['speech/contrastive'] + 0.3 * m['speech/diversity'] + m['speech/masked_prediction']
@@ -64,7 +59,7 @@ def test_total_is_the_weighted_sum_of_terms():
 def test_adam_steps_on_a_fixed_batch_lower_the_loss(dense):
   mc, lc = dense
   batch = small_batch(3)
-  params = _params(mc, lc, batch)
+  params = init_params(mc, lc, batch)
   optimizer = optax.adam(3e-3)
   rng = jax.random.key(4)  # fixed masks, so the loss is one function of the params
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_batch, tiny_configs
+from conftest import assert_trees_close, small_batch, tiny_configs
 from mslam_jax import checkpoints
 from mslam_jax import gin_utils
 from mslam_jax import optimizer as optimizer_lib
@@ -77,10 +77,7 @@ def test_step_on_a_2x2x2_mesh_equals_one_device_and_weights_are_sharded():
   np.testing.assert_allclose(total8, total1, rtol=1e-5)
   for key in metrics1:
     np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-4, atol=1e-5, err_msg=key)
-  flat1, flat8 = jax.tree.leaves(grads1), jax.tree.leaves(grads8)
-  assert len(flat1) == len(flat8)
-  for g1, g8 in zip(flat1, flat8):
-    np.testing.assert_allclose(g8, g1, rtol=2e-3, atol=2e-5)
+  assert_trees_close(grads8, grads1, rtol=2e-3, atol=2e-5)
 
 
 def test_nonfinite_step_is_skipped_and_counted():

@@ -137,11 +137,6 @@ def perplexity_of_counts(counts: jax.Array) -> jax.Array:
   return _perplexity(counts / jnp.maximum(jnp.sum(counts), 1.0))
 
 
-def code_perplexity(code_ids: jax.Array, paddings: jax.Array, num_codes: int) -> jax.Array:
-  """exp(entropy) of the hard code histogram over valid frames: 1 = collapsed."""
-  return perplexity_of_counts(code_histogram(code_ids, paddings, num_codes))
-
-
 def _perplexity(distribution: jax.Array) -> jax.Array:
   entropy = -jnp.sum(distribution * jnp.log(distribution + 1e-7))
   return jnp.exp(entropy)
