@@ -13,7 +13,9 @@ import argparse
 import os
 from typing import Sequence
 
+import gin
 import jax
+from etils import epath
 
 from mslam_jax import checkpoints
 from mslam_jax import flops
@@ -159,6 +161,15 @@ def initialize_distributed(args) -> None:
       print(f'single process ({e})', flush=True)
 
 
+def save_config(model_dir: str) -> None:
+  """Writes the parsed gin config to MODEL_DIR/config.gin (process 0), for export."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(model_dir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / 'config.gin').write_text(gin.config_str())
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--task_module', action='append', default=[],
@@ -175,6 +186,7 @@ def main(argv=None):
   print(f'model_dir: {train_config.model_dir}  steps: {train_config.train_steps}  '
         f'process {jax.process_index()}/{jax.process_count()}  '
         f'devices: {jax.device_count()} ({jax.devices()[0].platform})', flush=True)
+  save_config(train_config.model_dir)
   train(ModelConfig(), pretrain_loss.LossConfig(), BatchConfig(), train_config,
         sampler_lib.DataConfig(), partitioning.MeshConfig(), task_modules=args.task_module)
 

@@ -78,3 +78,42 @@ def assert_trees_close(got, want, *, rtol, atol):
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for g, w in zip(got_leaves, want_leaves):
     np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def _write_tiny_run(model_dir: str, *, seed: int, step: int) -> None:
+  """A pre-training MODEL_DIR as a tiny run leaves it: config.gin and one checkpoint.
+
+  The parameters are a fresh init with `seed` (not the export's random-init
+  seed 0), so a test can tell restored weights from re-initialised ones.
+  """
+  from mslam_jax import checkpoints, optimizer, partitioning, train, trainer  # pylint: disable=g-import-not-at-top
+  gin_utils.parse_gin(['gin/pretrain_tiny_cpu.gin'], [f"MODEL_DIR = '{model_dir}'"])
+  try:
+    model_config, loss_config, batch_config = (ModelConfig(), pretrain_loss.LossConfig(),
+                                               BatchConfig())
+    opt = optimizer.make_optimizer()
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
+    kwargs = dict(model_config=model_config, loss_config=loss_config, batch_config=batch_config)
+    _, shardings = trainer.state_shardings(opt, mesh, partitioning.LOGICAL_RULES, **kwargs)
+    state = trainer.create_train_state(jax.random.key(seed), opt, shardings, **kwargs)
+    state = state.replace(step=jnp.asarray(step, jnp.int32))
+    ckpt = checkpoints.Checkpointer(model_dir, save_every=1, async_save=False)
+    ckpt.save(step, state, force=True)
+    ckpt.close()
+    train.save_config(model_dir)
+  finally:
+    gin.clear_config()
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """(MODEL_DIR of a tiny run with a step-7 checkpoint, its export dir)."""
+  from mslam_jax import export  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('tiny_run')
+  model_dir, export_dir = str(root / 'run'), str(root / 'export')
+  _write_tiny_run(model_dir, seed=123, step=7)
+  try:
+    export.export(model_dir, export_dir)
+  finally:
+    gin.clear_config()
+  return model_dir, export_dir

@@ -90,7 +90,8 @@ class DataConfig:
   seed: int = 0
 
 
-def _resolve(path: str) -> str:
+def resolve_path(path: str) -> str:
+  """A relative path as given when it exists from here, else from the repository root."""
   if os.path.isabs(path) or os.path.exists(path):
     return path
   return os.path.join(registry.REPO_ROOT, path)
@@ -166,7 +167,7 @@ class ThreeStreamSampler:
     self.with_metadata = with_metadata
     for module in tuple(data_config.task_modules) + tuple(extra_task_modules):
       registry.import_task_module(module)
-    registry.set_vocabulary_path(_resolve(data_config.vocabulary_path))
+    registry.set_vocabulary_path(resolve_path(data_config.vocabulary_path))
     self.vocabulary = registry.SHARED_VOCABULARY.loaded
     vocabulary_lib.check_fits_model(self.vocabulary, model_vocab_size,
                                     where=data_config.vocabulary_path)
