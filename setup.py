@@ -27,6 +27,8 @@ setuptools.setup(
         'soundfile>=0.12',  # audio decoding (WAV, FLAC, OGG) in the input pipeline
         'soxr>=0.3',  # resampling to 16 kHz
         'sacrebleu>=2.4',
+        'jiwer>=4.0',  # WER/CER of the ASR evaluations
+        'matplotlib>=3.8',  # the reproduction's and the demo's plots
         'tqdm',
         'tensorboard',
     ],

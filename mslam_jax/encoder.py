@@ -284,7 +284,7 @@ def load_encoder(path: str) -> Encoder:
   manifest agree, and restores the weights. Raises ExportMismatchError naming
   the disagreement otherwise.
   """
-  path = epath.Path(path)
+  path = export_lib.absolute(path)
   manifest_path = path / export_lib.MANIFEST
   if not manifest_path.exists():
     raise FileNotFoundError(f'{manifest_path} not found: {path} is not an export; make one '

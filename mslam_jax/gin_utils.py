@@ -28,6 +28,7 @@ def register_configurables() -> None:
   from mslam_jax import optimizer, partitioning, pretrain_loss, train_config  # noqa: F401
   from mslam_jax.data import audio, batch_spec, preprocessors, sampler  # noqa: F401
   from mslam_jax.models import config, quantizer  # noqa: F401
+  from mslam_jax.downstream import suite  # noqa: F401  (FinetuneConfig, DecoderConfig, ...)
 
 
 def split_gin_flags(argv: Sequence[str]) -> Tuple[List[str], List[str]]:

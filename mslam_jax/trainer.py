@@ -152,6 +152,16 @@ def make_eval_step(*, model_config: ModelConfig,
   return eval_step
 
 
+def format_duration(seconds: float) -> str:
+  """'42s', '3m05s', '2h07m': a duration for a progress line."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
 class MetricsWriter:
   """One JSON line per logged step in MODEL_DIR/metrics.jsonl, the console, TensorBoard.
 
@@ -160,6 +170,8 @@ class MetricsWriter:
 
   _CONSOLE = ('loss', 'contrastive', 'masked_prediction', 'span_mlm', 'ctc',
               'code_perplexity', 'step_time_s', 'mfu', 'skipped_total')
+  # Downstream runs' training metrics (mslam_jax/downstream/).
+  _CONSOLE_EXACT = ('accuracy', 'token_accuracy', 'speech_loss', 'text_loss')
 
   def __init__(self, model_dir: str, tensorboard: bool = True):
     self.primary = jax.process_index() == 0
@@ -171,7 +183,9 @@ class MetricsWriter:
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
         self._summary = metric_writers.SummaryWriter(os.path.join(model_dir, 'tensorboard'))
 
-  def write(self, step: int, metrics: Dict[str, Any]) -> Dict[str, float]:
+  def write(self, step: int, metrics: Dict[str, Any], total_steps: Optional[int] = None
+            ) -> Dict[str, float]:
+    """Logs one row; with total_steps the console line ends with the ETA from step_time_s."""
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
     if self.primary:
       with open(self.path, 'a', encoding='utf-8') as f:
@@ -179,8 +193,12 @@ class MetricsWriter:
       if self._summary is not None:
         self._summary.write_scalars(int(step), {k: v for k, v in record.items() if k != 'step'})
         self._summary.flush()
-    terms = ' '.join(f'{k}={record[k]:.4g}' for k in sorted(record) if k.endswith(self._CONSOLE))
-    print(f'step {record["step"]:>6d} {terms}', flush=True)
+    terms = ' '.join(f'{k}={record[k]:.4g}' for k in sorted(record)
+                     if k.endswith(self._CONSOLE) or k in self._CONSOLE_EXACT)
+    eta = ''
+    if total_steps and 'step_time_s' in record and step < total_steps:
+      eta = f' eta={format_duration((total_steps - step) * record["step_time_s"])}'
+    print(f'step {record["step"]:>6d} {terms}{eta}', flush=True)
     return record
 
   def close(self) -> None:
@@ -279,7 +297,7 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
                 peak_flops_per_device * mesh.devices.size)
         last_time, last_step = now, step
         counts = {'examples': 0.0, 'audio_seconds': 0.0}
-        history.append(writer.write(step, metrics))
+        history.append(writer.write(step, metrics, num_steps))
       if stop:
         print(f'SIGTERM: saved step {step}; exiting', flush=True)
         break

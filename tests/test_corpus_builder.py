@@ -1,5 +1,6 @@
 """Tests of the embedded-corpus builder: catalog filters, .mo and fortune reading,
-the multi-way held-out split, synthesis and a miniature end-to-end build.
+the multi-way held-out split, the downstream splits, synthesis and a miniature
+end-to-end build.
 
 No network. Tests that speak need espeak-ng and are skipped without it. The
 .mo files are written here in the GNU binary format by `write_mo`, so reading
@@ -21,6 +22,8 @@ import tensorflow as tf
 from mslam_jax.data import build_corpus
 from mslam_jax.data import catalogs
 from mslam_jax.data import synthesis
+from mslam_jax.data.vocabulary import CharacterVocabulary
+from mslam_jax.data.vocabulary import normalize_text
 
 needs_espeak = pytest.mark.skipif(shutil.which('espeak-ng') is None,
                                   reason='espeak-ng is not installed')
@@ -250,6 +253,51 @@ def test_multiway_selection_and_hold_out():
   assert len(en) == 2
 
 
+def test_select_translation_pairs_skips_held_out_strings():
+  held = {'en': ['Open the file now'], 'de': ['Die Datei jetzt öffnen'],
+          'fr': ['Ouvrir le fichier maintenant']}
+  for seed in range(5):
+    chosen = build_corpus.select_translation_pairs(PAIRS, ['en', 'de', 'fr'], held, 3, seed)
+    assert set(chosen) == {'de', 'fr'}
+    # All that is left: 'Open this file now' shares the held German translation.
+    assert sorted(e for _, e in chosen['de']) == [
+        'Close the window now', 'Only in German here', 'Print the page now']
+    assert sorted(e for _, e in chosen['fr']) == [
+        'Close the window now', 'Open this file now', 'Print the page now']
+    for lang, got in chosen.items():
+      assert all(PAIRS[lang][e] == xx for xx, e in got)
+  with pytest.raises(SystemExit, match="3 of 4 .*'de'"):
+    build_corpus.select_translation_pairs(PAIRS, ['en', 'de', 'fr'], held, 4, 0)
+
+
+def test_select_translation_pairs_share_english_and_do_not_repeat():
+  strings = {f'Select item number {i} now': i for i in range(100)}
+  pairs = {'de': {e: f'Element Nummer {i} jetzt wählen' for e, i in strings.items()},
+           'fr': {e: f"Choisir l'élément numéro {i}" for e, i in strings.items()}}
+  chosen = build_corpus.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 0)
+  # One shuffled order for all languages: both hold out the same English strings.
+  assert [e for _, e in chosen['de']] == [e for _, e in chosen['fr']]
+  assert chosen == build_corpus.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 0)
+  assert chosen != build_corpus.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 1)
+  # Three pairs, one translation up to case and final punctuation: one pair.
+  same = {'de': {'Open the file now': 'Die Datei öffnen',
+                 'Open the file now.': 'die Datei öffnen!',
+                 'Close the file now': 'Die Datei öffnen.'}}
+  assert len(build_corpus.select_translation_pairs(same, ['de'], {}, 1, 0)['de']) == 1
+  with pytest.raises(SystemExit, match='1 of 2'):
+    build_corpus.select_translation_pairs(same, ['de'], {}, 2, 0)
+
+
+def test_translations_round_trip(tmp_path):
+  path = str(tmp_path / 'de.tsv')
+  build_corpus.write_translations(path, [('Die  Datei\töffnen', ' Open the\nfile '),
+                                         ('Drucken', 'Print')])
+  with open(path, encoding='utf-8') as f:
+    assert f.read() == 'Die Datei öffnen\tOpen the file\nDrucken\tPrint\n'
+  assert build_corpus.read_translations(path) == [('Die Datei öffnen', 'Open the file'),
+                                                  ('Drucken', 'Print')]
+
+
 def test_derive_seed_is_stable():
   assert build_corpus.derive_seed(0, 'text', 'de') == build_corpus.derive_seed(0, 'text', 'de')
   assert build_corpus.derive_seed(0, 'text', 'de') != build_corpus.derive_seed(1, 'text', 'de')
@@ -305,29 +353,51 @@ def test_voices_exist_for_presets():
 
 # --- a miniature end-to-end build -----------------------------------------------------
 
+# English -> (German, French); the first 14 are multi-way candidates.
+_FAKE_STRINGS = {
+    'Open the file now': ('Die Datei jetzt öffnen', 'Ouvrir le fichier maintenant'),
+    'Close the window now': ('Das Fenster jetzt schließen', 'Fermer la fenêtre maintenant'),
+    'Print the page now': ('Die Seite jetzt drucken', 'Imprimer la page maintenant'),
+    'Save the picture now': ('Das Bild jetzt speichern', "Enregistrer l'image maintenant"),
+    'Delete the old layer': ('Die alte Ebene löschen', "Supprimer l'ancien calque"),
+    'Rotate the image left': ('Das Bild nach links drehen', "Tourner l'image à gauche"),
+    'Show the color palette': ('Die Farbpalette anzeigen', 'Afficher la palette'),
+    'Zoom into the drawing': ('In die Zeichnung zoomen', 'Zoomer dans le dessin'),
+    'Play the next song': ('Das nächste Lied abspielen', 'Lire la chanson suivante'),
+    'Stop the playback here': ('Die Wiedergabe hier stoppen', 'Arrêter la lecture ici'),
+    'Send the message now': ('Die Nachricht jetzt senden', 'Envoyer le message maintenant'),
+    'Import the bank statement': ('Den Kontoauszug importieren', 'Importer le relevé bancaire'),
+    'Crop the selected area': ('Den gewählten Bereich zuschneiden', 'Rogner la zone choisie'),
+    'Mute the sound here': ('Den Ton hier stummschalten', 'Couper le son ici'),
+    'Only in German here': ('Nur auf Deutsch hier', None),
+    'Another German line here': ('Noch eine deutsche Zeile hier', None),
+    'A third German line': ('Eine dritte deutsche Zeile', None),
+}
+# Each English string ends in its own Greek letter, which no other text holds:
+# the vocabulary covers a held-out English string only if it is built from
+# the downstream texts too.
+FAKE_STRINGS = {f'{english} {chr(ord("α") + i)}': translations
+                for i, (english, translations) in enumerate(_FAKE_STRINGS.items())}
+# Sizes of the miniature build: a build of about a second, with more than one
+# downstream item per language so that their ids and order are checked.
+TINY = dict(speech=2, paired=2, dev=1, test=1, downstream_speech=2, downstream_text=3,
+            max_text_lines=None, min_seconds=0.5, max_seconds=6.0)
+
+
 def _fake_packages(root):
   """--catalog_dir with the packages a build of en, de, fr reads, a handful of strings each."""
-  strings = {
-      'Open the file now': ('Die Datei jetzt öffnen', 'Ouvrir le fichier maintenant'),
-      'Close the window now': ('Das Fenster jetzt schließen', 'Fermer la fenêtre maintenant'),
-      'Print the page now': ('Die Seite jetzt drucken', 'Imprimer la page maintenant'),
-      'Save the picture now': ('Das Bild jetzt speichern', "Enregistrer l'image maintenant"),
-      'Delete the old layer': ('Die alte Ebene löschen', "Supprimer l'ancien calque"),
-      'Rotate the image left': ('Das Bild nach links drehen', "Tourner l'image à gauche"),
-      'Show the color palette': ('Die Farbpalette anzeigen', 'Afficher la palette'),
-      'Zoom into the drawing': ('In die Zeichnung zoomen', 'Zoomer dans le dessin'),
-      'Play the next song': ('Das nächste Lied abspielen', 'Lire la chanson suivante'),
-      'Stop the playback here': ('Die Wiedergabe hier stoppen', 'Arrêter la lecture ici'),
-  }
   for i, lang in enumerate(['de', 'fr']):
     write_mo(os.path.join(root, 'vlc-l10n/usr/share/locale', lang, 'LC_MESSAGES', 'vlc.mo'),
-             {e: t[i] for e, t in strings.items()})
+             {e: t[i] for e, t in FAKE_STRINGS.items() if t[i] is not None})
   for name in catalogs.CATALOG_PACKAGES[1:] + ('fortunes-min',):
     os.makedirs(os.path.join(root, name), exist_ok=True)
+  # Every German translation is also a German fortune (with another final
+  # mark): held-out German strings must leave the German text by holdout_key.
+  german = ''.join(f'%\n{t[0]}!\n' for t in FAKE_STRINGS.values())
   for name, lang, text in (('fortunes', 'en', 'A penny saved is a penny earned.\n%\n'
                             'Never put off until tomorrow.\n'),
                            ('fortunes-de', 'de', 'Morgenstund hat Gold im Mund.\n%\n'
-                            'Wer rastet, der rostet.\n')):
+                            'Wer rastet, der rostet.\n' + german)):
     games = os.path.join(root, name, 'usr/share/games/fortunes', lang)
     os.makedirs(games)
     with open(os.path.join(games, 'misc'), 'w', encoding='utf-8') as f:
@@ -345,17 +415,43 @@ def _records(path):
   return out
 
 
-@needs_espeak
-def test_build_small_corpus(tmp_path, monkeypatch):
-  catalog_dir = str(tmp_path / 'packages')
+def _build_tiny(output, catalog_dir, workers):
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(build_corpus.PRESETS, 'small',
+                  dataclasses.replace(build_corpus.PRESETS['small'], **TINY))
+    return build_corpus.build(build_corpus.parse_args([
+        f'--output={output}', '--languages=en,de,fr', f'--catalog_dir={catalog_dir}',
+        '--no_system_locale', f'--workers={workers}']))
+
+
+@pytest.fixture(scope='module')
+def tiny_corpus(tmp_path_factory):
+  """(metadata, output folder, catalog folder) of a miniature en, de, fr build."""
+  root = tmp_path_factory.mktemp('tiny_corpus')
+  catalog_dir = str(root / 'packages')
   _fake_packages(catalog_dir)
-  tiny = dataclasses.replace(build_corpus.PRESETS['small'], speech=2, paired=2, dev=1, test=1,
-                             max_text_lines=None, min_seconds=0.5, max_seconds=6.0)
-  monkeypatch.setitem(build_corpus.PRESETS, 'small', tiny)
-  output = str(tmp_path / 'corpus')
-  meta = build_corpus.build(build_corpus.parse_args([
-      f'--output={output}', '--languages=en,de,fr', f'--catalog_dir={catalog_dir}',
-      '--no_system_locale', '--workers=2']))
+  output = str(root / 'corpus')
+  return _build_tiny(output, catalog_dir, workers=2), output, catalog_dir
+
+
+def _training_texts(output, lang):
+  """Every pre-training text of a language: text lines and speech/paired transcripts."""
+  with open(os.path.join(output, 'text', 'train', f'{lang}.txt'), encoding='utf-8') as f:
+    texts = f.read().splitlines()
+  for kind in ('speech', 'paired'):
+    texts += [r['transcript'].decode()
+              for r in _records(os.path.join(output, kind, 'train', f'{lang}.tfrecord'))]
+  return texts
+
+
+def _translation(english, lang):
+  """The fake catalogs' translation of an English string, None when there is none."""
+  return english if lang == 'en' else FAKE_STRINGS[english][['de', 'fr'].index(lang)]
+
+
+@needs_espeak
+def test_build_small_corpus(tiny_corpus):
+  meta, output, _ = tiny_corpus
   assert meta['languages'] == ['en', 'de', 'fr']
   assert 'vlc-l10n=test-1' in meta['sources']
   held = {}
@@ -387,3 +483,107 @@ def test_build_small_corpus(tmp_path, monkeypatch):
     leaked = [t for t in train if build_corpus.holdout_key(t) in held[lang]]
     assert not leaked, (lang, leaked)
   assert os.path.getsize(os.path.join(output, 'vocab.txt')) > 0
+
+
+@needs_espeak
+def test_downstream_speech_is_multiway_and_held_out(tiny_corpus):
+  meta, output, _ = tiny_corpus
+  items = {}  # id -> {language: (transcript, english)}
+  for lang in meta['languages']:
+    records = _records(os.path.join(output, 'downstream', 'speech', 'train', f'{lang}.tfrecord'))
+    assert len(records) == TINY['downstream_speech']
+    assert meta['downstream']['speech']['train'][lang] == {
+        'examples': len(records),
+        'seconds': round(sum(r['num_samples'] for r in records) / 16000, 2)}
+    for r in records:
+      assert r['id'].startswith(b'ds-') and r['language'] == lang.encode()
+      waveform, _ = sf.read(io.BytesIO(r['audio']), dtype='float32')
+      assert len(waveform) == r['num_samples']
+      transcript, english = r['transcript'].decode(), r['english'].decode()
+      assert transcript == _translation(english, lang)  # so english == transcript in 'en'
+      items.setdefault(r['id'], {})[lang] = (transcript, english)
+  # The same items in every language, under one id each.
+  assert len(items) == TINY['downstream_speech']
+  assert all(set(v) == {'en', 'de', 'fr'} and len({e for _, e in v.values()}) == 1
+             for v in items.values())
+  downstream_english = {v['en'][1] for v in items.values()}
+  eval_english = {r['english'].decode() for split in ('dev', 'test')
+                  for r in _records(os.path.join(output, 'paired', split, 'en.tfrecord'))}
+  assert len(eval_english) == 2 and not downstream_english & eval_english
+  # Held out of every language's pre-training data, the translations too.
+  for lang in meta['languages']:
+    train = {build_corpus.holdout_key(t) for t in _training_texts(output, lang)}
+    for english in downstream_english:
+      assert build_corpus.holdout_key(_translation(english, lang)) not in train, (lang, english)
+
+
+@needs_espeak
+def test_downstream_text_files_and_hold_out(tiny_corpus):
+  meta, output, _ = tiny_corpus
+  assert set(meta['downstream']['text']) == {'train', 'dev', 'test'}
+  held_english = set()
+  for lang in ('de', 'fr'):
+    splits = {}
+    for split in ('train', 'dev', 'test'):
+      path = os.path.join(output, 'downstream', 'text', split, f'{lang}.tsv')
+      with open(path, encoding='utf-8') as f:
+        lines = f.read().splitlines()
+      assert lines and all(line.count('\t') == 1 for line in lines), lines
+      splits[split] = [tuple(line.split('\t')) for line in lines]
+      assert meta['downstream']['text'][split][lang] == {'examples': len(lines)}
+      for xx, english in splits[split]:
+        assert xx == normalize_text(xx) and english == normalize_text(english)
+        assert FAKE_STRINGS[english][['de', 'fr'].index(lang)] == xx
+    assert len(splits['train']) == TINY['downstream_text']
+    # dev and test are the paired dev and test sets.
+    for split in ('dev', 'test'):
+      records = _records(os.path.join(output, 'paired', split, f'{lang}.tfrecord'))
+      assert splits[split] == [(r['transcript'].decode(), r['english'].decode())
+                               for r in records]
+    assert not ({e for _, e in splits['train']}
+                & {e for s in ('dev', 'test') for _, e in splits[s]})
+    # The xx side is held out of its language, the English side of all languages.
+    train = {build_corpus.holdout_key(t) for t in _training_texts(output, lang)}
+    assert not {build_corpus.holdout_key(xx) for xx, _ in splits['train']} & train
+    held_english |= {e for _, e in splits['train']}
+  assert 'en' not in meta['downstream']['text']['train']
+  assert not os.path.exists(os.path.join(output, 'downstream', 'text', 'train', 'en.tsv'))
+  # No language keeps the catalog pair of a held English string; another
+  # language's fortune copy ('...!') may stay, the hold-out being per language.
+  for lang in meta['languages']:
+    train = set(_training_texts(output, lang))
+    for english in held_english:
+      assert _translation(english, lang) not in train, (lang, english)
+
+
+@needs_espeak
+def test_build_is_deterministic_whatever_the_workers(tiny_corpus, tmp_path):
+  meta, output, catalog_dir = tiny_corpus
+  again = str(tmp_path / 'again')
+  assert _build_tiny(again, catalog_dir, workers=1) == meta
+  files = sorted(os.path.relpath(os.path.join(d, f), output)
+                 for d, _, names in os.walk(output) for f in names)
+  assert files == sorted(os.path.relpath(os.path.join(d, f), again)
+                         for d, _, names in os.walk(again) for f in names)
+  assert any(f.startswith('downstream') for f in files)
+  for name in files:
+    with open(os.path.join(output, name), 'rb') as a, open(os.path.join(again, name), 'rb') as b:
+      assert a.read() == b.read(), name
+
+
+@needs_espeak
+def test_vocabulary_covers_every_text_and_nothing_else(tiny_corpus):
+  meta, output, _ = tiny_corpus
+  texts = []
+  for lang in meta['languages']:
+    texts += _training_texts(output, lang)
+    for path in (*[os.path.join(output, 'paired', split, f'{lang}.tfrecord')
+                   for split in ('dev', 'test')],
+                 os.path.join(output, 'downstream', 'speech', 'train', f'{lang}.tfrecord')):
+      texts += [r[k].decode() for r in _records(path) for k in ('transcript', 'english')]
+    if lang != 'en':
+      for split in ('train', 'dev', 'test'):
+        path = os.path.join(output, 'downstream', 'text', split, f'{lang}.tsv')
+        texts += [t for pair in build_corpus.read_translations(path) for t in pair]
+  symbols = CharacterVocabulary.load(os.path.join(output, 'vocab.txt')).symbols
+  assert sorted(symbols) == sorted(set(''.join(texts)))

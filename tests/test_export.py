@@ -96,8 +96,10 @@ def test_export_then_load_in_a_fresh_process_gives_the_training_forward(tiny_run
   model_dir, _ = tiny_run
   out = str(tmp_path / 'export')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-  subprocess.run([sys.executable, '-m', 'mslam_jax.export', f'--model_dir={model_dir}',
-                  f'--output={out}'], check=True, cwd=REPO, env=env, timeout=TIMEOUT_S)
+  # Relative paths, as a user types them (orbax itself wants absolute ones).
+  subprocess.run([sys.executable, '-m', 'mslam_jax.export',
+                  f'--model_dir={os.path.relpath(model_dir, tmp_path)}', '--output=export'],
+                 check=True, cwd=str(tmp_path), env=env, timeout=TIMEOUT_S)
   manifest = json.loads(open(os.path.join(out, 'manifest.json'), encoding='utf-8').read())
   assert manifest['step'] == 7 and manifest['format_version'] == export.FORMAT_VERSION
   assert set(os.listdir(out)) == {'params', 'config.gin', 'vocab.txt', 'manifest.json'}
@@ -113,7 +115,7 @@ def test_export_then_load_in_a_fresh_process_gives_the_training_forward(tiny_run
       's, sm = enc.encode_speech(waves, sample_rate=16000)\n'
       't, tm = enc.encode_text(json.loads(sys.argv[3]))\n'
       'np.savez(sys.argv[4], s=s, sm=sm, t=t, tm=tm)\n')
-  subprocess.run([sys.executable, '-c', script, out, inputs, json.dumps(texts), results],
+  subprocess.run([sys.executable, '-c', script, 'export', inputs, json.dumps(texts), results],
                  check=True, cwd=str(tmp_path), env=env, timeout=TIMEOUT_S)
   got = np.load(results)
   speech, speech_mask, text, text_mask, _ = _training_time_reference(model_dir, record_ids)

@@ -88,3 +88,43 @@ def write_user_task_module(folder, lines, size=None):
                           source=sources.text_lines({text!r}, 'zz'), size={size!r})
     '''))
   return module
+
+
+# Each toy language speaks in its own frequency band, so language ID is
+# learnable in a few steps; English translations use Latin letters.
+BANDS = {'aa': (200, 500), 'bb': (900, 1400), 'cc': (2000, 3000)}
+ENGLISH = 'abcdefghij'
+
+
+def write_downstream(root, *, train=6, dev=3, test=3, text_pairs=8, seconds=(0.6, 1.2),
+                     alphabets=None, seed=1):
+  """Downstream splits in build_corpus.py's layout (speech train, paired dev/test, text tsv).
+
+  alphabets: language -> characters of its transcripts (ALPHABETS by default).
+  """
+  rng = np.random.default_rng(seed)
+  alphabets = alphabets or ALPHABETS
+  if not os.path.exists(os.path.join(root, 'vocab.txt')):
+    os.makedirs(root, exist_ok=True)
+    CharacterVocabulary.build([' ' + ENGLISH] + list(alphabets.values())).save(
+        os.path.join(root, 'vocab.txt'))
+  for lang, alphabet in alphabets.items():
+    low, high = BANDS.get(lang, (200, 3000))
+    for folder, n in ((('downstream', 'speech', 'train'), train), (('paired', 'dev'), dev),
+                      (('paired', 'test'), test)):
+      os.makedirs(os.path.join(root, *folder), exist_ok=True)
+      with tf.io.TFRecordWriter(os.path.join(root, *folder, f'{lang}.tfrecord')) as w:
+        for i in range(n):
+          t = np.arange(int(rng.uniform(*seconds) * 16000)) / 16000
+          wave = (0.3 * np.sin(2 * np.pi * rng.uniform(low, high) * t)).astype(np.float32)
+          ex = example(f'ds-{folder[-1]}-{i:03d}', lang, flac_bytes(wave),
+                       sentence(rng, alphabet, 2))
+          ex.features.feature['english'].bytes_list.value.append(
+              sentence(rng, ENGLISH, 2).encode())
+          w.write(ex.SerializeToString())
+    for split, n in (('train', text_pairs), ('dev', dev), ('test', test)):
+      folder = os.path.join(root, 'downstream', 'text', split)
+      os.makedirs(folder, exist_ok=True)
+      with open(os.path.join(folder, f'{lang}.tsv'), 'w', encoding='utf-8') as f:
+        for _ in range(n):
+          f.write(f'{sentence(rng, alphabet, 2)}\t{sentence(rng, ENGLISH, 2)}\n')

@@ -5,25 +5,42 @@ r"""Builds the embedded multilingual corpus from Debian packages and espeak-ng.
 
 Text comes from gettext catalogs and fortunes (catalogs.py), speech from
 espeak-ng (synthesis.py); docs/embedded_corpus.md describes both. The output, read
-by mslam_jax/data/registry.py:
+by mslam_jax/data/registry.py (pre-training) and the downstream tasks:
 
     DIR/metadata.json                     languages, per-kind/split/language sizes, sources
-    DIR/vocab.txt                         CharacterVocabulary over the train text
+    DIR/vocab.txt                         CharacterVocabulary over all texts below
     DIR/text/train/{lang}.txt             one normalised sentence per line
     DIR/speech/train/{lang}.tfrecord      unlabeled speech
     DIR/paired/{train,dev,test}/{lang}.tfrecord
+    DIR/downstream/speech/train/{lang}.tfrecord
+    DIR/downstream/text/{train,dev,test}/{lang}.tsv   non-English languages only
 
 Each record is a tf.train.Example with bytes features id, language, audio
 (FLAC: 16 kHz mono 16-bit; the small preset keeps 11 significant bits, see
-`encode_flac`), transcript, english (empty outside dev/test) and an int64
-num_samples.
-dev and test are multi-way: English catalog strings translated into every
-chosen language, spoken in each, with the same id (`mw-00017`) everywhere and
-the English source in `english`. They are held out of all training data: no
-pair with a held-out English side is used, and no training line equals
-(ignoring case and final punctuation) a held-out string of its language.
+`encode_flac`), transcript, english (empty in speech/ and paired/train) and an
+int64 num_samples.
 
-The same seed, languages and package versions give the same corpus.
+paired dev and test are multi-way: English catalog strings translated into
+every chosen language, spoken in each, with the same id (`mw-00017`)
+everywhere and the English source in `english` (equal to the transcript in
+English). downstream/speech/train holds more multi-way items of the same kind
+(ids `ds-00017`), the next ones in the same shuffled candidate order, for
+fine-tuning speech translation xx->en, language ID and ASR; the downstream
+speech dev and test sets ARE paired/dev and paired/test (not copied).
+
+downstream/text/{split}/{lang}.tsv hold text translation pairs, one
+`xx<TAB>english` line each (normalised, no tabs inside). train: pairs of that
+language's catalogs, not necessarily multi-way (`select_translation_pairs`);
+dev, test: the transcript and English source of paired/dev and paired/test.
+
+Every multi-way item and every downstream text pair is held out of all
+pre-training data (speech, text and paired train): no catalog pair with a
+held-out English side is used in any language, and no training line equals
+(ignoring case and final punctuation, `holdout_key`) a held-out string of its
+language.
+
+The same seed, languages and package versions give the same corpus, whatever
+--workers.
 """
 
 import argparse
@@ -46,6 +63,7 @@ from tqdm import tqdm
 from mslam_jax.data import catalogs
 from mslam_jax.data import synthesis
 from mslam_jax.data.vocabulary import CharacterVocabulary
+from mslam_jax.data.vocabulary import normalize_text
 
 # espeak-ng reads Japanese and Chinese badly (ideographs spoken as English
 # names), so they stay out.
@@ -66,6 +84,9 @@ class Preset:
     max_text_lines: training text lines per language (None: all).
     min_seconds, max_seconds: utterances outside this range are re-drawn.
     sample_bits: significant bits kept per 16-bit sample (see `encode_flac`).
+    downstream_speech: multi-way downstream training utterances per language.
+    downstream_text: downstream text translation (xx -> en) training pairs per
+      non-English language.
   """
   languages: Tuple[str, ...]
   speech: int
@@ -76,19 +97,25 @@ class Preset:
   min_seconds: float
   max_seconds: float
   sample_bits: int
+  downstream_speech: int
+  downstream_text: int
 
 
 PRESETS = {
     # Committed to the repository (tasks/embedded_corpus), so it must stay a
     # few MB. FLAC of espeak speech takes about 18.5 kB/s at 16 bits
     # and 9.9 kB/s at 11 (measured here), so the utterances are short and 11
-    # bits are kept: 360 utterances of 1-2 s, about 6.5 MB with the text.
+    # bits are kept: 360 pre-training and dev/test utterances of 1-2 s (6 MB
+    # with the text) and 192 downstream ones (3 MB), under 10 MB in all; 300
+    # text pairs are about 30 kB per language.
     'small': Preset(SMALL_LANGUAGES, speech=12, paired=12, dev=3, test=3, max_text_lines=1000,
-                    min_seconds=1.0, max_seconds=2.0, sample_bits=11),
-    # Built on demand, not committed: 20 languages x 300 utterances of 2-8 s,
-    # about 6 hours (measured: 3.6 s per utterance on average).
+                    min_seconds=1.0, max_seconds=2.0, sample_bits=11,
+                    downstream_speech=16, downstream_text=300),
+    # Built on demand, not committed: 20 languages x 500 utterances of 2-8 s,
+    # about 10.5 hours and 700 MB (measured: 3.8 s per utterance on average).
     'large': Preset(LARGE_LANGUAGES, speech=120, paired=120, dev=30, test=30,
-                    max_text_lines=None, min_seconds=2.0, max_seconds=8.0, sample_bits=16),
+                    max_text_lines=None, min_seconds=2.0, max_seconds=8.0, sample_bits=16,
+                    downstream_speech=200, downstream_text=3000),
 }
 
 # Our choice: utterances are synthesised in batches of this many candidates;
@@ -163,6 +190,69 @@ def training_text(language: str, pairs: Dict[str, Dict[str, str]], fortunes: Seq
   order = rng.permutation(len(lines))
   lines = [lines[i] for i in order]
   return lines if max_lines is None else lines[:max_lines]
+
+
+def select_translation_pairs(pairs: Dict[str, Dict[str, str]], languages: Sequence[str],
+                             held: Dict[str, Sequence[str]], count: int, seed: int
+                             ) -> Dict[str, List[Tuple[str, str]]]:
+  """`count` catalog pairs per non-English language for text translation, none held out.
+
+  Every language walks one shuffled order of all English strings and takes
+  the first `count` it translates, so the languages mostly take the same
+  English strings: as these leave every language's training pairs
+  (`remove_held_out`), a shared choice costs each language the fewest. A pair
+  is skipped when its English side equals (by holdout_key) a string of
+  held['en'] or of a pair already taken, or its translation one of
+  held[language] or of a pair already taken: the pairs are disjoint from the
+  held-out ones and hold no repeats.
+
+  Args:
+    pairs: language -> {english: translation}.
+    languages: the corpus languages; English gets none.
+    held: language -> its held-out strings (the multi-way items).
+    count: pairs per language.
+    seed: the corpus seed.
+  Returns:
+    language -> [(translation, english)], `count` each, in the shuffled order.
+  """
+  english = sorted({e for lang in languages if lang != 'en' for e in pairs.get(lang, {})})
+  order = np.random.default_rng(derive_seed(seed, 'downstream_text')).permutation(len(english))
+  chosen: Dict[str, List[Tuple[str, str]]] = {}
+  for lang in languages:
+    if lang == 'en':
+      continue
+    table = pairs.get(lang, {})
+    english_keys = {holdout_key(h) for h in held.get('en', ())}
+    keys = {holdout_key(h) for h in held.get(lang, ())}
+    chosen[lang] = []
+    for i in order:
+      if len(chosen[lang]) == count:
+        break
+      source = english[i]
+      if source not in table:
+        continue
+      english_key, key = holdout_key(source), holdout_key(table[source])
+      if english_key not in english_keys and key not in keys:
+        english_keys.add(english_key)
+        keys.add(key)
+        chosen[lang].append((table[source], source))
+    if len(chosen[lang]) < count:
+      raise SystemExit(f'only {len(chosen[lang])} of {count} downstream text pairs for '
+                       f'{lang!r} are left after the held-out ones; choose other --languages')
+  return chosen
+
+
+def write_translations(path: str, pairs: Sequence[Tuple[str, str]]) -> None:
+  """One `translation<TAB>english` line per pair, both normalised (so no tab or newline inside)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.writelines(f'{normalize_text(xx)}\t{normalize_text(en)}\n' for xx, en in pairs)
+
+
+def read_translations(path: str) -> List[Tuple[str, str]]:
+  """The (translation, english) pairs of a file written by write_translations."""
+  with open(path, encoding='utf-8') as f:
+    return [tuple(line.rstrip('\n').split('\t')) for line in f]
 
 
 def encode_flac(waveform: np.ndarray, sample_rate: int, sample_bits: int = 16) -> bytes:
@@ -385,7 +475,7 @@ def build(args: argparse.Namespace) -> dict:
   if os.path.exists(args.output) and os.listdir(args.output):
     if not args.overwrite:
       raise SystemExit(f'{args.output} exists and is not empty; pass --overwrite to replace it')
-    for sub in ('text', 'speech', 'paired', 'metadata.json', 'vocab.txt'):
+    for sub in ('text', 'speech', 'paired', 'downstream', 'metadata.json', 'vocab.txt'):
       path = os.path.join(args.output, sub)
       if os.path.isdir(path):
         shutil.rmtree(path)
@@ -396,31 +486,49 @@ def build(args: argparse.Namespace) -> dict:
 
   pairs, fortunes, sources = read_text(languages, args)
   synth = Synthesizer(args.workers, min_seconds, max_seconds, sample_bits, seed)
-  total = len(languages) * (preset.speech + preset.paired + preset.dev + preset.test)
+  total = len(languages) * (preset.speech + preset.paired + preset.dev + preset.test
+                            + preset.downstream_speech)
   bar = _progress(desc='synthesising', unit='utt', total=total)
   try:
-    # --- multi-way dev/test ------------------------------------------------
+    # --- multi-way dev/test, then downstream speech train --------------------
     multiway = select_multiway(pairs, languages)
     order = np.random.default_rng(derive_seed(seed, 'multiway')).permutation(len(multiway))
+    # Candidates are taken in order with seeds by position, so dev and test
+    # are the same whatever the number of downstream items after them.
     held = synth.take_multiway([multiway[i] for i in order], pairs, languages,
-                               preset.dev + preset.test, bar)
-    held_english = {english for english, _ in held}
-    held_text = {lang: [multiway_texts(e, pairs, languages)[lang] for e in held_english]
-                 for lang in languages}
-    eval_utts = {'dev': collections.defaultdict(list), 'test': collections.defaultdict(list)}
+                               preset.dev + preset.test + preset.downstream_speech, bar)
+    # Held-out strings per language; English always, as its strings leave the
+    # training pairs of every language.
+    held_languages = tuple(dict.fromkeys(('en',) + languages))
+    held_text = {lang: [multiway_texts(e, pairs, held_languages)[lang] for e, _ in held]
+                 for lang in held_languages}
+    multiway_utts = {split: collections.defaultdict(list) for split in ('dev', 'test', 'ds')}
     for i, (english, audio) in enumerate(held):
-      split = 'dev' if i < preset.dev else 'test'
+      if i < preset.dev + preset.test:
+        split, item_id = ('dev' if i < preset.dev else 'test'), f'mw-{i:05d}'
+      else:
+        split, item_id = 'ds', f'ds-{i - preset.dev - preset.test:05d}'
       texts = multiway_texts(english, pairs, languages)
       for lang in languages:
-        eval_utts[split][lang].append(synth.utterance(
-            audio[lang], id=f'mw-{i:05d}', language=lang, transcript=texts[lang],
-            english=english))
-    train_pairs = remove_held_out(pairs, held_english)
+        multiway_utts[split][lang].append(synth.utterance(
+            audio[lang], id=item_id, language=lang, transcript=texts[lang], english=english))
+
+    # --- downstream text translation pairs -------------------------------------
+    translations = select_translation_pairs(pairs, languages, held_text,
+                                            preset.downstream_text, seed)
+    for lang, chosen in translations.items():
+      held_text['en'] += [english for _, english in chosen]
+      held_text[lang] += [xx for xx, _ in chosen]
+    train_pairs = remove_held_out(pairs, set(held_text['en']))
+    # The vocabulary covers the held-out texts (each distinct one counted
+    # once), so that downstream transcripts and translations have no UNK.
+    downstream_texts = {text for lang_texts in held_text.values() for text in lang_texts}
 
     # --- training text and speech, per language ------------------------------
     meta_kinds = {'speech': {'train': {}}, 'paired': {'train': {}, 'dev': {}, 'test': {}},
                   'text': {'train': {}}}
-    vocab_texts: List[str] = []
+    downstream = {'speech': {'train': {}}, 'text': {'train': {}, 'dev': {}, 'test': {}}}
+    vocab_texts: List[str] = sorted(downstream_texts)
     for lang in languages:
       lines = training_text(lang, train_pairs, fortunes.get(lang, ()), held_text[lang],
                             np.random.default_rng(derive_seed(seed, 'text', lang)),
@@ -444,9 +552,21 @@ def build(args: argparse.Namespace) -> dict:
         if kind == 'paired':
           vocab_texts += [u.transcript for u in utts]
       for split in ('dev', 'test'):
-        utts = eval_utts[split][lang]
+        utts = multiway_utts[split][lang]
         write_records(os.path.join(args.output, 'paired', split, f'{lang}.tfrecord'), utts)
         meta_kinds['paired'][split][lang] = _audio_stats(utts)
+      utts = multiway_utts['ds'][lang]
+      write_records(os.path.join(args.output, 'downstream', 'speech', 'train',
+                                 f'{lang}.tfrecord'), utts)
+      downstream['speech']['train'][lang] = _audio_stats(utts)
+      if lang != 'en':
+        for split, text_pairs in (
+            ('train', translations[lang]),
+            ('dev', [(u.transcript, u.english) for u in multiway_utts['dev'][lang]]),
+            ('test', [(u.transcript, u.english) for u in multiway_utts['test'][lang]])):
+          write_translations(os.path.join(args.output, 'downstream', 'text', split,
+                                          f'{lang}.tsv'), text_pairs)
+          downstream['text'][split][lang] = {'examples': len(text_pairs)}
   finally:
     bar.close()
     synth.close()
@@ -458,6 +578,7 @@ def build(args: argparse.Namespace) -> dict:
       'sample_rate': synthesis.SAMPLE_RATE,
       'languages': list(languages),
       'kinds': meta_kinds,
+      'downstream': downstream,
       'vocabulary': 'vocab.txt',
       'audio_format': 'flac',
       'sources': sources,
@@ -478,8 +599,10 @@ def build(args: argparse.Namespace) -> dict:
   with open(os.path.join(args.output, 'metadata.json'), 'w', encoding='utf-8') as f:
     json.dump(meta, f, ensure_ascii=False, indent=1)
     f.write('\n')
-  hours = sum(s['seconds'] for kind in ('speech', 'paired') for split in meta_kinds[kind].values()
-              for s in split.values()) / 3600
+  hours = sum(s['seconds'] for per_split in (*meta_kinds['speech'].values(),
+                                             *meta_kinds['paired'].values(),
+                                             *downstream['speech'].values())
+              for s in per_split.values()) / 3600
   print(f'wrote {args.output}: {len(languages)} languages, {hours:.2f} h of audio, '
         f'{vocab.vocab_size} vocabulary ids, in {time.time() - started:.0f} s', file=sys.stderr)
   return meta

@@ -24,6 +24,7 @@ import atexit
 import dataclasses
 import gc
 import os
+import re
 import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -62,6 +63,9 @@ class DataConfig:
       generator in synthetic.py, for model tests without data).
     task_modules: modules imported before the mixtures are built; each
       registers tasks (dotted names or .py paths; `--task_module` adds more).
+    corpus_dirs: corpora written by `python -m mslam_jax.data.build_corpus`,
+      registered as tasks `<folder name>_<kind>_<language>` (registry.add_corpus);
+      point vocabulary_path at the corpus' vocab.txt.
     speech_tasks, text_tasks, paired_tasks: fnmatch patterns of task names per
       kind ('*': every registered task of that kind).
     speech_temperature, paired_temperature: mixing temperature T, rates
@@ -78,6 +82,7 @@ class DataConfig:
   """
   source: str = 'tasks'
   task_modules: Tuple[str, ...] = ('tasks.embedded',)
+  corpus_dirs: Tuple[str, ...] = ()
   speech_tasks: Tuple[str, ...] = ('*',)
   text_tasks: Tuple[str, ...] = ('*',)
   paired_tasks: Tuple[str, ...] = ('*',)
@@ -88,6 +93,12 @@ class DataConfig:
   vocabulary_path: str = 'tasks/embedded_corpus/vocab.txt'
   split: str = 'train'
   seed: int = 0
+
+
+def corpus_prefix(corpus_dir: str) -> str:
+  """Task-name prefix of a corpus folder: its name, other characters made '_'."""
+  name = os.path.basename(os.path.normpath(os.path.expanduser(corpus_dir)))
+  return re.sub(r'[^A-Za-z0-9]', '_', name) or 'corpus'
 
 
 def resolve_path(path: str) -> str:
@@ -167,6 +178,8 @@ class ThreeStreamSampler:
     self.with_metadata = with_metadata
     for module in tuple(data_config.task_modules) + tuple(extra_task_modules):
       registry.import_task_module(module)
+    for corpus_dir in data_config.corpus_dirs:
+      registry.add_corpus(corpus_dir, prefix=corpus_prefix(corpus_dir))
     registry.set_vocabulary_path(resolve_path(data_config.vocabulary_path))
     self.vocabulary = registry.SHARED_VOCABULARY.loaded
     vocabulary_lib.check_fits_model(self.vocabulary, model_vocab_size,

@@ -123,16 +123,19 @@ class TFRecordSource(RecordSource):
   """tf.train.Example shards with bytes features id, language, audio, transcript.
 
   The layout the corpus builder writes (build_corpus.py); for a text task the
-  transcript feature becomes 'text'.
+  transcript feature becomes 'text'. `extra_keys` reads more bytes features
+  (empty where absent), e.g. ('english',) for speech translation.
   """
 
   def __init__(self, patterns: SplitPatterns, shuffle_buffer: int = 256,
-               text_only: bool = False):
+               text_only: bool = False, extra_keys: Sequence[str] = ()):
     super().__init__(patterns, shuffle_buffer)
     self.text_only = text_only
+    self.extra_keys = tuple(extra_keys)
 
   def _read(self, path: tf.Tensor) -> tf.data.Dataset:
-    spec = {k: tf.io.FixedLenFeature([], tf.string, default_value='') for k in AUDIO_KEYS}
+    spec = {k: tf.io.FixedLenFeature([], tf.string, default_value='')
+            for k in AUDIO_KEYS + self.extra_keys}
 
     def parse(serialized):
       ex = tf.io.parse_single_example(serialized, spec)

@@ -1,0 +1,1 @@
+"""Downstream fine-tuning pieces: the speech-translation decoder and evaluation metrics."""

@@ -1,0 +1,131 @@
+"""What a downstream head reads: an exported encoder, or log-mel frames (the baseline).
+
+Both give frames at the encoder's 40 ms rate, so one head fits either:
+
+    MslamBackbone:  log-mel [B, T, 80] -> encoder (layer k) -> [B, T/4, d]
+    LogMelBackbone: log-mel [B, T, 80] -> 4 frames stacked   -> [B, T/4, 320]
+
+`speech` and `text` are pure functions of (params, inputs), for use inside a
+jitted fine-tuning step; `params` is the encoder's tree (empty for log-mel).
+The log-mel baseline comes unnormalised (the raw log of mel power) and with the
+per-utterance mean/variance normalisation our pre-training uses, since a
+pre-trained encoder should beat both.
+"""
+
+import dataclasses
+from typing import Any, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import soxr
+
+from mslam_jax import encoder as encoder_lib
+from mslam_jax.data import audio
+from mslam_jax.data import vocabulary as vocabulary_lib
+
+# The encoder's frontend subsamples by 4 (two stride-2 convolutions).
+SUBSAMPLING = 4
+
+
+class Backbone:
+  """Interface: name, dim, params, vocabulary, has_text, log_mel, text_ids, speech, text."""
+  name: str
+  dim: int
+  params: Any
+  vocabulary: vocabulary_lib.CharacterVocabulary
+  feature_config: audio.FeatureConfig
+  has_text: bool = False
+
+  def log_mel(self, waveforms: Sequence[np.ndarray], sample_rate: int = 16000
+              ) -> List[np.ndarray]:
+    """[frames, mel] per waveform, with this backbone's feature settings."""
+    out = []
+    for w in waveforms:
+      w = np.asarray(w, np.float32)
+      if sample_rate != self.feature_config.sample_rate:
+        w = soxr.resample(w, sample_rate, self.feature_config.sample_rate)
+      out.append(np.asarray(audio.log_mel(np.clip(w, -1.0, 1.0), self.feature_config)))
+    return out
+
+  def text_ids(self, texts: Sequence[str]) -> List[np.ndarray]:
+    return [np.asarray(self.vocabulary.encode(vocabulary_lib.normalize_text(t)), np.int32)
+            for t in texts]
+
+  def speech(self, params, features, paddings, *, deterministic=True, rng=None):
+    raise NotImplementedError
+
+  def text(self, params, ids, paddings, *, deterministic=True, rng=None):
+    raise NotImplementedError(f'{self.name} has no text input')
+
+
+@dataclasses.dataclass
+class MslamBackbone(Backbone):
+  """An exported mSLAM encoder read at `layer` (None: the top)."""
+  encoder: encoder_lib.Encoder
+  layer: Optional[int] = None
+  name: str = 'mslam'
+  has_text: bool = True
+
+  def __post_init__(self):
+    self.dim = self.encoder.d_model
+    self.params = self.encoder.params
+    self.vocabulary = self.encoder.vocabulary
+    self.feature_config = self.encoder.feature_config
+    n, m = self.encoder.num_speech_layers, self.encoder.num_shared_layers
+    self.text_layer = None
+    if self.layer is not None:
+      if not 0 <= self.layer <= n + m:
+        raise ValueError(f'layer={self.layer} is outside 0..{n + m}')
+      # Text enters at the shared stack: the same depth, counted from there.
+      self.text_layer = max(self.layer - n, 0)
+
+  def log_mel(self, waveforms, sample_rate=16000):
+    return self.encoder.log_mel(waveforms, sample_rate)
+
+  def speech(self, params, features, paddings, *, deterministic=True, rng=None):
+    return encoder_lib.speech_forward(params, self.encoder.config, features, paddings,
+                                      self.layer, deterministic=deterministic, dropout_rng=rng)
+
+  def text(self, params, ids, paddings, *, deterministic=True, rng=None):
+    return encoder_lib.text_forward(params, self.encoder.config, ids, paddings,
+                                    self.text_layer, deterministic=deterministic,
+                                    dropout_rng=rng)
+
+
+@dataclasses.dataclass
+class LogMelBackbone(Backbone):
+  """Log-mel frames stacked in fours: [B, T, mel] -> [B, ceil(T/4), 4 * mel]."""
+  feature_config: audio.FeatureConfig
+  vocabulary: vocabulary_lib.CharacterVocabulary
+  name: str = 'logmel'
+
+  def __post_init__(self):
+    self.dim = SUBSAMPLING * self.feature_config.num_mel_bins
+    self.params = {}
+
+  def speech(self, params, features, paddings, *, deterministic=True, rng=None):
+    del params, deterministic, rng
+    batch, frames, mel = features.shape
+    extra = -frames % SUBSAMPLING
+    features = jnp.pad(features * (1.0 - paddings)[..., None], ((0, 0), (0, extra), (0, 0)))
+    stacked = features.reshape(batch, -1, SUBSAMPLING * mel)
+    # A stacked frame is valid when its first frame is: the frontend's rule
+    # (paddings[:, ::2] twice).
+    return stacked, jnp.pad(paddings, ((0, 0), (0, extra)), constant_values=1.0)[:, ::SUBSAMPLING]
+
+
+def make_backbone(kind: str, *, export_dir: Optional[str] = None, layer: Optional[int] = None,
+                  vocabulary_path: Optional[str] = None,
+                  feature_config: Optional[audio.FeatureConfig] = None) -> Backbone:
+  """'export' (export_dir, layer), 'logmel' or 'logmel_normalized' (vocabulary_path)."""
+  if kind == 'export':
+    if not export_dir:
+      raise ValueError("backbone 'export' needs an export directory (EXPORT_DIR)")
+    return MslamBackbone(encoder_lib.load_encoder(export_dir), layer)
+  if kind in ('logmel', 'logmel_normalized'):
+    config = dataclasses.replace(feature_config or audio.FeatureConfig(),
+                                 normalize=kind == 'logmel_normalized')
+    vocab = vocabulary_lib.CharacterVocabulary.load(vocabulary_path)
+    return LogMelBackbone(config, vocab, name=kind)
+  raise ValueError(f"backbone must be 'export', 'logmel' or 'logmel_normalized', got {kind!r}")

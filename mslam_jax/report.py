@@ -1,0 +1,97 @@
+"""A run's summary for a person: final pre-training losses, downstream scores, a loss plot.
+
+    python -m mslam_jax.report --model_dir=runs/demo [--downstream=runs/demo/language_id ...]
+
+Reads MODEL_DIR/metrics.jsonl (pre-training) and each downstream run's
+scores.json, prints a short table, and writes MODEL_DIR/loss_curves.png.
+"""
+
+import argparse
+import json
+import os
+from typing import Dict, List, Sequence
+
+# The loss terms worth a curve (pretrain_loss.py's metric names), in plot order.
+CURVES = ('loss', 'speech/contrastive', 'speech/masked_prediction', 'speech/code_perplexity',
+          'text/span_mlm', 'paired/tlm_speech', 'paired/tlm_text', 'paired/ctc')
+
+
+def read_metrics(path: str) -> List[Dict[str, float]]:
+  """metrics.jsonl rows by step; a resumed run's repeated steps keep the last row."""
+  rows: Dict[int, Dict[str, float]] = {}
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        row = json.loads(line)
+        rows[int(row['step'])] = row
+  return [rows[s] for s in sorted(rows)]
+
+
+def plot_curves(rows: Sequence[Dict[str, float]], path: str, title: str = '') -> str:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = [k for k in CURVES if any(k in r for r in rows)]
+  cols = min(4, len(keys))
+  nrows = -(-len(keys) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    points = [(r['step'], r[key]) for r in rows if key in r]
+    ax.plot([p[0] for p in points], [p[1] for p in points])
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel('step', fontsize=8)
+  for ax in list(axes.flat)[len(keys):]:
+    ax.axis('off')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def downstream_line(scores: Dict) -> str:
+  test = scores.get('test', {})
+  what = (f'{scores["evaluation"]} ({scores["backbone"]}, '
+          f'{"frozen" if scores["freeze_encoder"] else "fine-tuned"})')
+  if 'accuracy' in test:
+    value = f'accuracy {test["accuracy"]:.3f} (chance {1 / len(test["classes"]):.3f})'
+  elif 'cer' in test:
+    value = f'CER {test["cer"]:.3f}'
+  elif 'bleu' in test:
+    value = f'BLEU {test["bleu"]:.1f} chrF {test["chrf"]:.1f}'
+  else:
+    value = (f'speech->text R@1 {test["speech_to_text_recall@1"]:.3f} '
+             f'(chance {test["chance@1"]:.3f})')
+  return f'{what:<45} {value}'
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--model_dir', required=True, help='the pre-training run')
+  parser.add_argument('--downstream', action='append', default=[],
+                      help='a downstream run directory (repeatable)')
+  args = parser.parse_args(argv)
+  rows = read_metrics(os.path.join(args.model_dir, 'metrics.jsonl'))
+  first, last = rows[0], rows[-1]
+  print(f'\npre-training ({args.model_dir}): {last["step"]} steps')
+  print(f'  {"term":<20} {"step " + str(first["step"]):>12} {"step " + str(last["step"]):>12}')
+  for key in CURVES:
+    if key in last:
+      print(f'  {key:<20} {first.get(key, float("nan")):>12.4g} {last[key]:>12.4g}')
+  if args.downstream:
+    print('downstream (test split):')
+  for folder in args.downstream:
+    with open(os.path.join(folder, 'scores.json'), encoding='utf-8') as f:
+      print('  ' + downstream_line(json.load(f)))
+  png = plot_curves(rows, os.path.join(args.model_dir, 'loss_curves.png'),
+                    f'pre-training: {args.model_dir}')
+  print(f'\nloss curves: {png}')
+  print(f'checkpoints: {os.path.join(args.model_dir, "checkpoints")}')
+  for folder in args.downstream:
+    print(f'scores:      {os.path.join(folder, "scores.json")}')
+
+
+if __name__ == '__main__':
+  main()

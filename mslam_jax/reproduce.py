@@ -1,0 +1,462 @@
+"""The paper's comparison at CPU scale: three variants x seeds, every downstream evaluation.
+
+    python -m mslam_jax.reproduce --output=runs/reproduce            # about 90 min, 2 cores
+    python -m mslam_jax.reproduce --output=runs/reproduce_quick --quick   # minutes
+
+For each seed it pre-trains the tiny model as w2v-BERT (speech only),
+mSLAM-TLM and mSLAM-CTC with the same steps and batch (mSLAM, Bapna et al.
+2022, arXiv:2202.01374), exports each, and runs the downstream suite on each
+and on two baselines: the same encoder untrained (random init) and log-mel
+features (unnormalised and normalised; speech-only evaluations). Every
+downstream head trains on the frozen encoder (a probe of the representation,
+and what a 2-core budget affords; `python -m mslam_jax.finetune` fine-tunes
+the whole encoder by default). It writes
+
+    OUTPUT/results.md      mean +- std over seeds per evaluation and per language group
+    OUTPUT/results.json    every score of every run
+    OUTPUT/pretraining.png loss curves per variant (mean over seeds)
+    OUTPUT/downstream.png  downstream scores with error bars (std over seeds)
+
+Resumable: each unit (a pre-training, an export, a downstream run) leaves a
+marker when done and is skipped when run again; a killed pre-training or
+fine-tuning resumes from its last checkpoint.
+
+The full mode uses the large corpus (built with `python -m
+mslam_jax.data.build_corpus --size=large`, about 2 minutes with espeak-ng and
+Debian mirrors) when --corpus_dir names it or it is at the default place;
+--quick uses the committed embedded corpus.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+VARIANTS = {  # name -> gin file (the paper's three pre-training variants)
+    'w2v_bert': 'gin/variants/w2v_bert.gin',
+    'mslam_tlm': 'gin/variants/mslam_tlm.gin',
+    'mslam_ctc': 'gin/variants/mslam_ctc.gin',
+}
+BASELINES = ('random_init', 'logmel', 'logmel_normalized')
+LABELS = {'w2v_bert': 'w2v-BERT', 'mslam_tlm': 'mSLAM-TLM', 'mslam_ctc': 'mSLAM-CTC',
+          'random_init': 'random init', 'logmel': 'log-mel',
+          'logmel_normalized': 'log-mel (norm.)'}
+# downstream evaluation -> (gin file, needs text input, headline metric key, higher is better)
+EVALUATIONS = {
+    'language_id': ('gin/downstream/language_id.gin', False),
+    'ctc_probe': ('gin/downstream/ctc_probe.gin', False),
+    'speech_translation': ('gin/downstream/speech_translation.gin', False),
+    'multimodal_translation': ('gin/downstream/multimodal_translation.gin', True),
+    'retrieval': ('gin/downstream/retrieval.gin', True),
+}
+# Script groups for the per-group table (languages of the build_corpus presets).
+GROUPS = {
+    'Latin': ('en', 'de', 'fr', 'es', 'it', 'pt', 'nl', 'pl', 'cs', 'tr', 'sv', 'fi', 'hu',
+              'vi'),
+    'Cyrillic': ('ru', 'uk'),
+    'Greek': ('el',),
+    'Hangul/Devanagari/Arabic': ('ko', 'hi', 'ar'),
+}
+DEFAULT_LARGE_CORPUS = '~/mslam_data/corpus_large'
+# Ours: heads on a frozen encoder take a larger step than full fine-tuning.
+PROBE_LEARNING_RATE = 3e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Steps and sizes of one reproduction mode (ours, sized for a 2-core CPU)."""
+  seeds: Tuple[int, ...]
+  pretrain_steps: int
+  finetune_steps: int
+  corpus_dir: str
+  vocab_size: int                      # ModelConfig.vocab_size (>= the corpus vocabulary)
+  languages: Optional[Tuple[str, ...]]
+  max_train_per_language: Optional[int]
+  max_eval_per_language: Optional[int]
+  evaluations: Tuple[str, ...]
+
+
+QUICK = Budget(seeds=(0, 1), pretrain_steps=40, finetune_steps=40,
+               corpus_dir='tasks/embedded_corpus', vocab_size=1024, languages=None,
+               max_train_per_language=None, max_eval_per_language=None,
+               evaluations=('language_id', 'ctc_probe', 'speech_translation', 'retrieval'))
+# About 70 minutes on a 2-core CPU (measured: benchmarks/RESULTS.md). Four languages in three
+# scripts keep the downstream sets small enough for 3 seeds x 6 backbones x 5 evaluations.
+FULL = Budget(seeds=(0, 1, 2), pretrain_steps=200, finetune_steps=80,
+              corpus_dir=DEFAULT_LARGE_CORPUS, vocab_size=2048,
+              languages=('en', 'de', 'ru', 'el'),
+              max_train_per_language=80, max_eval_per_language=25,
+              evaluations=tuple(EVALUATIONS))
+
+
+class Progress:
+  """One line per unit: [k/n] what, its time, and an ETA from the mean time of units run."""
+
+  def __init__(self, total: int):
+    self.total, self.done, self.ran, self.spent = total, 0, 0, 0.0
+    self.start = time.perf_counter()
+
+  def skip(self, what: str) -> None:
+    self.done += 1
+    print(f'[{self.done}/{self.total}] {what}: done before, skipped', flush=True)
+
+  def line(self, what: str, seconds: float) -> None:
+    self.done, self.ran, self.spent = self.done + 1, self.ran + 1, self.spent + seconds
+    eta = self.spent / self.ran * (self.total - self.done)
+    print(f'[{self.done}/{self.total}] {what}: {seconds:.0f} s  (elapsed '
+          f'{(time.perf_counter() - self.start) / 60:.1f} min, ETA {eta / 60:.1f} min)',
+          flush=True)
+
+
+@contextlib.contextmanager
+def _logged(path: str):
+  """Sends a unit's console output (and library noise) to its log file."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'a', encoding='utf-8') as f, contextlib.redirect_stdout(f), \
+      contextlib.redirect_stderr(f):
+    yield
+
+
+def _corpus_bindings(budget: Budget) -> List[str]:
+  corpus = os.path.expanduser(budget.corpus_dir)
+  if budget.corpus_dir == 'tasks/embedded_corpus':
+    return []
+  return ['--gin.DataConfig.task_modules=()', f"--gin.DataConfig.corpus_dirs=('{corpus}',)",
+          f"--gin.DataConfig.vocabulary_path='{corpus}/vocab.txt'",
+          f'--gin.ModelConfig.vocab_size={budget.vocab_size}',
+          # The large corpus' paired utterances run 2-8 s (paired data is never cropped).
+          '--gin.BatchConfig.paired_frames=800', '--gin.BatchConfig.paired_text_length=200']
+
+
+def pretrain(output: str, variant: str, seed: int, budget: Budget) -> str:
+  from mslam_jax import train  # pylint: disable=g-import-not-at-top
+  model_dir = os.path.join(output, 'pretrain', f'{variant}_seed{seed}')
+  train.main(['--gin_file=gin/pretrain_tiny_cpu.gin', f'--gin_file={VARIANTS[variant]}',
+              f"--gin.MODEL_DIR='{model_dir}'", f'--gin.TRAIN_STEPS={budget.pretrain_steps}',
+              f'--gin.TrainConfig.seed={seed}', f'--gin.DataConfig.seed={seed}',
+              f'--gin.TrainConfig.save_every={budget.pretrain_steps}',
+              *_corpus_bindings(budget)])
+  return model_dir
+
+
+def export_dir_of(output: str, backbone: str, seed: int) -> str:
+  return os.path.join(output, 'exports', f'{backbone}_seed{seed}')
+
+
+def export(output: str, backbone: str, seed: int, budget: Budget) -> None:
+  from mslam_jax import export as export_lib  # pylint: disable=g-import-not-at-top
+  out = export_dir_of(output, backbone, seed)
+  if backbone == 'random_init':
+    export_lib.main(['--random_init', '--gin_file=gin/pretrain_tiny_cpu.gin',
+                     f'--seed={seed}', f'--output={out}', *_corpus_bindings(budget)])
+  else:
+    export_lib.main([f'--model_dir={os.path.join(output, "pretrain", f"{backbone}_seed{seed}")}',
+                     f'--output={out}'])
+
+
+def downstream(output: str, evaluation: str, backbone: str, seed: int, budget: Budget
+               ) -> Dict[str, Any]:
+  from mslam_jax import finetune  # pylint: disable=g-import-not-at-top
+  model_dir = os.path.join(output, 'downstream', evaluation, f'{backbone}_seed{seed}')
+  is_export = backbone in VARIANTS or backbone == 'random_init'
+  corpus = os.path.expanduser(budget.corpus_dir)
+  argv = [f'--gin_file={EVALUATIONS[evaluation][0]}', '--gin_file=gin/downstream/tiny.gin',
+          f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.BACKBONE='{'export' if is_export else backbone}'",
+          f"--gin.EXPORT_DIR='{export_dir_of(output, backbone, seed) if is_export else ''}'",
+          f"--gin.DownstreamConfig.corpus_dir='{corpus}'",
+          f'--gin.FinetuneConfig.seed={seed}',
+          # Probes: the frozen encoder (a representation test, and affordable on a CPU).
+          '--gin.FinetuneConfig.freeze_encoder=True', '--gin.DownstreamConfig.beam_size=1',
+          "--gin.DownstreamConfig.eval_splits=('test',)",
+          f'--gin.FinetuneConfig.learning_rate={PROBE_LEARNING_RATE}']
+  if evaluation != 'retrieval':
+    argv.append(f'--gin.FinetuneConfig.train_steps={budget.finetune_steps}')
+  if budget.languages:
+    argv.append(f'--gin.DownstreamConfig.languages={tuple(budget.languages)!r}')
+  for key in ('max_train_per_language', 'max_eval_per_language'):
+    if getattr(budget, key) is not None:
+      argv.append(f'--gin.DownstreamConfig.{key}={getattr(budget, key)}')
+  finetune.main(argv)
+  with open(os.path.join(model_dir, 'scores.json'), encoding='utf-8') as f:
+    return json.load(f)
+
+
+def plan(budget: Budget) -> List[Tuple[str, ...]]:
+  """Every unit in order: ('pretrain', variant, seed), ('export', ...), ('downstream', ...)."""
+  units = []
+  for seed in budget.seeds:
+    for variant in VARIANTS:
+      units.append(('pretrain', variant, seed))
+      units.append(('export', variant, seed))
+    units.append(('export', 'random_init', seed))
+  for seed in budget.seeds:
+    for evaluation in budget.evaluations:
+      for backbone in tuple(VARIANTS) + BASELINES:
+        needs_text = EVALUATIONS[evaluation][1]
+        if backbone.startswith('logmel') and needs_text:
+          continue
+        units.append(('downstream', evaluation, backbone, seed))
+  return units
+
+
+def _marker(output: str, unit: Tuple[str, ...]) -> str:
+  return os.path.join(output, 'done', '_'.join(map(str, unit)))
+
+
+def run_all(output: str, budget: Budget) -> Dict[str, Any]:
+  units = plan(budget)
+  progress = Progress(len(units))
+  results: Dict[str, Any] = {'budget': dataclasses.asdict(budget), 'downstream': []}
+  for unit in units:
+    what = ' '.join(map(str, unit))
+    marker = _marker(output, unit)
+    if os.path.exists(marker):
+      progress.skip(what)
+      continue
+    start = time.perf_counter()
+    log = os.path.join(output, 'logs', '_'.join(map(str, unit)) + '.log')
+    try:
+      with _logged(log):
+        if unit[0] == 'pretrain':
+          pretrain(output, unit[1], unit[2], budget)
+        elif unit[0] == 'export':
+          export(output, unit[1], unit[2], budget)
+        else:
+          downstream(output, unit[1], unit[2], unit[3], budget)
+    except Exception:
+      print(f'{what} failed; its log: {log}', flush=True)
+      raise
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, 'w', encoding='utf-8') as f:
+      f.write(f'{time.perf_counter() - start:.1f}\n')
+    progress.line(what, time.perf_counter() - start)
+  results['downstream'] = collect(output, budget)
+  results['pretraining'] = pretraining_curves(output, budget)
+  return results
+
+
+def collect(output: str, budget: Budget) -> List[Dict[str, Any]]:
+  rows = []
+  for unit in plan(budget):
+    if unit[0] != 'downstream':
+      continue
+    _, evaluation, backbone, seed = unit
+    path = os.path.join(output, 'downstream', evaluation, f'{backbone}_seed{seed}',
+                        'scores.json')
+    with open(path, encoding='utf-8') as f:
+      scores = json.load(f)
+    rows.append({'evaluation': evaluation, 'backbone': backbone, 'seed': seed,
+                 'test': scores['test']})
+  return rows
+
+
+def headline(evaluation: str, test: Dict[str, Any]) -> Dict[str, float]:
+  """metric name -> value of one run's test scores (higher is better unless CER/WER)."""
+  if evaluation == 'language_id':
+    return {'accuracy': test['accuracy']}
+  if evaluation == 'ctc_probe':
+    return {'CER': test['cer']}
+  if evaluation in ('speech_translation', 'multimodal_translation'):
+    out = {'BLEU': test['bleu'], 'chrF': test['chrf']}
+    for key, name in (('text_zero_shot', 'zero-shot text BLEU'), ('text', 'text BLEU')):
+      if key in test:
+        out[name] = test[key]['bleu']
+    return out
+  return {'speech->text R@1': test['speech_to_text_recall@1'],
+          'speech->text R@5': test['speech_to_text_recall@5'],
+          'text->speech R@1': test['text_to_speech_recall@1']}
+
+
+def _per_language(evaluation: str, test: Dict[str, Any]) -> Optional[Dict[str, float]]:
+  return test.get('per_language')
+
+
+def _mean_std(values: Sequence[float]) -> str:
+  if not values:
+    return ''
+  mean = statistics.fmean(values)
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f'{mean:.3g} ± {std:.2g}'
+
+
+def table(rows: List[Dict[str, Any]], budget: Budget) -> str:
+  backbones = [b for b in tuple(VARIANTS) + BASELINES
+               if any(r['backbone'] == b for r in rows)]
+  header = '| evaluation | metric | ' + ' | '.join(LABELS[b] for b in backbones) + ' |'
+  lines = [header, '|' + '---|' * (len(backbones) + 2)]
+  for evaluation in budget.evaluations:
+    metric_names = []
+    for r in rows:
+      if r['evaluation'] == evaluation:
+        metric_names += [m for m in headline(evaluation, r['test']) if m not in metric_names]
+    for metric in metric_names:
+      cells = []
+      for b in backbones:
+        values = [headline(evaluation, r['test']).get(metric) for r in rows
+                  if r['evaluation'] == evaluation and r['backbone'] == b]
+        cells.append(_mean_std([v for v in values if v is not None]))
+      lines.append(f'| {evaluation} | {metric} | ' + ' | '.join(cells) + ' |')
+  # Per language group: the headline metric averaged over the group's languages.
+  group_lines = ['| evaluation | group | ' + ' | '.join(LABELS[b] for b in backbones) + ' |',
+                 '|' + '---|' * (len(backbones) + 2)]
+  for evaluation in budget.evaluations:
+    if evaluation == 'retrieval':
+      continue
+    for group, members in GROUPS.items():
+      cells, any_value = [], False
+      for b in backbones:
+        values = []
+        for r in rows:
+          if r['evaluation'] != evaluation or r['backbone'] != b:
+            continue
+          per = _per_language(evaluation, r['test']) or {}
+          langs = [lang for lang in per if lang in members]
+          if langs:
+            values.append(statistics.fmean(per[lang] for lang in langs))
+        any_value |= bool(values)
+        cells.append(_mean_std(values))
+      if any_value:
+        group_lines.append(f'| {evaluation} | {group} | ' + ' | '.join(cells) + ' |')
+  seeds = len(budget.seeds)
+  return ('\n'.join(lines) + f'\n\nMean ± standard deviation over {seeds} seeds (test split). '
+          'language_id: accuracy; ctc_probe: character error rate (lower is better); '
+          'translation: sacrebleu BLEU/chrF (greedy), zero-shot text: the speech translation '
+          'model fed the transcripts as text; retrieval: recall@k of the frozen encoder.\n\n'
+          'Per language group (macro average over the group\'s languages; language ID '
+          'accuracy, CTC probe CER, speech translation BLEU):\n\n' + '\n'.join(group_lines))
+
+
+def pretraining_curves(output: str, budget: Budget) -> Dict[str, Dict[str, List[float]]]:
+  """variant -> {'step': [...], 'loss': mean over seeds [...]} from metrics.jsonl."""
+  curves = {}
+  for variant in VARIANTS:
+    per_seed = []
+    for seed in budget.seeds:
+      path = os.path.join(output, 'pretrain', f'{variant}_seed{seed}', 'metrics.jsonl')
+      if not os.path.exists(path):
+        continue
+      with open(path, encoding='utf-8') as f:
+        records = [json.loads(line) for line in f]
+      by_step = {r['step']: r for r in records}  # a resumed run repeats steps: keep the last
+      per_seed.append(by_step)
+    if not per_seed:
+      continue
+    steps = sorted(set.intersection(*(set(s) for s in per_seed)))
+    curves[variant] = {
+        'step': steps,
+        **{key: [statistics.fmean(s[step][key] for s in per_seed) for step in steps]
+           for key in ('loss', 'speech/contrastive', 'speech/masked_prediction')
+           if all(key in s[steps[0]] for s in per_seed) and steps}}
+  return curves
+
+
+def plots(output: str, results: Dict[str, Any], budget: Budget) -> List[str]:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  curves = results['pretraining']
+  if curves:
+    keys = [k for k in ('loss', 'speech/contrastive', 'speech/masked_prediction')
+            if all(k in c for c in curves.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+      for variant, c in curves.items():
+        ax.plot(c['step'], c[key], label=LABELS[variant])
+      ax.set_xlabel('step')
+      ax.set_title(key)
+    axes[0][0].legend()
+    fig.suptitle(f'Pre-training (mean over {len(budget.seeds)} seeds)')
+    fig.tight_layout()
+    path = os.path.join(output, 'pretraining.png')
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  rows = results['downstream']
+  panels = []
+  for evaluation in budget.evaluations:
+    metric = next(iter(headline(evaluation, next(r for r in rows if r['evaluation'] ==
+                                                 evaluation)['test'])))
+    panels.append((evaluation, metric))
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+  for ax, (evaluation, metric) in zip(axes[0], panels):
+    names, means, stds = [], [], []
+    for b in tuple(VARIANTS) + BASELINES:
+      values = [headline(evaluation, r['test'])[metric] for r in rows
+                if r['evaluation'] == evaluation and r['backbone'] == b]
+      if values:
+        names.append(LABELS[b])
+        means.append(statistics.fmean(values))
+        stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+    ax.bar(range(len(names)), means, yerr=stds, capsize=3,
+           color=['C0', 'C1', 'C2', 'C7', 'C8', 'C9'][:len(names)])
+    ax.set_xticks(range(len(names)), names, rotation=45, ha='right', fontsize=8)
+    ax.set_title(f'{evaluation}\n{metric}', fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(output, 'downstream.png')
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  paths.append(path)
+  return paths
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--output', default='runs/reproduce', help='everything goes here')
+  parser.add_argument('--quick', action='store_true',
+                      help='2 seeds, 40 steps, embedded corpus: minutes instead of ~90')
+  parser.add_argument('--corpus_dir', help='a corpus with downstream splits (default: the '
+                      f'large one at {DEFAULT_LARGE_CORPUS}; --quick: the embedded one)')
+  parser.add_argument('--seeds', type=int, help='number of seeds (default 3; --quick 2)')
+  parser.add_argument('--pretrain_steps', type=int)
+  parser.add_argument('--finetune_steps', type=int)
+  args = parser.parse_args(argv)
+  budget = QUICK if args.quick else FULL
+  changes = {}
+  if args.corpus_dir:
+    changes['corpus_dir'] = args.corpus_dir
+  if args.seeds:
+    changes['seeds'] = tuple(range(args.seeds))
+  if args.pretrain_steps:
+    changes['pretrain_steps'] = args.pretrain_steps
+  if args.finetune_steps:
+    changes['finetune_steps'] = args.finetune_steps
+  budget = dataclasses.replace(budget, **changes)
+  corpus = os.path.expanduser(budget.corpus_dir)
+  if not os.path.exists(os.path.join(corpus, 'metadata.json')) and not os.path.isabs(corpus):
+    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), corpus)
+  if not os.path.exists(os.path.join(corpus, 'metadata.json')):
+    raise SystemExit(f'no corpus at {budget.corpus_dir}: build it with\n  python -m '
+                     f'mslam_jax.data.build_corpus --output={budget.corpus_dir} --size=large\n'
+                     'or run with --quick (the embedded corpus)')
+  budget = dataclasses.replace(budget, corpus_dir=corpus)
+  os.makedirs(args.output, exist_ok=True)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir',
+                    jax.config.jax_compilation_cache_dir or '.jax_cache')
+  print(f'reproduction in {args.output}: seeds {budget.seeds}, {budget.pretrain_steps} '
+        f'pre-training steps, {budget.finetune_steps} fine-tuning steps, corpus '
+        f'{budget.corpus_dir}; per-unit logs in {args.output}/logs', flush=True)
+  start = time.perf_counter()
+  results = run_all(args.output, budget)
+  results['wall_min'] = round((time.perf_counter() - start) / 60, 1)
+  with open(os.path.join(args.output, 'results.json'), 'w', encoding='utf-8') as f:
+    json.dump(results, f, indent=1)
+  text = table(results['downstream'], budget)
+  with open(os.path.join(args.output, 'results.md'), 'w', encoding='utf-8') as f:
+    f.write(text + '\n')
+  paths = plots(args.output, results, budget)
+  print('\n' + text + '\n', flush=True)
+  print(f'wrote {args.output}/results.md, results.json, ' + ', '.join(paths), flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,197 @@
+"""Downstream evaluations on the tiny export: each trains, lowers its loss, and scores."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import mslam_jax
+import toy_corpus
+from mslam_jax.downstream import asr, backbone as backbone_lib, data, decoder, engine
+from mslam_jax.downstream import metrics, retrieval, speech_classification, translation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 1500  # generous: a shared CI machine may be several times oversubscribed
+TINY_DECODER = decoder.DecoderConfig(num_layers=1, d_model=32, num_heads=2, ffn_dim=64,
+                                     dropout_rate=0.0)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('downstream_corpus'))
+  toy_corpus.write_downstream(root)
+  return root
+
+
+@pytest.fixture(scope='module')
+def splits(corpus):
+  source = data.corpus_speech_source(corpus)
+  return {s: data.load_speech(source, s) for s in data.SPLITS}
+
+
+@pytest.fixture(scope='module')
+def export_backbone(tiny_run):
+  return backbone_lib.MslamBackbone(mslam_jax.load_encoder(tiny_run[1]))
+
+
+def _config(tmp_path, **kw):
+  base = dict(model_dir=str(tmp_path / 'ft'), train_steps=12, batch_size=8, learning_rate=3e-3,
+              warmup_steps=1, log_every=6, save_every=100, eval_batch_size=8)
+  base.update(kw)
+  return engine.FinetuneConfig(**base)
+
+
+def _loss_before_after(evaluation, backbone, config):
+  """Loss of one fixed batch (the first 8 training items) before and after fitting."""
+  evaluation.prepare(backbone)
+  batch = evaluation.train_batch(np.arange(min(8, evaluation.num_train)))
+  head = engine.init_head(evaluation, config.seed)
+  rng = jax.random.key(0)
+  before, _ = evaluation.loss(head, backbone.params, batch, rng, True)
+  state = engine.fit(evaluation, backbone, config)
+  after, _ = evaluation.loss(state.params['head'], state.params['encoder'], batch, rng, True)
+  return float(before), float(after), state
+
+
+def test_loader_reads_speech_translation_records(splits):
+  assert {s: len(v) for s, v in splits.items()} == {'train': 18, 'dev': 9, 'test': 9}
+  ex = splits['train'][0]
+  assert ex.language == 'aa' and ex.english and ex.transcript and ex.waveform.ndim == 1
+
+
+def test_batches_depend_on_the_step_only():
+  a = [engine.batch_indices(10, 4, 0, s) for s in range(5)]
+  assert [engine.batch_indices(10, 4, 0, s).tolist() for s in range(5)] == [x.tolist() for x in a]
+  first_epoch = np.concatenate(a)[:10]
+  assert sorted(first_epoch.tolist()) == list(range(10))  # every item once per epoch
+
+
+@pytest.mark.parametrize('freeze', [True, False])
+def test_language_id_learns_and_scores(splits, export_backbone, tmp_path, freeze):
+  evaluation = speech_classification.LanguageId(splits, eval_batch_size=8)
+  before, after, state = _loss_before_after(evaluation, export_backbone,
+                                            _config(tmp_path, freeze_encoder=freeze))
+  assert after < before
+  encoder_moved = any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(state.params['encoder']), jax.tree.leaves(export_backbone.params)))
+  assert encoder_moved == (not freeze)
+  scores = evaluation.evaluate(state.params['head'], state.params['encoder'], 'test')
+  assert scores['num_examples'] == 9 and scores['classes'] == ['aa', 'bb', 'cc']
+  assert np.sum(scores['confusion']) == 9
+  with open(os.path.join(str(tmp_path / 'ft'), 'metrics.jsonl'), encoding='utf-8') as f:
+    logged = [json.loads(line) for line in f]
+  assert logged[-1]['step'] == 12 and 'accuracy' in logged[-1]
+
+
+def test_asr_ctc_learns_and_scores(splits, export_backbone, tmp_path):
+  evaluation = asr.Asr(splits, eval_batch_size=8)
+  before, after, state = _loss_before_after(evaluation, export_backbone, _config(tmp_path))
+  assert after < before
+  scores = evaluation.evaluate(state.params['head'], state.params['encoder'], 'dev')
+  hyps = evaluation.transcribe(state.params['head'], state.params['encoder'], 'dev')
+  refs = [e.transcript for e in splits['dev']]
+  assert scores['cer'] == metrics.error_rates(hyps, refs)['cer']
+
+
+def test_ctc_greedy_merges_repeats_and_drops_blanks():
+  assert asr.ctc_greedy(np.array([5, 5, 0, 5, 6, 6, 0, 0, 7]), 9) == [5, 5, 6, 7]
+  assert asr.ctc_greedy(np.array([5, 0, 6, 7]), 2) == [5]  # padded frames ignored
+
+
+@pytest.mark.parametrize('multimodal', [False, True])
+def test_translation_learns_and_scores_with_sacrebleu(splits, corpus, export_backbone,
+                                                      tmp_path, multimodal):
+  pairs = data.corpus_text_pairs(corpus, 'train') if multimodal else None
+  evaluation = translation.Translation(splits, decoder_config=TINY_DECODER, text_pairs=pairs,
+                                       beam_size=2, eval_batch_size=8)
+  before, after, state = _loss_before_after(evaluation, export_backbone, _config(tmp_path))
+  assert after < before
+  head, enc = state.params['head'], state.params['encoder']
+  if multimodal:
+    batch = evaluation.train_batch(np.arange(8))
+    assert batch['text']['ids'].shape[0] == batch['speech']['features'].shape[0]
+  scores = evaluation.evaluate(head, enc, 'test')
+  hyps = evaluation.translate(head, enc, 'test', modality='speech', beam=True)
+  refs = [e.english for e in evaluation.splits['test']]
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+  assert scores['bleu'] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+  assert ('text' if multimodal else 'text_zero_shot') in scores
+  assert scores['bleu_signature'].startswith('nrefs:1')
+
+
+def test_retrieval_scores_both_directions(splits, export_backbone):
+  evaluation = retrieval.Retrieval(splits, eval_batch_size=8)
+  evaluation.prepare(export_backbone)
+  scores = evaluation.evaluate({}, export_backbone.params, 'test')
+  speech, text = evaluation.embeddings(export_backbone.params, 'test')
+  assert speech.shape == text.shape == (9, export_backbone.dim)
+  want = metrics.retrieval_recall(speech, text)
+  assert scores['speech_to_text_recall@1'] == want['recall@1']
+  assert scores['chance@1'] == pytest.approx(1 / 9)
+
+
+def test_logmel_baseline_stacks_frames_as_the_frontend_subsamples(splits, corpus, tmp_path):
+  base = backbone_lib.make_backbone('logmel', vocabulary_path=f'{corpus}/vocab.txt')
+  feats = base.log_mel([splits['test'][0].waveform])[0]
+  x, paddings = base.speech({}, feats[None], np.zeros((1, len(feats)), np.float32))
+  assert x.shape == (1, -(-len(feats) // 4), 320) and paddings.shape == x.shape[:2]
+  np.testing.assert_allclose(np.asarray(x)[0, 0], feats[:4].reshape(-1), rtol=1e-6)
+  normalized = backbone_lib.make_backbone('logmel_normalized',
+                                          vocabulary_path=f'{corpus}/vocab.txt')
+  assert not np.allclose(normalized.log_mel([splits['test'][0].waveform])[0], feats)
+  evaluation = speech_classification.LanguageId(splits, eval_batch_size=8)
+  before, after, _ = _loss_before_after(evaluation, base, _config(tmp_path))
+  assert after < before
+
+
+def test_unknown_characters_fail_with_a_clear_message(tmp_path, export_backbone):
+  root = str(tmp_path / 'cjk')
+  toy_corpus.write_downstream(root, alphabets={'zz': '漢字仮名交じり文'}, train=2, dev=1,
+                              test=1)
+  source = data.corpus_speech_source(root)
+  splits = {s: data.load_speech(source, s) for s in data.SPLITS}
+  with pytest.raises(ValueError, match='not in the backbone.s vocabulary'):
+    asr.Asr(splits).prepare(export_backbone)
+
+
+def test_finetune_command_resumes_and_writes_scores(tiny_run, corpus, tmp_path):
+  model_dir = str(tmp_path / 'lid')
+  command = [sys.executable, '-m', 'mslam_jax.finetune',
+             '--gin_file=gin/downstream/language_id.gin', '--gin_file=gin/downstream/tiny.gin',
+             f"--gin.EXPORT_DIR='{tiny_run[1]}'", f"--gin.MODEL_DIR='{model_dir}'",
+             f"--gin.DownstreamConfig.corpus_dir='{corpus}'",
+             '--gin.FinetuneConfig.save_every=4', '--gin.FinetuneConfig.log_every=4']
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  subprocess.run(command + ['--gin.FinetuneConfig.train_steps=4'], check=True, cwd=REPO,
+                 env=env, timeout=TIMEOUT_S)
+  out = subprocess.run(command + ['--gin.FinetuneConfig.train_steps=8'], check=True, cwd=REPO,
+                       env=env, timeout=TIMEOUT_S, capture_output=True, text=True).stdout
+  assert 'resuming from step 4' in out and 'accuracy' in out
+  scores = json.load(open(os.path.join(model_dir, 'scores.json'), encoding='utf-8'))
+  assert scores['evaluation'] == 'language_id' and scores['train_steps'] == 8
+  assert 0.0 <= scores['test']['accuracy'] <= 1.0
+
+
+def test_staged_greedy_equals_one_pass_at_full_length(splits, export_backbone):
+  evaluation = translation.Translation(splits, decoder_config=TINY_DECODER, beam_size=1,
+                                       eval_batch_size=8)
+  evaluation.prepare(export_backbone)
+  evaluation.max_decode_length = 80  # stages 32, 64, 80 (the toy targets are short)
+  batch = engine.speech_batch(evaluation.features['test'][:8], 8)
+  memory, paddings = evaluation._memory(export_backbone.params, batch)
+  mixed = 0
+  for seed in range(6):
+    head = engine.init_head(evaluation, seed)
+    # Sharpen the random decoder's EOS logit so some rows end early and some late.
+    head['logits']['bias'] = head['logits']['bias'].at[1].add(2.0 * (seed % 3))
+    staged = evaluation._greedy_staged(head, memory, paddings)
+    one_pass = np.asarray(decoder.greedy_decode(evaluation._apply, head, memory, paddings,
+                                                max_length=evaluation.max_decode_length))
+    np.testing.assert_array_equal(staged, one_pass)
+    ends = [row.index(1) if 1 in row else 99 for row in one_pass.tolist()]
+    mixed += any(32 <= e < 99 for e in ends)  # ended in a later stage than the first
+  assert mixed

@@ -1,0 +1,114 @@
+"""The reproduction's bookkeeping: every unit once, resume after a failure, tables and plots."""
+
+import dataclasses
+import json
+import os
+import statistics
+
+import numpy as np
+import pytest
+
+from mslam_jax import reproduce
+
+BUDGET = dataclasses.replace(reproduce.QUICK, seeds=(0, 1, 2))
+
+
+def _fake_scores(evaluation, backbone, seed):
+  """Deterministic made-up test scores in the shape each evaluation writes."""
+  value = 0.1 * (1 + list(reproduce.LABELS).index(backbone)) + 0.01 * seed
+  per = {'en': value, 'ru': value / 2, 'el': value / 4}
+  if evaluation == 'language_id':
+    return {'accuracy': value, 'per_language': per}
+  if evaluation == 'ctc_probe':
+    return {'cer': value, 'per_language': per}
+  if evaluation == 'retrieval':
+    return {'speech_to_text_recall@1': value, 'speech_to_text_recall@5': 2 * value,
+            'text_to_speech_recall@1': value}
+  return {'bleu': value, 'chrf': 3 * value, 'per_language': per,
+          'text_zero_shot': {'bleu': value / 10}}
+
+
+@pytest.fixture
+def fake_units(monkeypatch):
+  """Replaces pre-training, export and fine-tuning by recorders that write their outputs."""
+  calls = []
+  fail_at = {'unit': None}
+
+  def pretrain(output, variant, seed, budget):
+    calls.append(('pretrain', variant, seed))
+    folder = os.path.join(output, 'pretrain', f'{variant}_seed{seed}')
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+      for step in (10, 20):
+        f.write(json.dumps({'step': step, 'loss': 5.0 - step / 10 - seed,
+                            'speech/contrastive': 3.0, 'speech/masked_prediction': 4.0}) + '\n')
+
+  def export(output, backbone, seed, budget):
+    calls.append(('export', backbone, seed))
+
+  def downstream(output, evaluation, backbone, seed, budget):
+    unit = ('downstream', evaluation, backbone, seed)
+    if unit == fail_at['unit']:
+      raise RuntimeError('killed')
+    calls.append(unit)
+    folder = os.path.join(output, 'downstream', evaluation, f'{backbone}_seed{seed}')
+    os.makedirs(folder, exist_ok=True)
+    test = _fake_scores(evaluation, backbone, seed)
+    with open(os.path.join(folder, 'scores.json'), 'w', encoding='utf-8') as f:
+      json.dump({'test': test}, f)
+
+  monkeypatch.setattr(reproduce, 'pretrain', pretrain)
+  monkeypatch.setattr(reproduce, 'export', export)
+  monkeypatch.setattr(reproduce, 'downstream', downstream)
+  return calls, fail_at
+
+
+def test_plan_runs_every_variant_and_baseline_with_equal_seeds():
+  units = reproduce.plan(BUDGET)
+  pretrains = [u for u in units if u[0] == 'pretrain']
+  assert sorted(pretrains) == sorted(('pretrain', v, s) for v in reproduce.VARIANTS
+                                     for s in BUDGET.seeds)
+  downstream = [u for u in units if u[0] == 'downstream']
+  assert ('downstream', 'retrieval', 'logmel', 0) not in downstream  # no text input
+  assert ('downstream', 'language_id', 'logmel_normalized', 2) in downstream
+  assert len(set(units)) == len(units)
+
+
+def test_a_killed_reproduction_resumes_where_it_stopped(fake_units, tmp_path):
+  calls, fail_at = fake_units
+  fail_at['unit'] = ('downstream', 'ctc_probe', 'mslam_tlm', 1)
+  with pytest.raises(RuntimeError, match='killed'):
+    reproduce.run_all(str(tmp_path), BUDGET)
+  first = list(calls)
+  fail_at['unit'] = None
+  calls.clear()
+  results = reproduce.run_all(str(tmp_path), BUDGET)
+  units = reproduce.plan(BUDGET)
+  assert calls[0] == ('downstream', 'ctc_probe', 'mslam_tlm', 1)  # the failed unit first
+  assert sorted(first + calls) == sorted(units)  # every unit exactly once over both runs
+  assert len(results['downstream']) == len([u for u in units if u[0] == 'downstream'])
+
+
+def test_table_holds_mean_and_std_over_seeds(fake_units, tmp_path):
+  results = reproduce.run_all(str(tmp_path), BUDGET)
+  text = reproduce.table(results['downstream'], BUDGET)
+  values = [_fake_scores('language_id', 'mslam_ctc', s)['accuracy'] for s in BUDGET.seeds]
+  want = f'{statistics.fmean(values):.3g} ± {np.std(values, ddof=1):.2g}'
+  row = next(line for line in text.splitlines() if line.startswith('| language_id | accuracy'))
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[2 + list(reproduce.VARIANTS).index('mslam_ctc')] == want
+  group_row = next(line for line in text.splitlines()
+                   if line.startswith('| language_id | Cyrillic'))
+  ru = [_fake_scores('language_id', 'w2v_bert', s)['per_language']['ru'] for s in BUDGET.seeds]
+  assert f'{statistics.fmean(ru):.3g}' in group_row
+  curves = results['pretraining']['mslam_ctc']
+  assert curves['step'] == [10, 20] and curves['loss'] == pytest.approx([3.0, 2.0])
+
+
+def test_plots_are_written(fake_units, tmp_path):
+  results = reproduce.run_all(str(tmp_path), BUDGET)
+  paths = reproduce.plots(str(tmp_path), results, BUDGET)
+  assert [os.path.basename(p) for p in paths] == ['pretraining.png', 'downstream.png']
+  for p in paths:
+    with open(p, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
