@@ -107,8 +107,11 @@ def text_forward(params: Params, config: ModelConfig, ids: jax.Array, paddings: 
   return x, paddings
 
 
-def abstract_encoder_params(config: ModelConfig) -> Params:
-  """Shapes and dtypes of the encoder parameters of `config` (allocates nothing)."""
+def abstract_encoder_params(config: ModelConfig, with_text: bool = True) -> Params:
+  """Shapes and dtypes of the encoder parameters of `config` (allocates nothing).
+
+  with_text: include the text embedding (False for a speech-only export).
+  """
 
   def both(module, features, feature_paddings, ids, id_paddings):
     module.encode_speech(features, feature_paddings)
@@ -119,7 +122,10 @@ def abstract_encoder_params(config: ModelConfig) -> Params:
           jnp.zeros((1, chars), jnp.int32), jnp.zeros((1, chars)))
   boxed = jax.eval_shape(lambda r: MSLAM(config).init(r, *args, method=both),
                          jax.random.key(0))
-  return export_lib.encoder_params(nn.unbox(boxed)['params'])
+  params = export_lib.encoder_params(nn.unbox(boxed)['params'])
+  if not with_text:
+    params.pop('text_embedding')
+  return params
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -160,6 +166,11 @@ class Encoder:
                            static_argnames=('layer',))
     self._text = jax.jit(functools.partial(text_forward, config=config),
                          static_argnames=('layer',))
+
+  @property
+  def has_text(self) -> bool:
+    """False for a speech-only model (the w2v-BERT variant has no text embedding)."""
+    return 'text_embedding' in self.params
 
   @property
   def d_model(self) -> int:
@@ -224,6 +235,9 @@ class Encoder:
   def encode_text(self, texts: Sequence[str], layer: Optional[int] = None,
                   batch_size: int = 64) -> Tuple[np.ndarray, np.ndarray]:
     """Texts -> (float32 [B, L, d], mask bool [B, L]), L the longest text in characters."""
+    if not self.has_text:
+      raise ValueError('this export has no text input: its model was pre-trained on speech '
+                       'only (the w2v-BERT variant has no text embedding)')
     return self._encode(self.text_ids(texts),
                         lambda x, p: self._text(self.params, ids=x, paddings=p, layer=layer),
                         pad_value=0, batch_size=batch_size, minimum=8)
@@ -308,7 +322,7 @@ def load_encoder(path: str) -> Encoder:
   if vocab.vocab_size > config.vocab_size:
     raise ExportMismatchError(f'{path}: vocab.txt has {vocab.vocab_size} ids, more than the '
                               f'model\'s vocab_size={config.vocab_size}')
-  abstract = abstract_encoder_params(config)
+  abstract = abstract_encoder_params(config, 'text_embedding' in manifest.get('parts', ()))
   _check_params(path, abstract, config)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),

@@ -37,8 +37,10 @@ from mslam_jax.data import vocabulary
 
 FORMAT_VERSION = 1
 # The parameter subtrees of MSLAM that make the encoder (mslam_jax/models/mslam.py);
-# the quantizer, projections and heads only serve pre-training.
+# the quantizer, projections and heads only serve pre-training. A speech-only
+# model (the w2v-BERT variant) has no text embedding: its export has no text input.
 ENCODER_PARTS = ('frontend', 'speech_layers', 'shared_layers', 'text_embedding')
+REQUIRED_PARTS = ('frontend', 'speech_layers', 'shared_layers')
 MANIFEST = 'manifest.json'
 CONFIG = 'config.gin'
 VOCAB = 'vocab.txt'
@@ -51,12 +53,12 @@ def absolute(path: str) -> epath.Path:
 
 
 def encoder_params(params: Dict[str, Any]) -> Dict[str, Any]:
-  """The encoder's subtrees of MSLAM's parameters (ENCODER_PARTS)."""
-  missing = [p for p in ENCODER_PARTS if p not in params]
+  """The encoder's subtrees of MSLAM's parameters (ENCODER_PARTS that are present)."""
+  missing = [p for p in REQUIRED_PARTS if p not in params]
   if missing:
     raise ValueError(f'parameters lack the encoder parts {missing}; expected an MSLAM '
                      'parameter tree with ' + ', '.join(ENCODER_PARTS))
-  return {p: params[p] for p in ENCODER_PARTS}
+  return {p: params[p] for p in ENCODER_PARTS if p in params}
 
 
 def _configs_from_gin():
@@ -146,7 +148,7 @@ def write_export(output: str, params: Dict[str, Any], *, model_config, feature_c
       'vocab_size': vocab_size,
       'step': int(step),
       'num_params': num_params,
-      'parts': list(ENCODER_PARTS),
+      'parts': sorted(params),
       'source': source,
       'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
   }

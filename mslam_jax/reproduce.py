@@ -200,7 +200,8 @@ def plan(budget: Budget) -> List[Tuple[str, ...]]:
     for evaluation in budget.evaluations:
       for backbone in tuple(VARIANTS) + BASELINES:
         needs_text = EVALUATIONS[evaluation][1]
-        if backbone.startswith('logmel') and needs_text:
+        # log-mel has no text input, and neither has the speech-only w2v-BERT.
+        if needs_text and (backbone.startswith('logmel') or backbone == 'w2v_bert'):
           continue
         units.append(('downstream', evaluation, backbone, seed))
   return units

@@ -80,14 +80,14 @@ def assert_trees_close(got, want, *, rtol, atol):
     np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
 
 
-def _write_tiny_run(model_dir: str, *, seed: int, step: int) -> None:
+def _write_tiny_run(model_dir: str, *, seed: int, step: int, gin_files=()) -> None:
   """A pre-training MODEL_DIR as a tiny run leaves it: config.gin and one checkpoint.
 
   The parameters are a fresh init with `seed` (not the export's random-init
   seed 0), so a test can tell restored weights from re-initialised ones.
   """
   from mslam_jax import checkpoints, optimizer, partitioning, train, trainer  # pylint: disable=g-import-not-at-top
-  gin_utils.parse_gin(['gin/pretrain_tiny_cpu.gin'], [f"MODEL_DIR = '{model_dir}'"])
+  gin_utils.parse_gin(['gin/pretrain_tiny_cpu.gin', *gin_files], [f"MODEL_DIR = '{model_dir}'"])
   try:
     model_config, loss_config, batch_config = (ModelConfig(), pretrain_loss.LossConfig(),
                                                BatchConfig())

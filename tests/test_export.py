@@ -262,3 +262,19 @@ def test_random_init_export_differs_from_the_trained_one(tiny_run, tmp_path):
   a = jax.tree.leaves(random_enc.params)
   b = jax.tree.leaves(trained.params)
   assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_a_speech_only_model_exports_without_text_input(tmp_path):
+  import conftest  # pylint: disable=g-import-not-at-top
+  model_dir = str(tmp_path / 'w2v_bert')
+  conftest._write_tiny_run(model_dir, seed=5, step=3, gin_files=['gin/variants/w2v_bert.gin'])
+  try:
+    export.export(model_dir, str(tmp_path / 'export'))
+  finally:
+    gin.clear_config()
+  enc = mslam_jax.load_encoder(str(tmp_path / 'export'))
+  assert not enc.has_text and 'text_embedding' not in enc.params
+  feats, mask = enc.encode_speech(_raw_records(n=1)[1])
+  assert feats.shape[-1] == enc.d_model and mask.sum() > 0
+  with pytest.raises(ValueError, match='no text input'):
+    enc.encode_text(['Hallo'])

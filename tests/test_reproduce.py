@@ -70,6 +70,7 @@ def test_plan_runs_every_variant_and_baseline_with_equal_seeds():
                                      for s in BUDGET.seeds)
   downstream = [u for u in units if u[0] == 'downstream']
   assert ('downstream', 'retrieval', 'logmel', 0) not in downstream  # no text input
+  assert ('downstream', 'retrieval', 'w2v_bert', 0) not in downstream  # speech only
   assert ('downstream', 'language_id', 'logmel_normalized', 2) in downstream
   assert len(set(units)) == len(units)
 

@@ -68,6 +68,7 @@ class MslamBackbone(Backbone):
   has_text: bool = True
 
   def __post_init__(self):
+    self.has_text = self.encoder.has_text
     self.dim = self.encoder.d_model
     self.params = self.encoder.params
     self.vocabulary = self.encoder.vocabulary
