@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import soxr
 from etils import epath
 
 from mslam_jax import export as export_lib
@@ -189,18 +188,7 @@ class Encoder:
   def log_mel(self, waveforms: Sequence[np.ndarray], sample_rate: int = 16000
               ) -> List[np.ndarray]:
     """Waveforms (1-D float, any rate) -> log-mel [frames, mel] per waveform, as in training."""
-    target = self.feature_config.sample_rate
-    out = []
-    for i, w in enumerate(waveforms):
-      w = np.asarray(w, np.float32)
-      if w.ndim != 1:
-        raise ValueError(f'waveform {i} has shape {w.shape}; give 1-D mono arrays (average '
-                         'the channels of a multi-channel recording first)')
-      if sample_rate != target:
-        w = soxr.resample(w, sample_rate, target)
-      w = np.clip(w, -1.0, 1.0).astype(np.float32, copy=False)
-      out.append(np.asarray(audio.log_mel(w, self.feature_config)))
-    return out
+    return [audio.waveform_features(w, sample_rate, self.feature_config) for w in waveforms]
 
   def text_ids(self, texts: Sequence[str]) -> List[np.ndarray]:
     """Normalised texts -> int32 ids per text (the pre-training tokenisation, no EOS)."""

@@ -96,7 +96,7 @@ def test_nonfinite_step_is_skipped_and_counted():
     np.testing.assert_array_equal(a, b)
 
   class Writer:
-    def write(self, step, metrics):
+    def write(self, step, metrics, total_steps=None):
       return {'step': step, **metrics}
 
   batches = iter([batch] * 10)

@@ -307,3 +307,21 @@ def log_mel(waveform: tf.Tensor, config: FeatureConfig) -> tf.Tensor:
     mean, variance = tf.nn.moments(features, axes=[-2], keepdims=True)
     features = (features - mean) * tf.math.rsqrt(tf.maximum(variance, _VARIANCE_FLOOR))
   return features
+
+
+def waveform_features(waveform: np.ndarray, sample_rate: int, config: FeatureConfig
+                      ) -> np.ndarray:
+  """A decoded waveform at any rate -> log-mel [frames, mel], as the input pipeline makes it.
+
+  Resampled with soxr to config.sample_rate and clipped to [-1, 1] as
+  `decode_audio` does, then `log_mel`; for waveforms that arrive as arrays
+  (export, downstream) rather than encoded files.
+  """
+  waveform = np.asarray(waveform, np.float32)
+  if waveform.ndim != 1:
+    raise ValueError(f'waveform has shape {waveform.shape}; give 1-D mono arrays (average '
+                     'the channels of a multi-channel recording first)')
+  if sample_rate != config.sample_rate:
+    waveform = soxr.resample(waveform, sample_rate, config.sample_rate)
+  waveform = np.clip(waveform, -1.0, 1.0).astype(np.float32, copy=False)
+  return np.asarray(log_mel(waveform, config))

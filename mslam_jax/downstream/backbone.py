@@ -18,7 +18,6 @@ from typing import Any, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import soxr
 
 from mslam_jax import encoder as encoder_lib
 from mslam_jax.data import audio
@@ -40,13 +39,7 @@ class Backbone:
   def log_mel(self, waveforms: Sequence[np.ndarray], sample_rate: int = 16000
               ) -> List[np.ndarray]:
     """[frames, mel] per waveform, with this backbone's feature settings."""
-    out = []
-    for w in waveforms:
-      w = np.asarray(w, np.float32)
-      if sample_rate != self.feature_config.sample_rate:
-        w = soxr.resample(w, sample_rate, self.feature_config.sample_rate)
-      out.append(np.asarray(audio.log_mel(np.clip(w, -1.0, 1.0), self.feature_config)))
-    return out
+    return [audio.waveform_features(w, sample_rate, self.feature_config) for w in waveforms]
 
   def text_ids(self, texts: Sequence[str]) -> List[np.ndarray]:
     return [np.asarray(self.vocabulary.encode(vocabulary_lib.normalize_text(t)), np.int32)
@@ -80,9 +73,6 @@ class MslamBackbone(Backbone):
         raise ValueError(f'layer={self.layer} is outside 0..{n + m}')
       # Text enters at the shared stack: the same depth, counted from there.
       self.text_layer = max(self.layer - n, 0)
-
-  def log_mel(self, waveforms, sample_rate=16000):
-    return self.encoder.log_mel(waveforms, sample_rate)
 
   def speech(self, params, features, paddings, *, deterministic=True, rng=None):
     return encoder_lib.speech_forward(params, self.encoder.config, features, paddings,
