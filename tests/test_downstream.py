@@ -195,3 +195,18 @@ def test_staged_greedy_equals_one_pass_at_full_length(splits, export_backbone):
     ends = [row.index(1) if 1 in row else 99 for row in one_pass.tolist()]
     mixed += any(32 <= e < 99 for e in ends)  # ended in a later stage than the first
   assert mixed
+
+
+def test_probe_inputs_are_standardised_with_training_statistics(splits, export_backbone):
+  evaluation = speech_classification.LanguageId(splits, eval_batch_size=8)
+  evaluation.prepare(export_backbone)
+  feats = evaluation.features['train']
+  pooled = np.concatenate([
+      np.asarray(evaluation._pooled(export_backbone.params,
+                                    engine.speech_batch([feats[i] for i in rows], 8)))[:len(rows)]
+      for rows in engine.in_batches(len(feats), 8)])
+  np.testing.assert_allclose(pooled.mean(0), 0.0, atol=1e-3)
+  np.testing.assert_allclose(pooled.std(0), 1.0, atol=1e-2)
+  shift, scale = engine.standardizer([np.array([[1.0, 2.0], [3.0, 2.0]])])
+  np.testing.assert_allclose(shift, [2.0, 2.0])
+  np.testing.assert_allclose(scale, [1.0, 1e-6], rtol=1e-5)

@@ -1,6 +1,7 @@
 """ASR with a CTC head over characters; also the CTC probe of frozen speech encodings.
 
-    speech -> backbone [B, T', d] -> dense -> [B, T', vocab] -> CTC (blank = PAD id)
+    speech -> backbone [B, T', d] -> standardised (training-set statistics per channel)
+           -> dense -> [B, T', vocab] -> CTC (blank = PAD id)
 
 The targets are the transcripts in the backbone's character vocabulary.
 Decoding is greedy (best path, repeats merged, blanks dropped); scores are CER
@@ -54,6 +55,14 @@ class Asr(engine.Evaluation):
     self.labels = {s: backbone.text_ids([e.transcript for e in ex])
                    for s, ex in self.splits.items()}
     self.num_train = len(self.splits['train'])
+    self.shift, self.scale = 0.0, 1.0
+    frames = jax.jit(lambda p, b: self.backbone.speech(p, b['features'], b['feature_paddings']))
+    valid_frames = []
+    for rows in engine.in_batches(self.num_train, self.eval_batch_size):
+      x, paddings = jax.device_get(frames(backbone.params, engine.speech_batch(
+          [self.features['train'][i] for i in rows], self.eval_batch_size)))
+      valid_frames.append(x[paddings < 0.5])
+    self.shift, self.scale = engine.standardizer(valid_frames)
     self._predict = jax.jit(self._logits)
 
   def init_head(self, rng):
@@ -63,7 +72,7 @@ class Asr(engine.Evaluation):
     x, paddings = self.backbone.speech(encoder_params, batch['features'],
                                        batch['feature_paddings'],
                                        deterministic=deterministic, rng=rng)
-    return self.head.apply({'params': head}, x), paddings
+    return self.head.apply({'params': head}, (x - self.shift) / self.scale), paddings
 
   def train_batch(self, indices, step=0):
     speech = engine.speech_batch([self.features['train'][i] for i in indices], len(indices))

@@ -1,7 +1,7 @@
 """Speech language ID: pooled encoder output + a linear classifier (mSLAM, Fleurs LID).
 
-    speech -> backbone [B, T', d] -> mean and std over valid frames [B, 2d] -> dense
-           -> [B, languages]
+    speech -> backbone [B, T', d] -> mean and std over valid frames [B, 2d]
+           -> standardised (training-set statistics) -> dense -> [B, languages]
 
 Statistics pooling (ours; the paper says "pooled"): the mean alone of
 per-utterance normalised log-mel is zero, so the log-mel baseline would be
@@ -47,16 +47,27 @@ class LanguageId(engine.Evaluation):
     self.labels = {s: np.asarray([index.get(e.language, -1) for e in ex], np.int32)
                    for s, ex in self.splits.items()}
     self.num_train = len(self.splits['train'])
+    self.shift, self.scale = 0.0, 1.0
+    pool = jax.jit(self._pooled)
+    self.shift, self.scale = engine.standardizer(
+        np.asarray(pool(backbone.params, engine.speech_batch(
+            [self.features['train'][i] for i in rows], self.eval_batch_size)))[:len(rows)]
+        for rows in engine.in_batches(self.num_train, self.eval_batch_size))
     self._predict = jax.jit(self._logits)
+
+  def _pooled(self, encoder_params, batch, rng=None, deterministic=True):
+    """Standardised mean+std pooled encodings [B, 2d] (engine.standardizer)."""
+    x, paddings = self.backbone.speech(encoder_params, batch['features'],
+                                       batch['feature_paddings'],
+                                       deterministic=deterministic, rng=rng)
+    return (engine.mean_and_std(x, paddings) - self.shift) / self.scale
 
   def init_head(self, rng):
     return self.head.init(rng, jnp.zeros((1, 2 * self.backbone.dim)))['params']
 
   def _logits(self, head, encoder_params, batch, rng=None, deterministic=True):
-    x, paddings = self.backbone.speech(encoder_params, batch['features'],
-                                       batch['feature_paddings'],
-                                       deterministic=deterministic, rng=rng)
-    return self.head.apply({'params': head}, engine.mean_and_std(x, paddings))
+    return self.head.apply({'params': head},
+                           self._pooled(encoder_params, batch, rng, deterministic))
 
   def train_batch(self, indices, step=0):
     speech = engine.speech_batch([self.features['train'][i] for i in indices], len(indices))
