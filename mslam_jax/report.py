@@ -51,9 +51,10 @@ def plot_curves(rows: Sequence[Dict[str, float]], path: str, title: str = '') ->
   return path
 
 
-def downstream_line(scores: Dict) -> str:
+def downstream_line(scores: Dict, name: str) -> str:
+  """One line: the run's folder name, the backbone, and its headline test score."""
   test = scores.get('test', {})
-  what = (f'{scores["evaluation"]} ({scores["backbone"]}, '
+  what = (f'{name} ({scores["backbone"]}, '
           f'{"frozen" if scores["freeze_encoder"] else "fine-tuned"})')
   if 'accuracy' in test:
     value = f'accuracy {test["accuracy"]:.3f} (chance {1 / len(test["classes"]):.3f})'
@@ -76,15 +77,15 @@ def main(argv=None):
   rows = read_metrics(os.path.join(args.model_dir, 'metrics.jsonl'))
   first, last = rows[0], rows[-1]
   print(f'\npre-training ({args.model_dir}): {last["step"]} steps')
-  print(f'  {"term":<20} {"step " + str(first["step"]):>12} {"step " + str(last["step"]):>12}')
+  print(f'  {"term":<26} {"step " + str(first["step"]):>10} {"step " + str(last["step"]):>10}')
   for key in CURVES:
     if key in last:
-      print(f'  {key:<20} {first.get(key, float("nan")):>12.4g} {last[key]:>12.4g}')
+      print(f'  {key:<26} {first.get(key, float("nan")):>10.4g} {last[key]:>10.4g}')
   if args.downstream:
     print('downstream (test split):')
   for folder in args.downstream:
     with open(os.path.join(folder, 'scores.json'), encoding='utf-8') as f:
-      print('  ' + downstream_line(json.load(f)))
+      print('  ' + downstream_line(json.load(f), os.path.basename(os.path.normpath(folder))))
   png = plot_curves(rows, os.path.join(args.model_dir, 'loss_curves.png'),
                     f'pre-training: {args.model_dir}')
   print(f'\nloss curves: {png}')

@@ -1,0 +1,28 @@
+"""The run summary: metrics rows after a resume, the headline line, the loss plot."""
+
+import json
+import os
+
+from mslam_jax import report
+
+
+def test_resumed_steps_keep_the_last_row_and_the_plot_is_written(tmp_path):
+  path = str(tmp_path / 'metrics.jsonl')
+  with open(path, 'w', encoding='utf-8') as f:
+    for step, loss in ((10, 5.0), (20, 4.0), (20, 3.5), (30, 3.0)):  # step 20 logged twice
+      f.write(json.dumps({'step': step, 'loss': loss, 'speech/contrastive': loss / 2}) + '\n')
+  rows = report.read_metrics(path)
+  assert [r['step'] for r in rows] == [10, 20, 30] and rows[1]['loss'] == 3.5
+  png = report.plot_curves(rows, str(tmp_path / 'curves.png'))
+  with open(png, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_downstream_line_names_the_run_and_its_chance_level():
+  scores = {'evaluation': 'language_id', 'backbone': 'mslam', 'freeze_encoder': True,
+            'test': {'accuracy': 0.5, 'classes': ['a', 'b', 'c', 'd']}}
+  line = report.downstream_line(scores, 'language_id_random_init')
+  assert line.startswith('language_id_random_init (mslam, frozen)')
+  assert 'accuracy 0.500 (chance 0.250)' in line
+  scores = dict(scores, test={'cer': 0.25})
+  assert report.downstream_line(scores, 'x').endswith('CER 0.250')
