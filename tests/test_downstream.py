@@ -12,7 +12,7 @@ import pytest
 import mslam_jax
 import toy_corpus
 from mslam_jax.downstream import asr, backbone as backbone_lib, data, decoder, engine
-from mslam_jax.downstream import metrics, retrieval, speech_classification, translation
+from mslam_jax.downstream import metrics, retrieval, speech_classification, suite, translation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 1500  # generous: a shared CI machine may be several times oversubscribed
@@ -43,6 +43,12 @@ def _config(tmp_path, **kw):
               warmup_steps=1, log_every=6, save_every=100, eval_batch_size=8)
   base.update(kw)
   return engine.FinetuneConfig(**base)
+
+
+def _summary(evaluation, scores):
+  return suite.summary({'evaluation': evaluation.name, 'backbone': 'mslam',
+                        'freeze_encoder': False, 'train_steps': 12, 'wall_s': 1.0,
+                        'test': scores})
 
 
 def _loss_before_after(evaluation, backbone, config):
@@ -95,6 +101,7 @@ def test_asr_ctc_learns_and_scores(splits, export_backbone, tmp_path):
   hyps = evaluation.transcribe(state.params['head'], state.params['encoder'], 'dev')
   refs = [e.transcript for e in splits['dev']]
   assert scores['cer'] == metrics.error_rates(hyps, refs)['cer']
+  assert f'CER {scores["cer"]:.3f}' in _summary(evaluation, scores)
 
 
 def test_ctc_greedy_merges_repeats_and_drops_blanks():
@@ -120,6 +127,7 @@ def test_translation_learns_and_scores_with_sacrebleu(splits, corpus, export_bac
   import sacrebleu  # pylint: disable=g-import-not-at-top
   assert scores['bleu'] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
   assert ('text' if multimodal else 'text_zero_shot') in scores
+  assert f'test: BLEU {scores["bleu"]:.1f}' in _summary(evaluation, scores)
   assert scores['bleu_signature'].startswith('nrefs:1')
 
 
@@ -132,6 +140,7 @@ def test_retrieval_scores_both_directions(splits, export_backbone):
   want = metrics.retrieval_recall(speech, text)
   assert scores['speech_to_text_recall@1'] == want['recall@1']
   assert scores['chance@1'] == pytest.approx(1 / 9)
+  assert 'speech->text R@1' in _summary(evaluation, scores)
 
 
 def test_logmel_baseline_stacks_frames_as_the_frontend_subsamples(splits, corpus, tmp_path):

@@ -114,7 +114,7 @@ def summary(scores: Dict[str, Any]) -> str:
       lines.append(f'  {split}: CER {s["cer"]:.3f}  WER {s["wer"]:.3f}')
     if 'bleu' in s:
       extra = ''.join(f'  {k} BLEU {v["bleu"]:.1f}' for k, v in s.items()
-                      if isinstance(v, dict) and k != 'speech_beam')
+                      if isinstance(v, dict) and 'bleu' in v and k != s.get('decoding'))
       lines.append(f'  {split}: BLEU {s["bleu"]:.1f}  chrF {s["chrf"]:.1f}{extra}')
     if 'speech_to_text_recall@1' in s:
       lines.append(f'  {split}: speech->text R@1 {s["speech_to_text_recall@1"]:.3f} '
