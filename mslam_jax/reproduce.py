@@ -30,11 +30,9 @@ Debian mirrors) when --corpus_dir names it or it is at the default place;
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -278,10 +276,6 @@ def headline(evaluation: str, test: Dict[str, Any]) -> Dict[str, float]:
           'text->speech R@1': test['text_to_speech_recall@1']}
 
 
-def _per_language(evaluation: str, test: Dict[str, Any]) -> Optional[Dict[str, float]]:
-  return test.get('per_language')
-
-
 def _mean_std(values: Sequence[float]) -> str:
   if not values:
     return ''
@@ -320,7 +314,7 @@ def table(rows: List[Dict[str, Any]], budget: Budget) -> str:
         for r in rows:
           if r['evaluation'] != evaluation or r['backbone'] != b:
             continue
-          per = _per_language(evaluation, r['test']) or {}
+          per = r['test'].get('per_language', {})
           langs = [lang for lang in per if lang in members]
           if langs:
             values.append(statistics.fmean(per[lang] for lang in langs))

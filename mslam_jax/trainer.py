@@ -108,21 +108,33 @@ def make_train_step(optimizer: optax.GradientTransformation, *, model_config: Mo
     _, metrics, grads = accumulation.loss_and_grads(
         state.params, batch, rng, state.step, accumulate_steps=accumulate_steps,
         model_config=model_config, loss_config=loss_config)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
-                                          step=state.step)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics['grad_norm'] = grad_norm
-    metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
-    learning_rate = optax.tree.get(opt_state, 'learning_rate', None)
+    new_state, guard = apply_gradients(optimizer, state, grads, metrics['loss'],
+                                       step=state.step)
+    metrics.update(guard)
+    learning_rate = optax.tree.get(new_state.opt_state, 'learning_rate', None)
     if learning_rate is not None:
       metrics['learning_rate'] = learning_rate
-    return TrainState(step=state.step + 1, params=keep(params, state.params),
-                      opt_state=keep(opt_state, state.opt_state)), metrics
+    return new_state, metrics
 
   return train_step
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, grads, loss,
+                    **update_kwargs):
+  """One optimizer update, kept only when the loss and the gradient norm are finite.
+
+  `step` advances either way (the data stream and every schedule stay in
+  step). Returns (new state, {'grad_norm', 'skipped'}); update_kwargs go to
+  optimizer.update (e.g. step= for optimizers with extra arguments).
+  """
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **update_kwargs)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return (TrainState(step=state.step + 1, params=keep(params, state.params),
+                     opt_state=keep(opt_state, state.opt_state)),
+          {'grad_norm': grad_norm, 'skipped': 1.0 - finite.astype(jnp.float32)})
 
 
 def jit_train_step(train_step: Callable, state_sh, mesh, rules) -> Callable:

@@ -1,7 +1,6 @@
 """The run summary: metrics rows after a resume, the headline line, the loss plot."""
 
 import json
-import os
 
 from mslam_jax import report
 

@@ -29,7 +29,6 @@ import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import gin
-import numpy as np
 import seqio
 import tensorflow as tf
 

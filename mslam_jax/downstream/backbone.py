@@ -15,7 +15,6 @@ pre-trained encoder should beat both.
 import dataclasses
 from typing import Any, List, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

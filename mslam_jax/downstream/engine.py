@@ -8,9 +8,10 @@
 
 Batches are a function of the step (an epoch is a seeded permutation of the
 training examples), so a resumed run reads exactly the batches the
-uninterrupted one would have. With `freeze_encoder` the encoder's weights are a
-not updated (only the head trains: a probe); otherwise they train
-too, at `encoder_learning_rate_scale` times the head's learning rate.
+uninterrupted one would have. With `freeze_encoder` the encoder's weights are
+not updated (only the head trains: a probe); otherwise they train too, at
+`encoder_learning_rate_scale` times the head's learning rate. A step with a
+non-finite loss or gradient is skipped as in pre-training (trainer.apply_gradients).
 """
 
 import dataclasses
@@ -150,15 +151,8 @@ def _step_fn(evaluation: Evaluation, optimizer, trains_encoder: bool):
       return evaluation.loss(params['head'], encoder_params, batch, rng, False)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
-                   skipped=1.0 - finite.astype(jnp.float32))
-    return trainer.TrainState(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state)), metrics
+    new_state, guard = trainer.apply_gradients(optimizer, state, grads, loss)
+    return new_state, dict(metrics, loss=loss, **guard)
 
   return step
 

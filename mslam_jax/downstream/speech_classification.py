@@ -11,7 +11,7 @@ Classes are the training split's languages, sorted. Scores: accuracy and the
 confusion matrix (rows: true language, columns: predicted).
 """
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import flax.linen as nn
 import jax
