@@ -204,6 +204,11 @@ def plan(budget: Budget) -> List[Tuple[str, ...]]:
         # log-mel has no text input, and neither has the speech-only w2v-BERT.
         if needs_text and (backbone.startswith('logmel') or backbone == 'w2v_bert'):
           continue
+        # Per-utterance normalised log-mel has mean 0 and standard deviation 1 in
+        # every channel, so the language-ID head's mean+std pooling reads a
+        # constant (measured: chance): no run.
+        if evaluation == 'language_id' and backbone == 'logmel_normalized':
+          continue
         units.append(('downstream', evaluation, backbone, seed))
   return units
 
@@ -241,7 +246,22 @@ def run_all(output: str, budget: Budget) -> Dict[str, Any]:
     progress.line(what, time.perf_counter() - start)
   results['downstream'] = collect(output, budget)
   results['pretraining'] = pretraining_curves(output, budget)
+  results['unit_minutes'] = unit_minutes(output, units)
   return results
+
+
+def unit_minutes(output: str, units: Sequence[Tuple[str, ...]]) -> Dict[str, float]:
+  """Minutes spent per kind of unit ('pretrain w2v_bert', 'downstream ctc_probe', ...), and
+  'total': what an uninterrupted run costs, summed from the markers' times even when the
+  units ran in several sittings."""
+  spent: Dict[str, float] = {}
+  for unit in units:
+    with open(_marker(output, unit), encoding='utf-8') as f:
+      seconds = float(f.read().strip() or 0)
+    kind = f'{unit[0]} {unit[1]}'
+    spent[kind] = spent.get(kind, 0.0) + seconds / 60
+    spent['total'] = spent.get('total', 0.0) + seconds / 60
+  return {k: round(v, 1) for k, v in spent.items()}
 
 
 def collect(output: str, budget: Budget) -> List[Dict[str, Any]]:
@@ -460,7 +480,9 @@ def main(argv=None):
     f.write(text + '\n')
   paths = plots(args.output, results, budget)
   print('\n' + text + '\n', flush=True)
-  print(f'wrote {args.output}/results.md, results.json, ' + ', '.join(paths), flush=True)
+  print(f'units took {results["unit_minutes"]["total"]:.1f} min in all (this sitting '
+        f'{results["wall_min"]:.1f} min); wrote {args.output}/results.md, results.json, '
+        + ', '.join(paths), flush=True)
 
 
 if __name__ == '__main__':

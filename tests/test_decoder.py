@@ -104,6 +104,32 @@ def test_padded_memory_frames_are_ignored():
   assert not np.allclose(apply(params, targets_in, valid_changed, paddings)[1], logits[1])
 
 
+def test_cached_steps_equal_teacher_forced_logits():
+  model = tiny_decoder()
+  targets_in, memory, paddings = random_inputs(6, length=7)
+  params = init(seed=6)
+  want = jax.jit(model.apply)(params, targets_in, memory, paddings)
+
+  @jax.jit
+  def stepwise(params, targets_in, memory, paddings):
+    cache = decoder_lib.init_cache(model, params, memory, paddings, max_length=10)
+    out = []
+    for t in range(targets_in.shape[1]):
+      log_probs, cache = decoder_lib.decode_step(model, params, cache, targets_in[:, t])
+      out.append(log_probs)
+    return jnp.stack(out, axis=1), cache
+
+  got, cache = stepwise(params, targets_in, memory, paddings)
+  expected = np.array(jax.nn.log_softmax(want, axis=-1))
+  expected[..., PAD] = -np.inf
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  # The self-attention buffers have the cache's length; the memory is projected once.
+  block = cache['block_0']
+  assert block['self_attention']['key'].shape == (2, 10, 4, 8)
+  assert block['cross_attention']['key'].shape == (2, 10, 4, 8)  # T = 10 frames
+  assert int(block['self_attention']['index']) == 7
+
+
 def _check_hypothesis_format(ids):
   """Non-PAD tokens up to and including the first EOS, PAD after it."""
   for row in np.asarray(ids).tolist():
@@ -116,7 +142,7 @@ def test_greedy_matches_stepwise_reference_and_beam_of_one():
   model = tiny_decoder(max_length=8)
   _, memory, paddings = random_inputs(4, batch=3)
   params = init(seed=4)
-  greedy = jax.jit(functools.partial(decoder_lib.greedy_decode, model.apply, max_length=8))
+  greedy = jax.jit(functools.partial(decoder_lib.greedy_decode, model, max_length=8))
   ids = np.asarray(greedy(params, memory, paddings))
   _check_hypothesis_format(ids)
   # Reference: a plain Python loop of full forward passes, argmax over non-PAD.
@@ -132,7 +158,7 @@ def test_greedy_matches_stepwise_reference_and_beam_of_one():
     done |= token == EOS
   np.testing.assert_array_equal(ids, want)
 
-  beam = jax.jit(functools.partial(decoder_lib.beam_search, model.apply, beam_size=1,
+  beam = jax.jit(functools.partial(decoder_lib.beam_search, model, beam_size=1,
                                    max_length=8))
   beam_ids, _ = beam(params, memory, paddings)
   np.testing.assert_array_equal(beam_ids, ids)
@@ -171,7 +197,7 @@ def test_wide_beam_finds_brute_force_optimum(length_penalty):
   model = tiny_decoder(max_length=max_length)
   hypotheses = _all_hypotheses(VOCAB, max_length)
   assert len(hypotheses) == 1 + 4 + 16 + 64
-  search = jax.jit(functools.partial(decoder_lib.beam_search, model.apply, beam_size=beam_size,
+  search = jax.jit(functools.partial(decoder_lib.beam_search, model, beam_size=beam_size,
                                      max_length=max_length, length_penalty=length_penalty))
   apply = jax.jit(model.apply)
   # Six seeds x 2 examples: enough that an early-stopping bound which ignores

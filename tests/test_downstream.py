@@ -93,6 +93,34 @@ def test_language_id_learns_and_scores(splits, export_backbone, tmp_path, freeze
   assert logged[-1]['step'] == 12 and 'accuracy' in logged[-1]
 
 
+def test_frozen_backbone_precomputes_the_same_encodings(splits, export_backbone):
+  """Probes read encodings computed once; they equal the live encoder's, padding and all."""
+  frozen = export_backbone.frozen()
+  waves = [e.waveform for e in splits['dev'][:5]]
+  live_inputs = export_backbone.speech_inputs(waves)
+  batch = engine.speech_batch(live_inputs, 8)
+  live, live_paddings = jax.jit(export_backbone.speech)(
+      export_backbone.params, batch['features'], batch['feature_paddings'])
+  encodings = frozen.speech_inputs(waves)
+  assert encodings[0].shape[1] == export_backbone.dim
+  for row, x in enumerate(encodings):
+    valid = int(np.sum(np.asarray(live_paddings[row]) < 0.5))
+    assert len(x) == valid
+    np.testing.assert_allclose(x, np.asarray(live[row, :valid]), rtol=1e-4, atol=1e-4)
+  same = engine.speech_batch(encodings, 8)
+  out, out_paddings = frozen.speech(frozen.params, same['features'], same['feature_paddings'])
+  np.testing.assert_array_equal(out, same['features'])
+  # The encoder's paddings are the frontend's; the identity keeps them (up to bucket length).
+  n = min(out_paddings.shape[1], live_paddings.shape[1])
+  np.testing.assert_array_equal(out_paddings[:, :n], np.asarray(live_paddings)[:, :n])
+  # Text still runs the encoder.
+  ids = engine.ids_batch(export_backbone.text_ids(['abc', 'de']), 2)
+  np.testing.assert_allclose(
+      frozen.text(frozen.params, ids['ids'], ids['id_paddings'])[0],
+      export_backbone.text(export_backbone.params, ids['ids'], ids['id_paddings'])[0],
+      rtol=1e-5, atol=1e-5)
+
+
 def test_asr_ctc_learns_and_scores(splits, export_backbone, tmp_path):
   evaluation = asr.Asr(splits, eval_batch_size=8)
   before, after, state = _loss_before_after(evaluation, export_backbone, _config(tmp_path))
@@ -145,13 +173,13 @@ def test_retrieval_scores_both_directions(splits, export_backbone):
 
 def test_logmel_baseline_stacks_frames_as_the_frontend_subsamples(splits, corpus, tmp_path):
   base = backbone_lib.make_backbone('logmel', vocabulary_path=f'{corpus}/vocab.txt')
-  feats = base.log_mel([splits['test'][0].waveform])[0]
+  feats = base.speech_inputs([splits['test'][0].waveform])[0]
   x, paddings = base.speech({}, feats[None], np.zeros((1, len(feats)), np.float32))
   assert x.shape == (1, -(-len(feats) // 4), 320) and paddings.shape == x.shape[:2]
   np.testing.assert_allclose(np.asarray(x)[0, 0], feats[:4].reshape(-1), rtol=1e-6)
   normalized = backbone_lib.make_backbone('logmel_normalized',
                                           vocabulary_path=f'{corpus}/vocab.txt')
-  assert not np.allclose(normalized.log_mel([splits['test'][0].waveform])[0], feats)
+  assert not np.allclose(normalized.speech_inputs([splits['test'][0].waveform])[0], feats)
   evaluation = speech_classification.LanguageId(splits, eval_batch_size=8)
   before, after, _ = _loss_before_after(evaluation, base, _config(tmp_path))
   assert after < before
@@ -183,27 +211,6 @@ def test_finetune_command_resumes_and_writes_scores(tiny_run, corpus, tmp_path):
   scores = json.load(open(os.path.join(model_dir, 'scores.json'), encoding='utf-8'))
   assert scores['evaluation'] == 'language_id' and scores['train_steps'] == 8
   assert 0.0 <= scores['test']['accuracy'] <= 1.0
-
-
-def test_staged_greedy_equals_one_pass_at_full_length(splits, export_backbone):
-  evaluation = translation.Translation(splits, decoder_config=TINY_DECODER, beam_size=1,
-                                       eval_batch_size=8)
-  evaluation.prepare(export_backbone)
-  evaluation.max_decode_length = 80  # stages 32, 64, 80 (the toy targets are short)
-  batch = engine.speech_batch(evaluation.features['test'][:8], 8)
-  memory, paddings = evaluation._memory(export_backbone.params, batch)
-  mixed = 0
-  for seed in range(6):
-    head = engine.init_head(evaluation, seed)
-    # Sharpen the random decoder's EOS logit so some rows end early and some late.
-    head['logits']['bias'] = head['logits']['bias'].at[1].add(2.0 * (seed % 3))
-    staged = evaluation._greedy_staged(head, memory, paddings)
-    one_pass = np.asarray(decoder.greedy_decode(evaluation._apply, head, memory, paddings,
-                                                max_length=evaluation.max_decode_length))
-    np.testing.assert_array_equal(staged, one_pass)
-    ends = [row.index(1) if 1 in row else 99 for row in one_pass.tolist()]
-    mixed += any(32 <= e < 99 for e in ends)  # ended in a later stage than the first
-  assert mixed
 
 
 def test_probe_inputs_are_standardised_with_training_statistics(splits, export_backbone):

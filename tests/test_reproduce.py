@@ -71,7 +71,9 @@ def test_plan_runs_every_variant_and_baseline_with_equal_seeds():
   downstream = [u for u in units if u[0] == 'downstream']
   assert ('downstream', 'retrieval', 'logmel', 0) not in downstream  # no text input
   assert ('downstream', 'retrieval', 'w2v_bert', 0) not in downstream  # speech only
-  assert ('downstream', 'language_id', 'logmel_normalized', 2) in downstream
+  assert ('downstream', 'ctc_probe', 'logmel_normalized', 2) in downstream
+  # Normalised log-mel's mean+std pooling is constant: no language-ID run.
+  assert ('downstream', 'language_id', 'logmel_normalized', 2) not in downstream
   assert len(set(units)) == len(units)
 
 
@@ -88,6 +90,14 @@ def test_a_killed_reproduction_resumes_where_it_stopped(fake_units, tmp_path):
   assert calls[0] == ('downstream', 'ctc_probe', 'mslam_tlm', 1)  # the failed unit first
   assert sorted(first + calls) == sorted(units)  # every unit exactly once over both runs
   assert len(results['downstream']) == len([u for u in units if u[0] == 'downstream'])
+  # The budget counts every unit once, from the markers, across both sittings.
+  for unit in units:
+    with open(reproduce._marker(str(tmp_path), unit), 'w', encoding='utf-8') as f:
+      f.write('30.0\n' if unit[0] == 'pretrain' else '6.0\n')
+  spent = reproduce.unit_minutes(str(tmp_path), units)
+  pretrains = sum(u[0] == 'pretrain' for u in units)
+  assert spent['total'] == pytest.approx(round(pretrains / 2 + (len(units) - pretrains) / 10, 1))
+  assert spent['pretrain mslam_ctc'] == pytest.approx(0.5 * len(BUDGET.seeds))
 
 
 def test_table_holds_mean_and_std_over_seeds(fake_units, tmp_path):

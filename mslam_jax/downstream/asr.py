@@ -50,7 +50,7 @@ class Asr(engine.Evaluation):
                                    [e.transcript for e in self.splits['train']],
                                    f'{self.name} transcripts')
     self.head = nn.Dense(self.vocab_size, name='ctc_head')
-    self.features = {s: backbone.log_mel([e.waveform for e in ex])
+    self.features = {s: backbone.speech_inputs([e.waveform for e in ex])
                      for s, ex in self.splits.items()}
     self.labels = {s: backbone.text_ids([e.transcript for e in ex])
                    for s, ex in self.splits.items()}

@@ -5,8 +5,13 @@ Both give frames at the encoder's 40 ms rate, so one head fits either:
     MslamBackbone:  log-mel [B, T, 80] -> encoder (layer k) -> [B, T/4, d]
     LogMelBackbone: log-mel [B, T, 80] -> 4 frames stacked   -> [B, T/4, 320]
 
+`speech_inputs` turns waveforms into what `speech` reads (log-mel frames);
 `speech` and `text` are pure functions of (params, inputs), for use inside a
 jitted fine-tuning step; `params` is the encoder's tree (empty for log-mel).
+A frozen encoder's speech encodings never change, so `frozen()` gives a
+backbone whose `speech_inputs` are the encodings themselves, computed once
+(eval mode) and read back by an identity `speech`: a probe's step then costs
+the head alone.
 The log-mel baseline comes unnormalised (the raw log of mel power) and with the
 per-utterance mean/variance normalisation our pre-training uses, since a
 pre-trained encoder should beat both.
@@ -27,7 +32,7 @@ SUBSAMPLING = 4
 
 
 class Backbone:
-  """Interface: name, dim, params, vocabulary, has_text, log_mel, text_ids, speech, text."""
+  """Interface: name, dim, params, vocabulary, has_text, speech_inputs, text_ids, speech, text."""
   name: str
   dim: int
   params: Any
@@ -35,10 +40,14 @@ class Backbone:
   feature_config: audio.FeatureConfig
   has_text: bool = False
 
-  def log_mel(self, waveforms: Sequence[np.ndarray], sample_rate: int = 16000
-              ) -> List[np.ndarray]:
-    """[frames, mel] per waveform, with this backbone's feature settings."""
+  def speech_inputs(self, waveforms: Sequence[np.ndarray], sample_rate: int = 16000
+                    ) -> List[np.ndarray]:
+    """What `speech` reads, per waveform: log-mel [frames, mel] with this backbone's settings."""
     return [audio.waveform_features(w, sample_rate, self.feature_config) for w in waveforms]
+
+  def frozen(self) -> 'Backbone':
+    """This backbone for a head that never updates it (default: itself)."""
+    return self
 
   def text_ids(self, texts: Sequence[str]) -> List[np.ndarray]:
     return [np.asarray(self.vocabulary.encode(vocabulary_lib.normalize_text(t)), np.int32)
@@ -81,6 +90,38 @@ class MslamBackbone(Backbone):
     return encoder_lib.text_forward(params, self.encoder.config, ids, paddings,
                                     self.text_layer, deterministic=deterministic,
                                     dropout_rng=rng)
+
+  def frozen(self) -> 'PrecomputedSpeech':
+    return PrecomputedSpeech(self)
+
+
+class PrecomputedSpeech(Backbone):
+  """A frozen MslamBackbone whose speech encodings are computed once.
+
+  speech_inputs: waveforms -> encodings [T', d] at the backbone's layer (the
+  export's batched, bucketed `encode_features`, deterministic); speech is
+  the identity on them. Text still runs the encoder (`params` are the
+  export's), so text inputs stay exact too.
+  """
+
+  def __init__(self, inner: MslamBackbone):
+    self.inner = inner
+    self.name, self.dim, self.params = inner.name, inner.dim, inner.params
+    self.vocabulary, self.feature_config = inner.vocabulary, inner.feature_config
+    self.has_text = inner.has_text
+
+  def speech_inputs(self, waveforms: Sequence[np.ndarray], sample_rate: int = 16000
+                    ) -> List[np.ndarray]:
+    features = self.inner.speech_inputs(waveforms, sample_rate)
+    encodings, mask = self.inner.encoder.encode_features(features, layer=self.inner.layer)
+    return [x[m] for x, m in zip(encodings, mask)]
+
+  def speech(self, params, features, paddings, *, deterministic=True, rng=None):
+    del params, deterministic, rng
+    return features, paddings
+
+  def text(self, params, ids, paddings, *, deterministic=True, rng=None):
+    return self.inner.text(params, ids, paddings, deterministic=deterministic, rng=rng)
 
 
 @dataclasses.dataclass

@@ -9,7 +9,8 @@
 Batches are a function of the step (an epoch is a seeded permutation of the
 training examples), so a resumed run reads exactly the batches the
 uninterrupted one would have. With `freeze_encoder` the encoder's weights are
-not updated (only the head trains: a probe); otherwise they train too, at
+not updated (only the head trains: a probe), and its speech encodings are
+computed once, in eval mode, before training (backbone.frozen()); otherwise they train too, at
 `encoder_learning_rate_scale` times the head's learning rate. A step with a
 non-finite loss or gradient is skipped as in pre-training (trainer.apply_gradients).
 """
@@ -46,7 +47,8 @@ class FinetuneConfig:
     learning_rate: peak learning rate of the head (ours: 1e-3 with Adam, the
       usual for small heads; the paper gives no fine-tuning settings).
     warmup_steps: linear warm-up, then constant.
-    freeze_encoder: train only the head on frozen encodings (a probe).
+    freeze_encoder: train only the head on frozen encodings (a probe); the
+      speech encodings are computed once, without dropout.
     encoder_learning_rate_scale: encoder learning rate / head learning rate
       when the encoder trains (ours: 0.1, a pre-trained encoder moves less).
     seed: head init, batch order, dropout.
@@ -203,6 +205,8 @@ def run_and_score(evaluation: Evaluation, backbone, config: FinetuneConfig,
                   mesh_config: Optional[partitioning.MeshConfig] = None) -> Dict[str, Any]:
   """prepare -> fit -> evaluate each split; writes and returns model_dir/scores.json."""
   start = time.perf_counter()
+  if config.freeze_encoder:
+    backbone = backbone.frozen()
   evaluation.prepare(backbone)
   state = fit(evaluation, backbone, config, mesh_config) if config.train_steps else None
   head = state.params['head'] if state is not None else init_head(evaluation, config.seed)

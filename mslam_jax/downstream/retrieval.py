@@ -32,7 +32,7 @@ class Retrieval(engine.Evaluation):
     if not backbone.has_text:
       raise ValueError(f'retrieval needs a backbone with a text input; {backbone.name} has none')
     self.backbone = backbone
-    self.features = {s: backbone.log_mel([e.waveform for e in ex])
+    self.features = {s: backbone.speech_inputs([e.waveform for e in ex])
                      for s, ex in self.splits.items() if s != 'train'}
     self.ids = {s: backbone.text_ids([e.transcript for e in ex])
                 for s, ex in self.splits.items() if s != 'train'}

@@ -41,7 +41,7 @@ class LanguageId(engine.Evaluation):
 
   def prepare(self, backbone) -> None:
     self.backbone = backbone
-    self.features = {s: backbone.log_mel([e.waveform for e in ex])
+    self.features = {s: backbone.speech_inputs([e.waveform for e in ex])
                      for s, ex in self.splits.items()}
     index = {c: i for i, c in enumerate(self.classes)}
     self.labels = {s: np.asarray([index.get(e.language, -1) for e in ex], np.int32)

@@ -85,7 +85,7 @@ class Translation(engine.Evaluation):
     self.decoder_config = cfg
     self.decoder = decoder_lib.TransformerDecoder(cfg, backbone.dim, deterministic=True)
     self.train_decoder = decoder_lib.TransformerDecoder(cfg, backbone.dim, deterministic=False)
-    self.features = {s: backbone.log_mel([e.waveform for e in ex])
+    self.features = {s: backbone.speech_inputs([e.waveform for e in ex])
                      for s, ex in self.splits.items()}
     self.targets = {s: self._targets([e.english for e in ex]) for s, ex in self.splits.items()}
     self.num_train = len(self.splits['train'])
@@ -102,45 +102,16 @@ class Translation(engine.Evaluation):
     self.max_decode_length = min(cfg.max_length, bucket_length(int(1.5 * longest), 8))
     self._memory = jax.jit(self._speech_memory)
     self._text_memory = jax.jit(self._text_memory_fn)
-    self._greedy = jax.jit(
-        lambda head, m, p, length: decoder_lib.greedy_decode(self._apply, head, m, p,
-                                                             max_length=length),
-        static_argnames=('length',))
+    self._greedy = jax.jit(lambda head, m, p: decoder_lib.greedy_decode(
+        self.decoder, {'params': head}, m, p, max_length=self.max_decode_length))
     self._beam = jax.jit(lambda head, m, p: decoder_lib.beam_search(
-        self._apply, head, m, p, beam_size=self.beam_size,
+        self.decoder, {'params': head}, m, p, beam_size=self.beam_size,
         max_length=self.max_decode_length)[0])
-
-  def _greedy_staged(self, head, memory, paddings) -> np.ndarray:
-    """Greedy ids [B, max_decode_length], decoded with growing buffers (32, 64, ...).
-
-    Each step re-runs the decoder over the whole buffer, so a long buffer costs
-    O(length^2) per step; most hypotheses end early. Greedy decoding is
-    prefix-consistent (causal), so rows that ended within a short buffer are
-    final, and only the others are decoded again with a longer one: the same
-    ids as one pass at max_decode_length, at a fraction of the cost.
-    """
-    batch = memory.shape[0]
-    out = np.full((batch, self.max_decode_length), special_ids.PAD_ID, np.int32)
-    pending = np.ones(batch, bool)
-    length = min(32, self.max_decode_length)
-    while True:
-      # The whole batch is decoded again (fixed shapes); only pending rows are read.
-      ids = np.asarray(self._greedy(head, memory, paddings, length))
-      ended = (ids == special_ids.EOS_ID).any(axis=1) | (length == self.max_decode_length)
-      done = pending & ended
-      out[done, :length] = ids[done]
-      pending &= ~done
-      if not pending.any():
-        return out
-      length = min(2 * length, self.max_decode_length)
 
   def _targets(self, texts: Sequence[str]) -> List[np.ndarray]:
     limit = self.decoder_config.max_length - 1
     return [np.append(ids[:limit], special_ids.EOS_ID).astype(np.int32)
             for ids in self.backbone.text_ids(texts)]
-
-  def _apply(self, head, targets_in, memory, memory_paddings):
-    return self.decoder.apply({'params': head}, targets_in, memory, memory_paddings)
 
   def _speech_memory(self, encoder_params, batch, rng=None, deterministic=True):
     return self.backbone.speech(encoder_params, batch['features'], batch['feature_paddings'],
@@ -196,7 +167,7 @@ class Translation(engine.Evaluation):
       inputs, make, memory_fn = self.features[split], engine.speech_batch, self._memory
     else:
       inputs, make, memory_fn = self.sources[split], engine.ids_batch, self._text_memory
-    decode = self._beam if beam else self._greedy_staged
+    decode = self._beam if beam else self._greedy
     hypotheses = []
     for rows in engine.in_batches(len(inputs), self.eval_batch_size):
       memory, paddings = memory_fn(encoder_params, make([inputs[i] for i in rows],

@@ -149,12 +149,13 @@ class MaskedGroupNorm(nn.Module):
     return (normed * scale + bias).astype(self.dtype)
 
 
-def sinusoidal_positions(length: int, dim: int) -> jax.Array:
+def sinusoidal_positions(length: int, dim: int, offset=0) -> jax.Array:
   """Transformer sinusoidal position table [length, dim] (Vaswani et al. 2017).
 
-  Row p holds sin(p / 10000^(2i/dim)) in column 2i and cos(...) in 2i + 1.
+  Row r is position p = offset + r and holds sin(p / 10000^(2i/dim)) in column
+  2i and cos(...) in 2i + 1; `offset` may be traced (incremental decoding).
   """
-  positions = jnp.arange(length, dtype=jnp.float32)[:, None]
+  positions = (offset + jnp.arange(length, dtype=jnp.float32))[:, None]
   inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
   angles = positions * inv_freq[None, :]
   table = jnp.zeros((length, dim), jnp.float32)
