@@ -69,6 +69,20 @@ def test_loader_reads_speech_translation_records(splits):
   assert ex.language == 'aa' and ex.english and ex.transcript and ex.waveform.ndim == 1
 
 
+def test_evaluation_batches_report_progress(capsys):
+  assert [list(r) for r in engine.in_batches(5, 2)] == [[0, 1], [2, 3], [4]]
+  covered = [i for rows in engine.in_batches(7, 3, 'translating test', every_s=0.0)
+             for i in rows]
+  assert covered == list(range(7))
+  lines = capsys.readouterr().out.splitlines()
+  # A line after every batch but the last, each with an ETA.
+  assert [line.split(',')[0] for line in lines] == ['translating test: 1/3 batches',
+                                                     'translating test: 2/3 batches']
+  assert all('eta=' in line for line in lines)
+  list(engine.in_batches(7, 3, 'quiet'))  # the default interval: too fast to print
+  assert capsys.readouterr().out == ''
+
+
 def test_batches_depend_on_the_step_only():
   a = [engine.batch_indices(10, 4, 0, s) for s in range(5)]
   assert [engine.batch_indices(10, 4, 0, s).tolist() for s in range(5)] == [x.tolist() for x in a]
@@ -146,9 +160,17 @@ def test_translation_learns_and_scores_with_sacrebleu(splits, corpus, export_bac
   before, after, state = _loss_before_after(evaluation, export_backbone, _config(tmp_path))
   assert after < before
   head, enc = state.params['head'], state.params['encoder']
+  # Every training step has one shape (one compile), whatever items it draws.
+  order = np.argsort([len(f) for f in evaluation.features['train']])
+  shapes = {repr(jax.tree.map(np.shape, evaluation.train_batch(rows, step)))
+            for step, rows in enumerate([order[:8], order[-8:], order[4:12]])}
+  assert len(shapes) == 1, shapes  # the shortest and the longest items alike
   if multimodal:
     batch = evaluation.train_batch(np.arange(8))
     assert batch['text']['ids'].shape[0] == batch['speech']['features'].shape[0]
+    limit = max(len(ids) for ids in evaluation.sources['train'])
+    assert max(len(ids) for ids in evaluation.text_sources) <= translation.bucket_length(
+        limit, 8)
   scores = evaluation.evaluate(head, enc, 'test')
   hyps = evaluation.translate(head, enc, 'test', modality='speech', beam=True)
   refs = [e.english for e in evaluation.splits['test']]
@@ -165,10 +187,29 @@ def test_retrieval_scores_both_directions(splits, export_backbone):
   scores = evaluation.evaluate({}, export_backbone.params, 'test')
   speech, text = evaluation.embeddings(export_backbone.params, 'test')
   assert speech.shape == text.shape == (9, export_backbone.dim)
-  want = metrics.retrieval_recall(speech, text)
+  want = metrics.retrieval_recall(speech - speech.mean(0), text - text.mean(0))
   assert scores['speech_to_text_recall@1'] == want['recall@1']
+  assert scores['uncentred_speech_to_text_recall@5'] == metrics.retrieval_recall(
+      speech, text)['recall@5']
   assert scores['chance@1'] == pytest.approx(1 / 9)
   assert 'speech->text R@1' in _summary(evaluation, scores)
+
+
+def test_retrieval_centring_removes_a_shared_hub(splits, monkeypatch):
+  """Planted pairs under a large shared offset: uncentred recall is the hub's 1/n, centred 1.0."""
+  evaluation = retrieval.Retrieval(splits, eval_batch_size=8)
+  rng = np.random.default_rng(0)
+  n = len(splits['test'])
+  distinct = rng.normal(size=(n, 16))
+  hub = np.ones(16)
+  # Speech barely varies around the shared vector; then the text keys' own spread decides
+  # every uncentred ranking alike (the same key on top for every query).
+  speech = hub + 1e-4 * distinct
+  text = hub + 0.01 * (distinct + 0.1 * rng.normal(size=(n, 16)))
+  monkeypatch.setattr(evaluation, 'embeddings', lambda params, split: (speech, text))
+  scores = evaluation.evaluate({}, {}, 'test')
+  assert scores['speech_to_text_recall@1'] == scores['text_to_speech_recall@1'] == 1.0
+  assert scores['uncentred_speech_to_text_recall@1'] == pytest.approx(1 / n)
 
 
 def test_logmel_baseline_stacks_frames_as_the_frontend_subsamples(splits, corpus, tmp_path):

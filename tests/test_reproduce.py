@@ -116,6 +116,27 @@ def test_table_holds_mean_and_std_over_seeds(fake_units, tmp_path):
   assert curves['step'] == [10, 20] and curves['loss'] == pytest.approx([3.0, 2.0])
 
 
+def test_orderings_pair_runs_by_seed(fake_units, tmp_path):
+  results = reproduce.run_all(str(tmp_path), BUDGET)
+  text = reproduce.orderings(results['downstream'])
+  rank = list(reproduce.LABELS).index
+  # Fake scores rise with the backbone's position in LABELS: CTC (2) beats w2v-BERT (0) by
+  # 0.2 in every seed, w2v-BERT loses to TLM (1) by 0.1 in every seed.
+  ctc_w2v = next(line for line in text.splitlines()
+                 if '| speech_translation | BLEU | mSLAM-CTC > w2v-BERT' in line)
+  mean, std = (float(x) for x in ctc_w2v.split('|')[4].split('±'))
+  assert mean == pytest.approx(0.1 * (rank('mslam_ctc') - rank('w2v_bert')))
+  assert std == pytest.approx(0.0, abs=1e-9) and '3 of 3 seeds' in ctc_w2v
+  w2v_tlm = next(line for line in text.splitlines()
+                 if '| speech_translation | BLEU | w2v-BERT > mSLAM-TLM' in line)
+  assert '0 of 3 seeds' in w2v_tlm
+  # One seed's TLM result missing: that seed drops out of the pairing.
+  rows = [r for r in results['downstream']
+          if not (r['backbone'] == 'mslam_tlm' and r['seed'] == 0)]
+  assert 'of 2 seeds' in next(line for line in reproduce.orderings(rows).splitlines()
+                               if 'w2v-BERT > mSLAM-TLM' in line)
+
+
 def test_plots_are_written(fake_units, tmp_path):
   results = reproduce.run_all(str(tmp_path), BUDGET)
   paths = reproduce.plots(str(tmp_path), results, BUDGET)

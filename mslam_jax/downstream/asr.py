@@ -88,7 +88,7 @@ class Asr(engine.Evaluation):
   def transcribe(self, head, encoder_params, split: str):
     feats = self.features[split]
     hypotheses = []
-    for rows in engine.in_batches(len(feats), self.eval_batch_size):
+    for rows in engine.in_batches(len(feats), self.eval_batch_size, f'transcribing {split}'):
       batch = engine.speech_batch([feats[i] for i in rows], self.eval_batch_size)
       logits, paddings = jax.device_get(self._predict(head, encoder_params, batch))
       best = np.argmax(logits, -1)

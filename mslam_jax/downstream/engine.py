@@ -226,9 +226,10 @@ def run_and_score(evaluation: Evaluation, backbone, config: FinetuneConfig,
 
 # ---- helpers shared by the evaluations ----------------------------------------
 
-def speech_batch(features: Sequence[np.ndarray], rows: int) -> Dict[str, np.ndarray]:
-  """{'features' [rows, bucket, mel], 'feature_paddings' [rows, bucket]}."""
-  length = bucket_length(max(len(f) for f in features), 16)
+def speech_batch(features: Sequence[np.ndarray], rows: int,
+                 length: Optional[int] = None) -> Dict[str, np.ndarray]:
+  """{'features' [rows, T, mel], 'feature_paddings' [rows, T]}, T `length` or a bucket."""
+  length = length or bucket_length(max(len(f) for f in features), 16)
   x, paddings = data_lib.pad_batch(features, length, rows, 0.0)
   return {'features': x, 'feature_paddings': paddings}
 
@@ -274,8 +275,26 @@ def standardizer(values: Sequence[np.ndarray]):
           jnp.asarray(rows.std(0) + 1e-6, jnp.float32))
 
 
-def in_batches(n: int, size: int) -> List[range]:
-  return [range(s, min(s + size, n)) for s in range(0, n, size)]
+def in_batches(n: int, size: int, what: Optional[str] = None, every_s: float = 10.0):
+  """Consecutive index ranges of `size` covering range(n).
+
+  With `what`, a generator that prints "what: k/m batches, eta=Ns" whenever
+  `every_s` seconds have passed since the last line (evaluation loops; a short
+  one prints nothing).
+  """
+  batches = [range(s, min(s + size, n)) for s in range(0, n, size)]
+  return batches if what is None else _with_progress(batches, what, every_s)
+
+
+def _with_progress(batches: List[range], what: str, every_s: float) -> Iterator[range]:
+  start = last = time.perf_counter()
+  for done, rows in enumerate(batches, 1):
+    yield rows
+    now = time.perf_counter()
+    if done < len(batches) and now - last >= every_s:
+      eta = (now - start) / done * (len(batches) - done)
+      print(f'{what}: {done}/{len(batches)} batches, eta={eta:.0f}s', flush=True)
+      last = now
 
 
 def check_vocabulary_covers(vocabulary, texts: Sequence[str], where: str,

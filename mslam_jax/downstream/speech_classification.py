@@ -85,7 +85,7 @@ class LanguageId(engine.Evaluation):
     feats, labels = self.features[split], self.labels[split]
     known = labels >= 0
     predictions = []
-    for rows in engine.in_batches(len(feats), self.eval_batch_size):
+    for rows in engine.in_batches(len(feats), self.eval_batch_size, f'classifying {split}'):
       batch = engine.speech_batch([feats[i] for i in rows], self.eval_batch_size)
       logits = np.asarray(self._predict(head, encoder_params, batch))
       predictions.extend(np.argmax(logits[:len(rows)], -1).tolist())
