@@ -1,7 +1,7 @@
 """The paper's comparison at CPU scale: three variants x seeds, every downstream evaluation.
 
-    python -m mslam_jax.reproduce --output=runs/reproduce            # about 90 min, 2 cores
-    python -m mslam_jax.reproduce --output=runs/reproduce_quick --quick   # minutes
+    python -m mslam_jax.reproduce --output=runs/reproduce            # 75 min on 2 cores
+    python -m mslam_jax.reproduce --output=runs/reproduce_quick --quick   # 17 min
 
 For each seed it pre-trains the tiny model as w2v-BERT (speech only),
 mSLAM-TLM and mSLAM-CTC with the same steps and batch (mSLAM, Bapna et al.
@@ -45,6 +45,8 @@ BASELINES = ('random_init', 'logmel', 'logmel_normalized')
 LABELS = {'w2v_bert': 'w2v-BERT', 'mslam_tlm': 'mSLAM-TLM', 'mslam_ctc': 'mSLAM-CTC',
           'random_init': 'random init', 'logmel': 'log-mel',
           'logmel_normalized': 'log-mel (norm.)'}
+COLORS = {'w2v_bert': 'C0', 'mslam_tlm': 'C1', 'mslam_ctc': 'C2', 'random_init': 'C7',
+          'logmel': 'C8', 'logmel_normalized': 'C9'}  # one colour per backbone in every plot
 # downstream evaluation -> (gin file, needs text input, headline metric key, higher is better)
 EVALUATIONS = {
     'language_id': ('gin/downstream/language_id.gin', False),
@@ -86,7 +88,7 @@ QUICK = Budget(seeds=(0, 1), pretrain_steps=40, finetune_steps=40,
                max_train_per_language=None, max_eval_per_language=None,
                evaluations=('language_id', 'ctc_probe', 'speech_translation',
                             'multimodal_translation', 'retrieval'))
-# About 90 minutes on a 2-core CPU (measured, unit by unit: benchmarks/RESULTS.md). Four
+# 75 minutes on a 2-core CPU (measured, unit by unit: benchmarks/RESULTS.md). Four
 # languages in three scripts keep the downstream sets small enough for 3 seeds x 6 backbones.
 FULL = Budget(seeds=(0, 1, 2), pretrain_steps=200, finetune_steps=120,
               corpus_dir=DEFAULT_LARGE_CORPUS, vocab_size=2048,
@@ -408,6 +410,16 @@ def pretraining_curves(output: str, budget: Budget) -> Dict[str, Dict[str, List[
   return curves
 
 
+def _chance(evaluation: str, metric: str, rows: List[Dict[str, Any]]) -> Optional[float]:
+  """The chance level of a headline metric where one is defined (language ID, recall@1)."""
+  test = next(r['test'] for r in rows if r['evaluation'] == evaluation)
+  if evaluation == 'language_id' and test.get('classes'):
+    return 1.0 / len(test['classes'])
+  if evaluation == 'retrieval' and metric.endswith('R@1'):
+    return test.get('chance@1')
+  return None
+
+
 def plots(output: str, results: Dict[str, Any], budget: Budget) -> List[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -438,17 +450,22 @@ def plots(output: str, results: Dict[str, Any], budget: Budget) -> List[str]:
     panels.append((evaluation, metric))
   fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
   for ax, (evaluation, metric) in zip(axes[0], panels):
-    names, means, stds = [], [], []
+    names, means, stds, backbones = [], [], [], []
     for b in tuple(VARIANTS) + BASELINES:
       values = [headline(evaluation, r['test'])[metric] for r in rows
                 if r['evaluation'] == evaluation and r['backbone'] == b]
       if values:
+        backbones.append(b)
         names.append(LABELS[b])
         means.append(statistics.fmean(values))
         stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
     ax.bar(range(len(names)), means, yerr=stds, capsize=3,
-           color=['C0', 'C1', 'C2', 'C7', 'C8', 'C9'][:len(names)])
+           color=[COLORS[b] for b in backbones])
     ax.set_xticks(range(len(names)), names, rotation=45, ha='right', fontsize=8)
+    chance = _chance(evaluation, metric, rows)
+    if chance is not None:
+      ax.axhline(chance, color='k', linestyle='--', linewidth=0.8, label='chance')
+      ax.legend(fontsize=7)
     ax.set_title(f'{evaluation}\n{metric}', fontsize=9)
   fig.tight_layout()
   path = os.path.join(output, 'downstream.png')
@@ -462,7 +479,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--output', default='runs/reproduce', help='everything goes here')
   parser.add_argument('--quick', action='store_true',
-                      help='2 seeds, 40 steps, embedded corpus: minutes instead of ~90')
+                      help='2 seeds, 40 steps, embedded corpus: 17 min instead of 75')
   parser.add_argument('--corpus_dir', help='a corpus with downstream splits (default: the '
                       f'large one at {DEFAULT_LARGE_CORPUS}; --quick: the embedded one)')
   parser.add_argument('--seeds', type=int, help='number of seeds (default 3; --quick 2)')

@@ -18,12 +18,12 @@ def _fake_scores(evaluation, backbone, seed):
   value = 0.1 * (1 + list(reproduce.LABELS).index(backbone)) + 0.01 * seed
   per = {'en': value, 'ru': value / 2, 'el': value / 4}
   if evaluation == 'language_id':
-    return {'accuracy': value, 'per_language': per}
+    return {'accuracy': value, 'per_language': per, 'classes': ['en', 'ru', 'el']}
   if evaluation == 'ctc_probe':
     return {'cer': value, 'per_language': per}
   if evaluation == 'retrieval':
     return {'speech_to_text_recall@1': value, 'speech_to_text_recall@5': 2 * value,
-            'text_to_speech_recall@1': value}
+            'text_to_speech_recall@1': value, 'chance@1': 0.01}
   return {'bleu': value, 'chrf': 3 * value, 'per_language': per,
           'text_zero_shot': {'bleu': value / 10}}
 
@@ -144,3 +144,7 @@ def test_plots_are_written(fake_units, tmp_path):
   for p in paths:
     with open(p, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  rows = results['downstream']
+  assert reproduce._chance('language_id', 'accuracy', rows) == pytest.approx(1 / 3)
+  assert reproduce._chance('retrieval', 'speech->text R@1', rows) == 0.01
+  assert reproduce._chance('ctc_probe', 'CER', rows) is None
