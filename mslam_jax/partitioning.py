@@ -9,44 +9,50 @@ A -1 in the shape takes the remaining devices, e.g. (-1, 1, 1) is data
 parallel on every device.
 
 The model names its axes (`nn.with_logical_partitioning` on parameters,
-`nn.with_logical_constraint` on activations); `LOGICAL_RULES` maps those names
-to mesh axes. flax applies the rules in order and never uses a mesh axis twice
+`nn.with_logical_constraint` on activations); the rules in
+`gin/meshes/rules.gin` map those names to mesh axes. That file is their one
+source: runs bind them through gin (`MeshConfig.rules`), and code that runs
+without a gin config (the downstream engine, tests, tools) reads the same
+binding with `default_rules()`. flax applies the rules in order and never uses a mesh axis twice
 in one array, so 'batch' (listed first) takes (data, fsdp) on activations and
 'embed' falls back to replicated there, while on weights 'embed' takes fsdp.
 """
 
 import dataclasses
+import functools
 import math
+import os
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import gin
+from gin import config_parser
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mslam_jax import gin_utils
+
 MESH_AXES = ('data', 'fsdp', 'model')
 BATCH_AXES = ('data', 'fsdp')
 
-# (logical axis, mesh axes or None); ours, following t5x/MaxText conventions.
-LOGICAL_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('mlp', 'model'),
-    ('heads', 'model'),
-    ('vocab', 'model'),
-    ('codes', 'model'),
-    ('kv', None),
-    ('length', None),
-    ('layers', None),
-    ('code_dim', None),
-    ('conv_out', None),
-    ('conv_time', None),
-    ('conv_freq', None),
-    ('conv_in', None),
-    ('conv_window', None),
-    ('frontend_in', None),
-)
+RULES_GIN = os.path.join(gin_utils.REPO_ROOT, 'gin', 'meshes', 'rules.gin')
+
+
+@functools.lru_cache(maxsize=None)
+def default_rules() -> Tuple[Tuple[str, Any], ...]:
+  """The `MeshConfig.rules` binding of gin/meshes/rules.gin, parsed without touching gin's state.
+
+  ((logical axis, mesh axes or None), ...); ours, following t5x/MaxText conventions.
+  """
+  with open(RULES_GIN, encoding='utf-8') as f:
+    parser = config_parser.ConfigParser(f, gin.config.ParserDelegate(skip_unknown=True))
+    for statement in parser:
+      if (isinstance(statement, config_parser.BindingStatement)
+          and statement.selector == 'MeshConfig' and statement.arg_name == 'rules'):
+        return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                     for name, axes in statement.value)
+  raise ValueError(f'{RULES_GIN} has no MeshConfig.rules binding; restore it (see git log).')
 
 
 @gin.configurable
@@ -54,10 +60,14 @@ LOGICAL_RULES = (
 class MeshConfig:
   """Attributes:
     shape: sizes of the (data, fsdp, model) axes; one may be -1 (the rest).
-    rules: logical axis -> mesh axes (LOGICAL_RULES by default).
+    rules: logical axis -> mesh axes (None: default_rules(), gin/meshes/rules.gin).
   """
   shape: Tuple[int, int, int] = (-1, 1, 1)
-  rules: Tuple[Tuple[str, Any], ...] = LOGICAL_RULES
+  rules: Optional[Tuple[Tuple[str, Any], ...]] = None
+
+  def __post_init__(self):
+    if self.rules is None:
+      object.__setattr__(self, 'rules', default_rules())
 
 
 def resolve_shape(shape: Sequence[int], num_devices: int) -> Tuple[int, ...]:

@@ -94,7 +94,7 @@ def _write_tiny_run(model_dir: str, *, seed: int, step: int, gin_files=()) -> No
     opt = optimizer.make_optimizer()
     mesh = partitioning.make_mesh(partitioning.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
     kwargs = dict(model_config=model_config, loss_config=loss_config, batch_config=batch_config)
-    _, shardings = trainer.state_shardings(opt, mesh, partitioning.LOGICAL_RULES, **kwargs)
+    _, shardings = trainer.state_shardings(opt, mesh, partitioning.default_rules(), **kwargs)
     state = trainer.create_train_state(jax.random.key(seed), opt, shardings, **kwargs)
     state = state.replace(step=jnp.asarray(step, jnp.int32))
     ckpt = checkpoints.Checkpointer(model_dir, save_every=1, async_save=False)

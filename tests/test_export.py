@@ -48,7 +48,7 @@ def _checkpoint_params(model_dir):
                                              BatchConfig())
   mesh = partitioning.make_mesh(partitioning.MeshConfig(shape=(1, 1, 1)), jax.devices()[:1])
   abstract, _ = trainer.state_shardings(optimizer.make_optimizer(), mesh,
-                                        partitioning.LOGICAL_RULES, model_config=model_config,
+                                        partitioning.default_rules(), model_config=model_config,
                                         loss_config=loss_config, batch_config=batch_config)
   ckpt = checkpoints.Checkpointer(model_dir, save_every=1)
   params = ckpt.restore(ckpt.latest_step(), abstract).params

@@ -63,3 +63,15 @@ def test_bad_flag_and_missing_file_say_how_to_fix():
 def test_config_validation_names_the_fix():
   with pytest.raises(ValueError, match='num_heads'):
     ModelConfig(d_model=100, num_heads=8)
+
+
+@pytest.mark.parametrize('path', ['gin/pretrain_0.6b.gin', 'gin/pretrain_tiny_cpu.gin',
+                                  'gin/meshes/fsdp.gin'])
+def test_mesh_rules_have_one_source(path):
+  """Runs bind the rules through gin; code without gin reads the same file's binding."""
+  from mslam_jax import partitioning  # pylint: disable=g-import-not-at-top
+  gin_utils.parse_gin([path])
+  bound = partitioning.MeshConfig().rules
+  assert bound == partitioning.default_rules()
+  assert bound[0] == ('batch', ('data', 'fsdp')) and ('embed', 'fsdp') in bound
+  assert not hasattr(partitioning, 'LOGICAL_RULES')  # no Python twin

@@ -23,7 +23,7 @@ BATCH = BatchConfig(speech_batch_size=4, text_batch_size=4, paired_batch_size=4,
 BATCH8 = dataclasses.replace(BATCH, speech_batch_size=8, text_batch_size=8, paired_batch_size=8)
 SPEECH_ONLY = ('LossConfig.num_negatives = 4', 'LossConfig.use_text = False',
                'LossConfig.use_paired = False')
-RULES = partitioning.LOGICAL_RULES
+RULES = partitioning.default_rules()
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake) devices: '
                              'XLA_FLAGS=--xla_force_host_platform_device_count=8')

@@ -183,7 +183,7 @@ def fit(evaluation: Evaluation, backbone, config: FinetuneConfig,
     state = checkpointer.restore(latest, abstract)
     print(f'{evaluation.name}: resuming from step {latest}', flush=True)
   step_fn = trainer.jit_train_step(_step_fn(evaluation, optimizer, trains_encoder), shardings,
-                                   mesh, partitioning.LOGICAL_RULES)
+                                   mesh, partitioning.default_rules())
   writer = trainer.MetricsWriter(config.model_dir)
   try:
     if int(state.step) < config.train_steps:
