@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import gin
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mslam_jax import REPO_ROOT
+
 _SEARCH_PATHS = set()
 
 

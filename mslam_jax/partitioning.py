@@ -31,12 +31,12 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mslam_jax import gin_utils
+import mslam_jax
 
 MESH_AXES = ('data', 'fsdp', 'model')
 BATCH_AXES = ('data', 'fsdp')
 
-RULES_GIN = os.path.join(gin_utils.REPO_ROOT, 'gin', 'meshes', 'rules.gin')
+RULES_GIN = os.path.join(mslam_jax.REPO_ROOT, 'gin', 'meshes', 'rules.gin')
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,6 +36,8 @@ import statistics
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import mslam_jax
+
 VARIANTS = {  # name -> gin file (the paper's three pre-training variants)
     'w2v_bert': 'gin/variants/w2v_bert.gin',
     'mslam_tlm': 'gin/variants/mslam_tlm.gin',
@@ -506,7 +508,7 @@ def main(argv=None):
   budget = dataclasses.replace(budget, **changes)
   corpus = os.path.expanduser(budget.corpus_dir)
   if not os.path.exists(os.path.join(corpus, 'metadata.json')) and not os.path.isabs(corpus):
-    corpus = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), corpus)
+    corpus = os.path.join(mslam_jax.REPO_ROOT, corpus)
   if not os.path.exists(os.path.join(corpus, 'metadata.json')):
     raise SystemExit(f'no corpus at {budget.corpus_dir}: build it with\n  python -m '
                      f'mslam_jax.data.build_corpus --output={budget.corpus_dir} --size=large\n'

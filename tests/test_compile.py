@@ -24,7 +24,7 @@ from mslam_jax import gin_utils
 from mslam_jax import info
 from mslam_jax import pretrain_loss
 from mslam_jax.data import batch_spec
-from mslam_jax.gin_utils import REPO_ROOT
+from mslam_jax import REPO_ROOT
 from mslam_jax.models.config import ModelConfig
 
 NUM_DEVICES = 8

@@ -14,7 +14,7 @@ import toy_corpus
 from mslam_jax.downstream import asr, backbone as backbone_lib, data, decoder, engine
 from mslam_jax.downstream import metrics, retrieval, speech_classification, suite, translation
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = mslam_jax.REPO_ROOT
 TIMEOUT_S = 1500  # generous: a shared CI machine may be several times oversubscribed
 TINY_DECODER = decoder.DecoderConfig(num_layers=1, d_model=32, num_heads=2, ffn_dim=64,
                                      dropout_rate=0.0)

@@ -23,7 +23,7 @@ from mslam_jax.data.batch_spec import BatchConfig
 from mslam_jax.models.config import ModelConfig
 from mslam_jax.models.mslam import MSLAM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = mslam_jax.REPO_ROOT
 CORPUS = os.path.join(REPO, 'tasks', 'embedded_corpus')
 TIMEOUT_S = 900  # generous: a shared CI machine may be several times oversubscribed
 

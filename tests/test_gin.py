@@ -6,7 +6,7 @@ import os
 import pytest
 
 from mslam_jax import gin_utils
-from mslam_jax.gin_utils import REPO_ROOT
+from mslam_jax import REPO_ROOT
 from mslam_jax.models.config import ModelConfig
 from mslam_jax.optimizer import warmup_rsqrt_schedule
 from mslam_jax.pretrain_loss import LossConfig

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mslam_jax import gin_utils, info, pretrain_loss
-from mslam_jax.gin_utils import REPO_ROOT
+from mslam_jax import REPO_ROOT
 from mslam_jax.models.config import ModelConfig
 
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mslam_jax import REPO_ROOT as REPO
 SMALL = ['--gin_file=gin/pretrain_tiny_cpu.gin', '--gin.TrainConfig.log_every=1',
          '--gin.BatchConfig.speech_batch_size=2', '--gin.BatchConfig.text_batch_size=2',
          '--gin.BatchConfig.paired_batch_size=2', '--gin.BatchConfig.text_length=24',

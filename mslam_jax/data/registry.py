@@ -32,12 +32,12 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import seqio
 import tensorflow as tf
 
+from mslam_jax import REPO_ROOT
 from mslam_jax.data import preprocessors
 from mslam_jax.data import sources as sources_lib
 from mslam_jax.data import vocabulary as vocabulary_lib
 
 KINDS = ('speech', 'text', 'paired')
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMBEDDED_CORPUS = os.path.join(REPO_ROOT, 'tasks', 'embedded_corpus')
 
 

@@ -32,6 +32,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+import mslam_jax
 from mslam_jax import special_ids
 from mslam_jax.data import bad_input
 from mslam_jax.data import paired_lengths
@@ -104,7 +105,7 @@ def resolve_path(path: str) -> str:
   """A relative path as given when it exists from here, else from the repository root."""
   if os.path.isabs(path) or os.path.exists(path):
     return path
-  return os.path.join(registry.REPO_ROOT, path)
+  return os.path.join(mslam_jax.REPO_ROOT, path)
 
 
 def _pad_and_batch(ds: tf.data.Dataset, batch_size: int, frames: Optional[int],
