@@ -78,9 +78,8 @@ def create_train_state(rng, optimizer, shardings, *, model_config: ModelConfig,
   needs them for the step).
   """
   init = _init_fn(optimizer, model_config, loss_config, batch_config)
-  # No mesh context here: flax's DenseGeneral reshapes its boxed kernel during
-  # init, and a logical constraint on the reshaped value would not fit. The
-  # out_shardings place every array; activation constraints only matter in the step.
+  # No mesh context is needed here: the out_shardings place every array, and
+  # activation constraints only matter in the step.
   return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 

@@ -1,1 +1,3 @@
-"""Data plumbing: batch specs and synthetic batches (real corpora come with the data issue)."""
+"""The input pipeline: audio features, the character vocabulary, sources, seqio tasks, the
+three-kind mixture sampler and bad-input accounting; and the corpus builder (build_corpus).
+"""

@@ -49,9 +49,10 @@ class FeatureConfig:
       the floor so values above it are the exact log of the mel power, with
       no bias on quiet but non-silent bins.
     normalize: per-utterance mean/variance normalisation of each mel channel
-      over the utterance's frames (ours: off; the model's own normalisation
-      layers usually make it unnecessary, but it helps when corpora are
-      recorded at very different gains).
+      over the utterance's frames. Off here, so features are the exact log-mel;
+      pre-training turns it on (gin/runs/pretrain.gin, ours): without it the
+      tiny model's codebook collapsed to 1-2 codes on the embedded corpus
+      (benchmarks/RESULTS.md), and it evens out corpora recorded at different gains.
   """
   sample_rate: int = 16000
   window_ms: float = 25.0

@@ -23,7 +23,7 @@ class Problem(enum.IntEnum):
   TRUNCATED_AUDIO = 2      # the header promises more samples than the file holds
   EMPTY_AUDIO = 3          # no samples, or all samples exactly zero
   NONFINITE_AUDIO = 4      # NaN or Inf samples
-  TOO_SHORT_AUDIO = 5      # fewer log-mel frames than DataConfig.min_frames
+  TOO_SHORT_AUDIO = 5      # fewer log-mel frames than audio_features.min_frames (gin)
   TOO_LONG_AUDIO = 6       # paired audio over the frame limit (cropping would cut its transcript)
   EMPTY_TEXT = 7           # empty text line or transcript
   TOO_LONG_TEXT = 8        # transcript over the character limit (paired)
@@ -39,7 +39,7 @@ MESSAGES = {
     Problem.TRUNCATED_AUDIO: 'truncated audio file',
     Problem.EMPTY_AUDIO: 'empty or all-zero audio',
     Problem.NONFINITE_AUDIO: 'NaN or Inf audio samples',
-    Problem.TOO_SHORT_AUDIO: 'audio shorter than DataConfig.min_frames',
+    Problem.TOO_SHORT_AUDIO: 'audio shorter than audio_features.min_frames',
     Problem.TOO_LONG_AUDIO: 'paired audio longer than BatchConfig.paired_frames',
     Problem.EMPTY_TEXT: 'empty text or transcript',
     Problem.TOO_LONG_TEXT: 'transcript longer than BatchConfig.paired_text_length',
