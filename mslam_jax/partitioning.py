@@ -50,8 +50,7 @@ def default_rules() -> Tuple[Tuple[str, Any], ...]:
     for statement in parser:
       if (isinstance(statement, config_parser.BindingStatement)
           and statement.selector == 'MeshConfig' and statement.arg_name == 'rules'):
-        return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                     for name, axes in statement.value)
+        return tuple(statement.value)
   raise ValueError(f'{RULES_GIN} has no MeshConfig.rules binding; restore it (see git log).')
 
 

@@ -88,16 +88,14 @@ class Budget:
 QUICK = Budget(seeds=(0, 1), pretrain_steps=40, finetune_steps=40,
                corpus_dir='tasks/embedded_corpus', vocab_size=1024, languages=None,
                max_train_per_language=None, max_eval_per_language=None,
-               evaluations=('language_id', 'ctc_probe', 'speech_translation',
-                            'multimodal_translation', 'retrieval'))
+               evaluations=tuple(EVALUATIONS))
 # 75 minutes on a 2-core CPU (measured, unit by unit: benchmarks/RESULTS.md). Four
 # languages in three scripts keep the downstream sets small enough for 3 seeds x 6 backbones.
 FULL = Budget(seeds=(0, 1, 2), pretrain_steps=200, finetune_steps=120,
               corpus_dir=DEFAULT_LARGE_CORPUS, vocab_size=2048,
               languages=('en', 'de', 'ru', 'el'),
               max_train_per_language=80, max_eval_per_language=25,
-              evaluations=('language_id', 'ctc_probe', 'speech_translation',
-                           'multimodal_translation', 'retrieval'))
+              evaluations=tuple(EVALUATIONS))
 
 
 class Progress:

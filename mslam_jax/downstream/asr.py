@@ -55,7 +55,6 @@ class Asr(engine.Evaluation):
     self.labels = {s: backbone.text_ids([e.transcript for e in ex])
                    for s, ex in self.splits.items()}
     self.num_train = len(self.splits['train'])
-    self.shift, self.scale = 0.0, 1.0
     frames = jax.jit(lambda p, b: self.backbone.speech(p, b['features'], b['feature_paddings']))
     valid_frames = []
     for rows in engine.in_batches(self.num_train, self.eval_batch_size):

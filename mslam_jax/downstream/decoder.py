@@ -282,6 +282,12 @@ def decode_step(decoder: TransformerDecoder, variables, cache, tokens: jax.Array
   return log_probs.at[:, special_ids.PAD_ID].set(-jnp.inf), state['cache']
 
 
+def _previous_tokens(ids: jax.Array, step: jax.Array) -> jax.Array:
+  """The token each row feeds at `step`: PAD (the start token) first, then ids[..., step - 1]."""
+  last = jax.lax.dynamic_index_in_dim(ids, step - 1, axis=ids.ndim - 1, keepdims=False)
+  return jnp.where(step == 0, special_ids.PAD_ID, last)
+
+
 def greedy_decode(decoder: TransformerDecoder, variables, memory: jax.Array,
                   memory_paddings: jax.Array, *, max_length: int) -> jax.Array:
   """Argmax decoding (PAD excluded), one token per step, until every row has emitted EOS.
@@ -304,9 +310,7 @@ def greedy_decode(decoder: TransformerDecoder, variables, memory: jax.Array,
 
   def body(state):
     step, ids, finished, cache = state
-    previous = jnp.where(step == 0, special_ids.PAD_ID,
-                         jax.lax.dynamic_index_in_dim(ids, step - 1, axis=1, keepdims=False))
-    log_probs, cache = decode_step(decoder, variables, cache, previous)
+    log_probs, cache = decode_step(decoder, variables, cache, _previous_tokens(ids, step))
     token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
     token = jnp.where(finished, special_ids.PAD_ID, token)
     ids = jax.lax.dynamic_update_index_in_dim(ids, token, step, axis=1)
@@ -393,10 +397,8 @@ def beam_search(decoder: TransformerDecoder, variables, memory: jax.Array,
 
   def body(state):
     step, alive_ids, alive_log_probs, finished_ids, finished_scores, cache = state
-    previous = jnp.where(step == 0, special_ids.PAD_ID,
-                         jax.lax.dynamic_index_in_dim(alive_ids, step - 1, axis=2,
-                                                      keepdims=False))
-    log_probs, cache = decode_step(decoder, variables, cache, previous.reshape(batch * k))
+    log_probs, cache = decode_step(decoder, variables, cache,
+                                   _previous_tokens(alive_ids, step).reshape(batch * k))
     vocab = log_probs.shape[-1]
     candidates = alive_log_probs[:, :, None] + log_probs.reshape(batch, k, vocab)
     top_log_probs, top_index = jax.lax.top_k(candidates.reshape(batch, k * vocab), 2 * k)

@@ -226,10 +226,15 @@ def run_and_score(evaluation: Evaluation, backbone, config: FinetuneConfig,
 
 # ---- helpers shared by the evaluations ----------------------------------------
 
+def bucket_for(items: Sequence[np.ndarray], minimum: int) -> int:
+  """The bucket length (encoder.bucket_length) that holds the longest of `items`."""
+  return bucket_length(max(len(x) for x in items), minimum)
+
+
 def speech_batch(features: Sequence[np.ndarray], rows: int,
                  length: Optional[int] = None) -> Dict[str, np.ndarray]:
   """{'features' [rows, T, mel], 'feature_paddings' [rows, T]}, T `length` or a bucket."""
-  length = length or bucket_length(max(len(f) for f in features), 16)
+  length = length or bucket_for(features, 16)
   x, paddings = data_lib.pad_batch(features, length, rows, 0.0)
   return {'features': x, 'feature_paddings': paddings}
 
@@ -237,7 +242,7 @@ def speech_batch(features: Sequence[np.ndarray], rows: int,
 def ids_batch(ids: Sequence[np.ndarray], rows: int, prefix: str = '',
               length: Optional[int] = None) -> Dict[str, np.ndarray]:
   """{prefix+'ids' int32 [rows, L], prefix+'id_paddings' [rows, L]}, L a bucket."""
-  length = length or bucket_length(max(max(len(i) for i in ids), 1), 8)
+  length = length or bucket_for(ids, 8)
   x, paddings = data_lib.pad_batch(ids, length, rows, 0)
   return {prefix + 'ids': x.astype(np.int32), prefix + 'id_paddings': paddings}
 

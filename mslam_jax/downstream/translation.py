@@ -43,11 +43,6 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, paddings: jax.Array):
   return jnp.sum(losses * valid) / count, accuracy
 
 
-def _bucket(items: Sequence[np.ndarray], minimum: int) -> int:
-  """The bucket length that holds the longest of `items`."""
-  return bucket_length(max(max(len(x) for x in items), 1), minimum)
-
-
 class Translation(engine.Evaluation):
   """Speech (and optionally text) translation into English.
 
@@ -100,8 +95,8 @@ class Translation(engine.Evaluation):
     # One shape for every training step (ours): per-batch buckets of the speech, target
     # and text lengths combine into dozens of shapes, each compiled anew (a multi-modal
     # step averaged 7 s on 2 cores that way).
-    self.train_lengths = {'speech': _bucket(self.features['train'], 16),
-                          'target': _bucket(self.targets['train'], 8)}
+    self.train_lengths = {'speech': engine.bucket_for(self.features['train'], 16),
+                          'target': engine.bucket_for(self.targets['train'], 8)}
     if self.text_pairs:
       engine.check_vocabulary_covers(vocab, [p.source for p in self.text_pairs],
                                      'text translation sources')
@@ -109,7 +104,7 @@ class Translation(engine.Evaluation):
       targets = self._targets([p.english for p in self.text_pairs])
       # Text pairs as long as the speech split's transcripts (ours): a few very long
       # sentences would otherwise set the padded length of every text batch.
-      limit = _bucket(self.sources['train'], 8)
+      limit = engine.bucket_for(self.sources['train'], 8)
       keep = [i for i, ids in enumerate(sources) if len(ids) <= limit]
       if not keep:
         raise ValueError(f'multi-modal fine-tuning: no text pair has a source of at most '
@@ -119,8 +114,8 @@ class Translation(engine.Evaluation):
             'the rest are left out', flush=True)
       self.text_sources = [sources[i] for i in keep]
       self.text_targets = [targets[i] for i in keep]
-      self.train_lengths['text'] = _bucket(self.text_sources, 8)
-      self.train_lengths['text_target'] = _bucket(self.text_targets, 8)
+      self.train_lengths['text'] = engine.bucket_for(self.text_sources, 8)
+      self.train_lengths['text_target'] = engine.bucket_for(self.text_targets, 8)
     longest = max(len(t) for t in self.targets['train'])
     # Our choice: hypotheses may run 1.5x the longest training target.
     self.max_decode_length = min(cfg.max_length, bucket_length(int(1.5 * longest), 8))
