@@ -1,34 +1,49 @@
-"""Launches mSLAM pre-training on a Cloud TPU pod slice from a gin file.
+"""Launches mSLAM pre-training on a Cloud TPU pod slice, and watches and stops it.
 
-Four steps, each one or more `gcloud compute tpus tpu-vm` commands:
+`launch` (the default command) takes four steps, each one or more
+`gcloud compute tpus tpu-vm` commands:
   1. create the TPU VM (skipped with --skip_create);
   2. copy this repository to every worker: a `git archive` tarball of
      --git_ref (default HEAD; uncommitted changes are not copied), or, with
      --repo_url, a `git clone` of that URL checked out at --git_ref;
   3. set up `.venv` on every worker (launch/setup_venv.sh), then add
      `jax[tpu]` at the jax version pinned in constraints.txt;
-  4. run the same `python -m mslam_jax.train` command on all workers at once
-     (`--worker=all`). Each host finds the rest of the slice by itself, so no
-     --coordinator_address / --num_processes / --process_id are passed.
-Optionally (--delete_after) the TPU VM is deleted when training ends, whether
-or not it succeeded.
+  4. start the same `python -m mslam_jax.train` command on all workers at once
+     (`--worker=all`), detached: under `nohup setsid`, so that a dropped ssh
+     session does not kill it, with its output in
+     ~/REMOTE_LOG_DIR/worker_N.log on worker N (--remote_log_dir, default
+     mslam_jax_logs; N is the TPU worker number) and its pid in
+     ~/REMOTE_LOG_DIR/train.pid. Each host finds the rest of the slice by
+     itself, so no --coordinator_address / --num_processes / --process_id are
+     passed. A worker where training already runs refuses to start another.
+The launcher then returns. With --delete_after it instead waits until training
+has ended on every worker (as `wait` below) and deletes the TPU VM, whether or
+not training succeeded; Ctrl-C while it waits leaves training and VM running.
 
 Every host writes checkpoints and metrics to MODEL_DIR, so on a pod it must be
 a gs:// path all hosts share; the launcher warns when it is not.
 
-Usage:
-  python launch/tpu_pod.py --name=mslam-v4 --zone=us-central2-b \
+Start:
+  python launch/tpu_pod.py [launch] --name=mslam-v4 --zone=us-central2-b \
       --gin_file=gin/pretrain_0.6b.gin --model_dir=gs://my-bucket/mslam_0.6b \
       [--accelerator_type=v4-32] [--version=tpu-ubuntu2204-base] \
       [--project=my-project] [--spot] [--skip_create] [--delete_after] \
       [--repo_url=https://github.com/me/mslam_jax.git] [--git_ref=main] \
+      [--remote_log_dir=mslam_jax_logs] \
       [--dry_run] -- --gin.TRAIN_STEPS=1000 --gin.MESH_SHAPE="(4, 4, 1)"
+Watch and stop (same --name, --zone, [--project], [--remote_log_dir]):
+  python launch/tpu_pod.py logs --name=mslam-v4 --zone=us-central2-b \
+      [--worker=N] [--lines=100] [--follow]  # each line prefixed [N]
+  python launch/tpu_pod.py status ...  # running / exited with code C, per worker
+  python launch/tpu_pod.py wait ...    # until it ends everywhere; non-zero if it failed
+  python launch/tpu_pod.py stop ... [--grace_s=300]  # SIGTERM, then SIGKILL
 
 Everything after `--` goes to mslam_jax.train unchanged. --dry_run prints the
 commands as a shell script (copy-pasteable) and runs none of them.
 
 Requires the Google Cloud CLI (`gcloud`), logged in (`gcloud auth login`), with
-the TPU API enabled in the project.
+the TPU API enabled in the project. The workers need bash, curl, setsid and
+GNU coreutils/sed, as the TPU VM images have. docs/pod_launch.md has more.
 """
 
 import argparse
@@ -40,6 +55,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 from shell_words import join
 from shell_words import split_passthrough
@@ -55,20 +71,44 @@ GCLOUD_INSTALL_HINT = (
 # gin macro and the parameter it feeds (gin/runs/pretrain.gin); either may be
 # overridden on the command line.
 MODEL_DIR_BINDINGS = ('MODEL_DIR', 'TrainConfig.model_dir')
+COMMANDS = ('launch', 'logs', 'status', 'wait', 'stop')
+# $0 of the detached wrapper shell: how a pid in train.pid is told from an
+# unrelated process that got the same pid after a reboot.
+WRAPPER_NAME = 'mslam_jax-train'
+# The TPU worker number (what --worker=N selects) from the VM's metadata, as
+# jax finds it; the hostname where the metadata server does not answer.
+WORKER_ID = ('$(curl -sf -m 5 -H Metadata-Flavor:Google http://metadata.google.internal'
+             '/computeMetadata/v1/instance/attributes/agent-worker-number || hostname)')
+# Consecutive failed status polls after which `wait` gives up (--poll_s apart).
+MAX_POLL_FAILURES = 10
+STATUS_LINE = re.compile(
+    r'\bworker (\S+): (running|exited with code (-?\d+)|not running|not started)')
 
 
 class LaunchError(Exception):
   """A problem with the launch request that the user must fix."""
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      epilog='Arguments after `--` are passed to mslam_jax.train unchanged.')
+def add_vm_flags(parser):
+  """The flags that name the TPU VM and where its workers keep the training's logs."""
   tpu = parser.add_argument_group('TPU VM')
   tpu.add_argument('--name', required=True, help='TPU VM name')
   tpu.add_argument('--zone', required=True, help='e.g. us-central2-b (v4)')
   tpu.add_argument('--project', help='GCP project (default: gcloud config)')
+  tpu.add_argument('--remote_log_dir', default='mslam_jax_logs',
+                   help='directory of worker_N.log, train.pid and exit_code on each '
+                   'worker, relative to $HOME (default %(default)s)')
+  parser.add_argument('--dry_run', action='store_true',
+                      help='print the commands (a shell script) and run nothing')
+  return tpu
+
+
+def launch_parser():
+  parser = argparse.ArgumentParser(
+      prog='tpu_pod.py [launch]', description=__doc__.splitlines()[0],
+      epilog='Arguments after `--` are passed to mslam_jax.train unchanged. Other '
+      f'commands: {", ".join(COMMANDS[1:])} (tpu_pod.py COMMAND --help).')
+  tpu = add_vm_flags(parser)
   tpu.add_argument('--accelerator_type', default='v4-32',
                    help='slice type, e.g. v4-32, v5p-64, v6e-32 (default %(default)s)')
   tpu.add_argument('--version', default='tpu-ubuntu2204-base',
@@ -78,7 +118,11 @@ def parse_args(argv):
   tpu.add_argument('--skip_create', action='store_true',
                    help='the TPU VM exists already: skip the create step')
   tpu.add_argument('--delete_after', action='store_true',
-                   help='delete the TPU VM when training ends (also when it fails)')
+                   help='wait until training ends on every worker, then delete the '
+                   'TPU VM (also when it fails)')
+  tpu.add_argument('--poll_s', type=float, default=60.0,
+                   help='with --delete_after, seconds between status checks '
+                   '(default %(default)s)')
   code = parser.add_argument_group('code on the workers')
   code.add_argument('--repo_url',
                     help='git URL the workers clone (default: copy this checkout)')
@@ -97,9 +141,52 @@ def parse_args(argv):
   run.add_argument('--model_dir',
                    help='gs:// directory for checkpoints and metrics; becomes '
                    '--gin.MODEL_DIR')
-  parser.add_argument('--dry_run', action='store_true',
-                      help='print the commands (a shell script) and run nothing')
-  return parser.parse_args(argv)
+  return parser
+
+
+def watch_parser(command):
+  """The parser of logs, status, wait or stop: commands on a training that runs."""
+  descriptions = {
+      'logs': 'Prints the end of every worker\'s training log (or one worker\'s), '
+              'each line prefixed with [WORKER].',
+      'status': 'Says, per worker, whether training runs or how it ended.',
+      'wait': 'Waits until training has ended on every worker; exits 1 naming '
+              'the first worker that failed.',
+      'stop': 'Stops training on every worker (or one): SIGTERM to its process '
+              'group, which saves a checkpoint, then SIGKILL after --grace_s.',
+  }
+  parser = argparse.ArgumentParser(prog=f'tpu_pod.py {command}',
+                                   description=descriptions[command])
+  add_vm_flags(parser)
+  if command in ('logs', 'status', 'stop'):
+    parser.add_argument('--worker', default='all',
+                        help='worker number(s), e.g. 0 or 0,3, or all '
+                        '(default %(default)s)')
+  if command == 'logs':
+    parser.add_argument('--lines', type=int, default=100,
+                        help='lines from the end of each log (default %(default)s)')
+    parser.add_argument('--follow', action='store_true',
+                        help='keep printing new lines until interrupted (Ctrl-C)')
+  if command == 'stop':
+    parser.add_argument('--grace_s', type=int, default=300,
+                        help='seconds between SIGTERM and SIGKILL; long enough for '
+                        'the checkpoint the trainer saves on SIGTERM (default '
+                        '%(default)s)')
+  if command == 'wait':
+    parser.add_argument('--poll_s', type=float, default=60.0,
+                        help='seconds between status checks (default %(default)s)')
+  return parser
+
+
+def parse_args(argv):
+  """Flags of `[COMMAND] FLAGS`; the command (default launch) is args.command."""
+  command = 'launch'
+  if argv and argv[0] in COMMANDS:
+    command, argv = argv[0], argv[1:]
+  parser = launch_parser() if command == 'launch' else watch_parser(command)
+  args = parser.parse_args(argv)
+  args.command = command
+  return args
 
 
 def pinned_jax_version(constraints=REPO_ROOT / 'constraints.txt'):
@@ -168,13 +255,18 @@ def check_local_source(git_ref, gin_files, warn):
     warn('the working tree has uncommitted changes; the workers get HEAD without them')
 
 
-class Plan:
-  """Builds the gcloud commands of one launch; holds no state besides flags."""
+class Pod:
+  """The gcloud commands that reach the workers of one TPU VM; no state besides flags.
 
-  def __init__(self, args, train_args):
+  The scripts run on every worker (or the chosen ones) share one prelude that
+  finds the log directory ($L), the worker number ($W), its log ($LOG), the pid
+  of the detached training ($P) and whether it still runs (`alive`). The pid is
+  the wrapper shell's, the leader of a session and process group of its own,
+  so that `stop` reaches everything training started.
+  """
+
+  def __init__(self, args):
     self.args = args
-    self.train_args = train_args
-    self.gin_files = relative_gin_files(args.gin_file)
 
   def gcloud(self, verb, *args):
     cmd = ['gcloud', 'compute', 'tpus', 'tpu-vm', verb, *args, f'--zone={self.args.zone}']
@@ -182,8 +274,86 @@ class Plan:
       cmd.append(f'--project={self.args.project}')
     return cmd
 
+  def on_workers(self, script, worker='all'):
+    return self.gcloud('ssh', self.args.name, f'--worker={worker}', f'--command={script}')
+
   def on_all_workers(self, script):
-    return self.gcloud('ssh', self.args.name, '--worker=all', f'--command={script}')
+    return self.on_workers(script)
+
+  def prelude(self):
+    log_dir = quote(self.args.remote_log_dir)
+    return (f'L=$(mkdir -p {log_dir} && cd {log_dir} && pwd) || exit 1; '
+            f'W={WORKER_ID}; LOG="$L/worker_$W.log"; P=$(cat "$L/train.pid" 2>/dev/null); '
+            f'alive() {{ test -n "$P" && grep -qa {WRAPPER_NAME} "/proc/$P/cmdline" '
+            '2>/dev/null; }; ')
+
+  def status_script(self):
+    last = 'last line: $(tail -n 1 "$LOG" 2>/dev/null | tr -d "\\r" | cut -c 1-200)'
+    return self.prelude() + (
+        f'if alive; then echo "worker $W: running, pid $P, log $LOG; {last}"; '
+        'elif test -f "$L/exit_code"; then echo "worker $W: exited with code '
+        f'$(cat "$L/exit_code"), log $LOG; {last}"; '
+        'elif test -f "$LOG"; then echo "worker $W: not running and no exit code '
+        f'recorded (killed with SIGKILL, or the VM restarted), log $LOG; {last}"; '
+        'else echo "worker $W: not started (no log $LOG)"; fi')
+
+  def status(self, worker='all'):
+    return self.on_workers(self.status_script(), worker)
+
+  def logs(self, worker='all', lines=100, follow=False):
+    tail = f'tail -n {int(lines)}' + (' -F' if follow else '')
+    return self.on_workers(self.prelude() + (
+        f'if test -f "$LOG"; then {tail} "$LOG" | sed -u "s/^/[$W] /"; '
+        'else echo "worker $W: no log $LOG: training was not started here" >&2; '
+        'exit 1; fi'), worker)
+
+  def stop(self, worker='all', grace_s=300):
+    grace_s = int(grace_s)
+    return self.on_workers(self.prelude() + (
+        'if alive; then echo "=== stop requested $(date -Is)" >> "$LOG"; '
+        'kill -s TERM -- "-$P"; '
+        f'for i in $(seq {grace_s}); do alive || break; sleep 1; done; '
+        'if alive; then kill -s KILL -- "-$P"; rm -f "$L/train.pid"; '
+        'echo "=== killed with SIGKILL $(date -Is)" >> "$LOG"; '
+        f'echo "worker $W: killed process group $P, still running {grace_s} s after '
+        'SIGTERM; log $LOG"; '
+        'else echo "worker $W: stopped process group $P; log $LOG"; fi; '
+        'else echo "worker $W: not running; log $LOG"; fi'), worker)
+
+  def wait_command(self):
+    """`tpu_pod.py wait` for this VM, as the dry run prints it."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), 'wait',
+           f'--name={self.args.name}', f'--zone={self.args.zone}']
+    if self.args.project:
+      cmd.append(f'--project={self.args.project}')
+    cmd.append(f'--remote_log_dir={self.args.remote_log_dir}')
+    return cmd + [f'--poll_s={self.args.poll_s:g}']
+
+  def watch_hint(self):
+    """How to watch and stop the training this launch started, for the user."""
+    flags = [f'--name={self.args.name}', f'--zone={self.args.zone}']
+    if self.args.project:
+      flags.append(f'--project={self.args.project}')
+    if self.args.remote_log_dir != 'mslam_jax_logs':
+      flags.append(f'--remote_log_dir={self.args.remote_log_dir}')
+    script = os.path.relpath(pathlib.Path(__file__).resolve())
+    log_dir = self.args.remote_log_dir
+    if not log_dir.startswith('/'):
+      log_dir = f'~/{log_dir}'
+    lines = [f'training runs detached on every worker; worker N writes '
+             f'{log_dir}/worker_N.log there. Watch it, check it and stop it with:']
+    for command, extra in (('logs', ['--follow']), ('status', []), ('stop', [])):
+      lines.append('  ' + join(['python', script, command, *flags, *extra]))
+    return '\n'.join(lines)
+
+
+class Plan(Pod):
+  """Builds the gcloud commands of one launch; holds no state besides flags."""
+
+  def __init__(self, args, train_args):
+    super().__init__(args)
+    self.train_args = train_args
+    self.gin_files = relative_gin_files(args.gin_file)
 
   def in_checkout(self, command):
     return f'cd {quote(self.args.remote_dir)} && {command}'
@@ -238,8 +408,39 @@ class Plan:
       argv.append(f'--gin.MODEL_DIR={self.args.model_dir!r}')
     return argv + self.train_args
 
+  def start_script(self):
+    """The script that starts training on a worker, detached, and returns.
+
+    nohup and a new session (setsid) keep training alive when the ssh session
+    ends or drops; stdin, stdout and stderr leave the ssh channel, so ssh does
+    not wait. The wrapper shell records its pid and, after training, its exit
+    code, which is how `status` and `wait` tell how it ended; it traps SIGTERM
+    only to survive it and record the code of the training process, which gets
+    the signal too.
+    """
+    wrapper = ('L=$1; shift; echo $$ > "$L/train.pid"; '
+               'echo "=== started $(date -Is) on $(hostname): $*"; trap : TERM; '
+               '"$@"; code=$?; echo $code > "$L/exit_code"; rm -f "$L/train.pid"; '
+               'echo "=== exited with code $code $(date -Is)"; exit $code')
+    return self.prelude() + (
+        'if alive; then echo "worker $W: training already runs (pid $P, log $LOG); '
+        'stop it first (tpu_pod.py stop)" >&2; exit 1; fi; '
+        'rm -f "$L/train.pid" "$L/exit_code"; '
+        f'cd {quote(self.args.remote_dir)} || exit 1; '
+        f'nohup setsid bash -c {quote(wrapper)} {WRAPPER_NAME} "$L" '
+        f'{join(self.train_argv())} >> "$LOG" 2>&1 < /dev/null & '
+        # Until the wrapper wrote its pid, `status` would say "not running".
+        'for i in $(seq 50); do test -s "$L/train.pid" || test -f "$L/exit_code" && break; '
+        'sleep 0.2; done; '
+        'if test -s "$L/train.pid"; then echo "worker $W: started training, pid '
+        '$(cat "$L/train.pid"), log $LOG"; '
+        'elif test -f "$L/exit_code"; then echo "worker $W: training exited at once '
+        'with code $(cat "$L/exit_code"); see $LOG" >&2; exit "$(cat "$L/exit_code")"; '
+        'else echo "worker $W: training did not start within 10 s; see $LOG" >&2; '
+        'exit 1; fi')
+
   def train(self):
-    return [self.on_all_workers(self.in_checkout(join(self.train_argv())))]
+    return [self.on_all_workers(self.start_script())]
 
   def delete(self):
     return self.gcloud('delete', self.args.name, '--quiet')
@@ -253,15 +454,17 @@ class Plan:
       steps.append(('create the TPU VM', [self.create()]))
     steps += [(f'copy {source} to every worker', self.copy()),
               ('set up .venv with jax[tpu] on every worker', self.setup()),
-              ('train on all workers at once', self.train())]
+              ('train on all workers at once, detached', self.train())]
     return steps
 
 
 def model_dir_warning(plan):
+  """A warning for a MODEL_DIR that hosts cannot share; an error when there is none."""
   model_dir = model_dir_of(plan.train_argv())
   if model_dir is None:
-    return ('no MODEL_DIR given: the gin file\'s default is a local path, written '
-            'separately by every host; pass --model_dir=gs://BUCKET/RUN')
+    raise LaunchError('no MODEL_DIR given: pass --model_dir=gs://BUCKET/RUN (every host '
+                      'writes checkpoints there; the pod gin files leave it %gin.REQUIRED, '
+                      'so training would stop on every worker)')
   if not str(model_dir).startswith('gs://'):
     return (f'MODEL_DIR {model_dir!r} is not a gs:// path: on a pod every host writes '
             'checkpoints there, so it must be shared storage; pass '
@@ -278,8 +481,70 @@ def run(title, cmd):
                       f'{join(cmd)}') from e
 
 
+def parse_status(output):
+  """{worker: (state, exit code or None, line)} from the output of Pod.status()."""
+  states = {}
+  for line in output.splitlines():
+    match = STATUS_LINE.search(line)
+    if match:
+      worker, state, code = match.groups()
+      if code is not None:
+        state, code = 'exited', int(code)
+      states[worker] = (state, code, line[match.start():])
+  return states
+
+
+def wait_for_training(pod, poll_s, say, sleep=time.sleep, run_status=None):
+  """Returns when training has ended on every worker; LaunchError if it failed.
+
+  Polls Pod.status() over fresh ssh sessions, so a dropped connection only
+  costs one poll; gives up after MAX_POLL_FAILURES failed polls in a row (the
+  VM is gone, or gcloud cannot reach it). Fails as soon as one worker has
+  ended badly: in a collective job the others then cannot finish either.
+  """
+  if run_status is None:
+    def run_status():
+      return subprocess.run(pod.status(), capture_output=True, text=True, check=False)
+  failures = 0
+  reported = None
+  while True:
+    result = run_status()
+    states = parse_status(result.stdout)
+    if result.returncode or not states:
+      failures += 1
+      detail = (result.stderr.strip().splitlines() or ['no status line'])[-1]
+      say(f'status check {failures}/{MAX_POLL_FAILURES} failed '
+          f'(exit code {result.returncode}): {detail}')
+      if failures >= MAX_POLL_FAILURES:
+        raise LaunchError(f'cannot get the training status from TPU VM {pod.args.name} '
+                          f'({MAX_POLL_FAILURES} tries, {poll_s:g} s apart): is it up '
+                          '(`gcloud compute tpus tpu-vm list`)? Then check with '
+                          '`tpu_pod.py status`')
+    else:
+      failures = 0
+      running = sorted(w for w, (state, _, _) in states.items() if state == 'running')
+      summary = f'{len(running)} of {len(states)} workers running'
+      if summary != reported:
+        say(summary)
+        reported = summary
+      for worker, (state, code, line) in sorted(states.items()):
+        if state != 'running' and not (state == 'exited' and code == 0):
+          others = (f'; still running on workers {", ".join(running)}: stop them with '
+                    '`tpu_pod.py stop`' if running else '')
+          raise LaunchError(f'training failed on worker {worker}: {line}{others}')
+      if not running:
+        return
+    sleep(poll_s)
+
+
 def execute(plan, steps, delete_after):
-  """Runs the steps in order; with delete_after, deletes the VM even on failure."""
+  """Runs the steps in order; with delete_after, waits for training, then deletes the VM.
+
+  The VM is deleted even when a step or training fails: checkpoints are on
+  gs://, so a finished or failed slice is only cost. An interrupt while
+  waiting is the exception: training runs on, detached, so deleting the VM
+  would end it for a Ctrl-C that meant "stop watching".
+  """
   error = None
   try:
     for title, commands in steps:
@@ -287,8 +552,17 @@ def execute(plan, steps, delete_after):
         run(title, cmd)
   except (LaunchError, KeyboardInterrupt) as e:
     error = e
+  if delete_after and error is None:
+    say(plan.watch_hint())
+    try:
+      wait_for_training(plan, plan.args.poll_s, say)
+    except LaunchError as e:
+      error = e
+    except KeyboardInterrupt:
+      say('stopped waiting; training runs on and the TPU VM is NOT deleted. Wait '
+          f'again, then delete it: {join(plan.wait_command())} && {join(plan.delete())}')
+      raise
   if delete_after:
-    # Checkpoints are on gs://, so a finished or failed slice is only cost.
     try:
       run('delete the TPU VM', plan.delete())
     except LaunchError as e:
@@ -298,39 +572,82 @@ def execute(plan, steps, delete_after):
     raise error
 
 
-def main(argv=None):
-  own, train_args = split_passthrough(sys.argv[1:] if argv is None else argv)
-  args = parse_args(own)
+def say(message):
+  print(f'[tpu_pod] {message}', file=sys.stderr, flush=True)
+
+
+def launch(args, train_args):
+  """The `launch` command: create, copy, set up, start (and maybe wait and delete)."""
 
   def warn(message):
     print(f'warning: {message}', file=sys.stderr, flush=True)
 
+  plan = Plan(args, train_args)
+  if not args.repo_url:
+    check_local_source(args.git_ref, plan.gin_files, warn)
+  if (message := model_dir_warning(plan)):
+    warn(message)
+  steps = plan.steps()
+  if args.dry_run:
+    for i, (title, commands) in enumerate(steps, 1):
+      print(f'# {i}. {title}')
+      for cmd in commands:
+        print(join(cmd))
+    if args.delete_after:
+      print(f'# {len(steps) + 1}. wait until training has ended on every worker')
+      print(join(plan.wait_command()))
+      print(f'# {len(steps) + 2}. delete the TPU VM')
+      print(join(plan.delete()))
+    else:
+      say(plan.watch_hint())
+    return 0
+  execute(plan, steps, args.delete_after)
+  if not args.delete_after:
+    say(plan.watch_hint())
+  return 0
+
+
+def watch(args):
+  """The logs, status, wait and stop commands: one ssh to the workers each, or polls."""
+  pod = Pod(args)
+  if args.command == 'wait':
+    if args.dry_run:
+      print(f'# poll every {args.poll_s:g} s until no worker runs training:')
+      print(join(pod.status()))
+      return 0
+    wait_for_training(pod, args.poll_s, say)
+    say('training has ended on every worker, with exit code 0')
+    return 0
+  if args.command == 'logs':
+    cmd = pod.logs(args.worker, args.lines, args.follow)
+  elif args.command == 'status':
+    cmd = pod.status(args.worker)
+  else:
+    cmd = pod.stop(args.worker, args.grace_s)
+  if args.dry_run:
+    print(join(cmd))
+    return 0
+  return subprocess.run(cmd, check=False).returncode
+
+
+def main(argv=None):
+  own, train_args = split_passthrough(sys.argv[1:] if argv is None else argv)
+  args = parse_args(own)
   try:
+    if args.command != 'launch' and train_args:
+      raise LaunchError(f'arguments after `--` ({join(train_args)}) go to training, '
+                        f'which `{args.command}` does not start; drop them')
     if not args.dry_run and shutil.which('gcloud') is None:
       raise LaunchError(GCLOUD_INSTALL_HINT)
-    plan = Plan(args, train_args)
-    if not args.repo_url:
-      check_local_source(args.git_ref, plan.gin_files, warn)
-    if (message := model_dir_warning(plan)):
-      warn(message)
-    steps = plan.steps()
-    if args.dry_run:
-      for i, (title, commands) in enumerate(steps, 1):
-        print(f'# {i}. {title}')
-        for cmd in commands:
-          print(join(cmd))
-      if args.delete_after:
-        print(f'# {len(steps) + 1}. delete the TPU VM')
-        print(join(plan.delete()))
-      return 0
-    execute(plan, steps, args.delete_after)
+    if args.command == 'launch':
+      return launch(args, train_args)
+    return watch(args)
   except LaunchError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     return 130
-  return 0
 
 
 if __name__ == '__main__':

@@ -1,14 +1,20 @@
 """The launchers: tpu_pod.py's commands (dry run, no gcloud) and local_multiprocess.py's processes.
 
 tpu_pod.py is only run with --dry_run or without gcloud on PATH, so nothing
-here touches the network. local_multiprocess.py starts real processes: small
-helper modules written into tmp_path, and one 2-process jax.distributed run.
+here touches the network; the scripts it would run on the workers are run
+here by bash, on a fake worker (a fake `curl` and training command). The
+local_multiprocess.py tests start real processes: small helper modules
+written into tmp_path, and one 2-process jax.distributed run. Time limits
+are loose (the machine may be oversubscribed): they only tell "stopped by
+the launcher" from "ran until its hour-long sleep ended".
 """
 
 import os
 import pathlib
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +24,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'launch'))
 import shell_words  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import tpu_pod  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 LIBTPU_FIND_LINKS = 'https://storage.googleapis.com/jax-releases/libtpu_releases.html'
 # Words a shell or a gin parser would mangle if any quoting level were wrong.
@@ -60,6 +67,12 @@ def remote_script(cmd):
   return script
 
 
+def train_words_of(script):
+  """The training command line inside a start script, as bash would read it."""
+  start = script.index('mslam_jax-train "$L" ') + len('mslam_jax-train "$L" ')
+  return script[start:script.index(' >> "$LOG"', start)]
+
+
 def pinned_jax():
   [version] = re.findall(r'^jax==(\S+)$', (REPO / 'constraints.txt').read_text(), re.M)
   return version
@@ -93,8 +106,15 @@ def test_tpu_pod_dry_run_prints_create_copy_setup_and_train_on_all_workers():
                 '--gin_file=gin/pretrain_0.6b.gin', '--gin_file=gin/variants/mslam_ctc.gin',
                 "--gin.MODEL_DIR='gs://bucket/run'", *OVERRIDES]
   script = remote_script(train)
-  assert shlex.split(script) == ['cd', 'mslam_jax', '&&', *train_argv]
-  assert bash_words(script.removeprefix('cd mslam_jax && ')) == train_argv
+  assert bash_words(train_words_of(script)) == train_argv
+  # Detached, in the checkout, output appended to this worker's own log.
+  assert 'cd mslam_jax || exit 1; nohup setsid bash -c ' in script
+  assert f'>> "$LOG" 2>&1 < /dev/null &' in script
+  assert 'LOG="$L/worker_$W.log"' in script and 'agent-worker-number' in script
+  assert 'L=$(mkdir -p mslam_jax_logs && cd mslam_jax_logs && pwd)' in script
+  # How to watch and stop it is said, on stderr (stdout stays a script).
+  assert 'tpu_pod.py logs --name=pod --zone=us-central2-b --project=proj --follow' in result.stderr
+  assert 'tpu_pod.py stop --name=pod' in result.stderr
 
 
 def test_tpu_pod_dry_run_from_a_repo_url_then_delete():
@@ -103,13 +123,16 @@ def test_tpu_pod_dry_run_from_a_repo_url_then_delete():
                   '--gin_file=gin/pretrain_2b.gin', '--dry_run', '--',
                   "--gin.MODEL_DIR='gs://b/2b'")
   assert result.returncode == 0, result.stderr
-  clone, setup, train, delete = commands_of(result.stdout)
+  clone, setup, train, wait, delete = commands_of(result.stdout)
   clone_script = remote_script(clone)
   assert 'git clone --quiet https://example.com/me/mslam_jax.git mslam_jax' in clone_script
   assert 'fetch --quiet origin v1.0' in clone_script
   assert 'setup_venv.sh' in remote_script(setup)
-  assert shlex.split(remote_script(train))[-2:] == ['--gin_file=gin/pretrain_2b.gin',
-                                                   "--gin.MODEL_DIR='gs://b/2b'"]
+  assert shlex.split(train_words_of(remote_script(train)))[-2:] == [
+      '--gin_file=gin/pretrain_2b.gin', "--gin.MODEL_DIR='gs://b/2b'"]
+  # Training is detached, so the VM is deleted only after `wait` returns.
+  assert wait == [sys.executable, str(REPO / 'launch' / 'tpu_pod.py'), 'wait', '--name=pod',
+                  '--zone=z', '--remote_log_dir=mslam_jax_logs', '--poll_s=60']
   assert delete == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', 'pod', '--quiet',
                     '--zone=z']
   assert 'MODEL_DIR' not in result.stderr
@@ -118,7 +141,6 @@ def test_tpu_pod_dry_run_from_a_repo_url_then_delete():
 @pytest.mark.parametrize('model_dir_args', [
     ['--model_dir=runs/local'],
     ['--model_dir=gs://bucket/run', '--', "--gin.MODEL_DIR='/tmp/local'"],  # last one wins
-    [],
 ])
 def test_tpu_pod_warns_when_model_dir_is_not_on_gcs(model_dir_args):
   result = launch('tpu_pod.py', '--name=pod', '--zone=z', '--gin_file=gin/pretrain_0.6b.gin',
@@ -126,6 +148,13 @@ def test_tpu_pod_warns_when_model_dir_is_not_on_gcs(model_dir_args):
   assert result.returncode == 0, result.stderr
   [warning] = [line for line in result.stderr.splitlines() if 'MODEL_DIR' in line]
   assert warning.startswith('warning:') and '--model_dir=gs://' in warning
+
+
+def test_tpu_pod_without_model_dir_refuses_to_launch():
+  result = launch('tpu_pod.py', '--name=pod', '--zone=z', '--gin_file=gin/pretrain_0.6b.gin',
+                  '--dry_run')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert 'error: no MODEL_DIR given: pass --model_dir=gs://BUCKET/RUN' in result.stderr
 
 
 def test_tpu_pod_without_gcloud_names_the_fix(tmp_path):
@@ -153,8 +182,13 @@ import os, sys, time
 print('flags', *sys.argv[1:])
 print('env', os.environ['JAX_PLATFORMS'], os.environ['XLA_FLAGS'])
 if '--fail_in_1' in sys.argv:
+  # Process 1 fails only once process 0 has printed, however slowly it starts.
+  ready = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'process_0_ready')
   if '--process_id=1' in sys.argv:
+    while not os.path.exists(ready):
+      time.sleep(0.05)
     sys.exit(1)
+  open(ready, 'w').close()
   time.sleep(60)  # the launcher must stop this one
 """
 
@@ -221,6 +255,10 @@ def test_local_stops_the_others_and_names_the_process_that_failed(tmp_path):
   assert result.returncode == 1
   assert 'error: process 1 exited with code 1; stopped the others' in result.stderr
   assert prefixed(result.stdout, 0) and prefixed(result.stdout, 1)
+  # The temporary log directory is kept for the user, named in the error.
+  log = pathlib.Path(re.search(r'its log: (\S+process_1\.log) ', result.stderr).group(1))
+  assert log.read_text().startswith('flags --fail_in_1 ')
+  shutil.rmtree(log.parent)
 
 
 def test_local_dry_run_prints_the_commands_and_starts_nothing(tmp_path):
@@ -249,3 +287,298 @@ def test_local_two_jax_processes_form_one_distributed_job(tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr
   for i in range(2):
     assert 'process_count=2 device_count=2 gathered=[0, 1]' in prefixed(result.stdout, i)
+
+
+# --- tpu_pod.py: watching and stopping a detached training -------------------
+
+WATCH_FLAGS = ['--name=pod', '--zone=z', '--project=proj']
+
+
+def dry_run_command(*args):
+  """The one gcloud command a logs/status/stop dry run prints."""
+  result = launch('tpu_pod.py', *args, '--dry_run')
+  assert result.returncode == 0, result.stderr
+  [cmd] = commands_of(result.stdout)
+  return cmd
+
+
+def ssh_script(cmd, worker='all'):
+  assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod'], cmd
+  assert cmd[6] == f'--worker={worker}'
+  assert cmd[-2:] == ['--zone=z', '--project=proj']
+  return cmd[7].removeprefix('--command=')
+
+
+def test_tpu_pod_logs_status_and_stop_commands():
+  prelude = ('L=$(mkdir -p mslam_jax_logs && cd mslam_jax_logs && pwd) || exit 1; W=$(curl ')
+  logs = ssh_script(dry_run_command('logs', *WATCH_FLAGS))
+  assert logs.startswith(prelude)
+  assert 'tail -n 100 "$LOG" | sed -u "s/^/[$W] /"' in logs
+  follow = ssh_script(dry_run_command('logs', *WATCH_FLAGS, '--worker=2', '--lines=5',
+                                      '--follow'), worker='2')
+  assert 'tail -n 5 -F "$LOG" | sed -u "s/^/[$W] /"' in follow
+  status = ssh_script(dry_run_command('status', *WATCH_FLAGS, '--remote_log_dir=/data/logs'))
+  assert status.startswith('L=$(mkdir -p /data/logs && cd /data/logs && pwd)')
+  assert 'echo "worker $W: running, pid $P, log $LOG;' in status
+  stop = ssh_script(dry_run_command('stop', *WATCH_FLAGS, '--grace_s=30'))
+  # The whole process group: SIGTERM (the trainer saves), SIGKILL after the grace.
+  assert 'kill -s TERM -- "-$P"; for i in $(seq 30); do alive || break; sleep 1; done' in stop
+  assert 'if alive; then kill -s KILL -- "-$P";' in stop
+  result = launch('tpu_pod.py', 'wait', *WATCH_FLAGS, '--dry_run')
+  assert result.returncode == 0, result.stderr
+  [poll] = commands_of(result.stdout)
+  assert ssh_script(poll) == status.replace('/data/logs', 'mslam_jax_logs')
+
+
+def test_tpu_pod_watch_commands_take_no_training_args():
+  result = launch('tpu_pod.py', 'status', *WATCH_FLAGS, '--dry_run', '--', '--gin.X=1')
+  assert result.returncode == 1
+  assert "error: arguments after `--` (--gin.X=1) go to training" in result.stderr
+
+
+FAKE_TRAIN = """#!/bin/bash
+echo "fake train $*"
+if [ "${@: -1}" = --ignore_term ]; then trap '' TERM; fi
+for i in $(seq 3600); do echo "step $i"; sleep 1; done
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or shutil.which('setsid') is None,
+                    reason='the worker scripts need Linux (/proc) and setsid')
+@pytest.mark.parametrize('train_arg', ['--gin.NOTE="it\'s $HOME"', '--ignore_term'])
+def test_tpu_pod_worker_scripts_start_detached_then_watch_and_stop(tmp_path, train_arg):
+  """Runs the start, status, logs and stop scripts with bash on a fake worker 3."""
+  home = tmp_path / 'home'
+  venv_bin = home / 'mslam_jax' / '.venv' / 'bin'
+  venv_bin.mkdir(parents=True)
+  (venv_bin / 'python').write_text(FAKE_TRAIN)
+  (venv_bin / 'python').chmod(0o755)
+  fake_bin = tmp_path / 'bin'
+  fake_bin.mkdir()
+  (fake_bin / 'curl').write_text('#!/bin/sh\necho 3\n')  # the metadata server's worker number
+  (fake_bin / 'curl').chmod(0o755)
+  env = {**os.environ, 'HOME': str(home), 'PATH': f'{fake_bin}{os.pathsep}{os.environ["PATH"]}'}
+  pid_file = home / 'mslam_jax_logs' / 'train.pid'
+  log = home / 'mslam_jax_logs' / 'worker_3.log'
+
+  def on_worker(*args):
+    if args[0] == 'launch':
+      cmd = commands_of(launch('tpu_pod.py', '--dry_run', *args[1:]).stdout)[-1]
+    else:
+      cmd = dry_run_command(*args)
+    return subprocess.run(['bash', '-c', ssh_script(cmd)], cwd=home, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+  start = ('launch', *WATCH_FLAGS, '--skip_create', '--repo_url=https://example.com/r.git',
+           '--gin_file=gin/pretrain_0.6b.gin', '--model_dir=gs://b/r', '--', train_arg)
+  try:
+    started = on_worker(*start)
+    assert started.returncode == 0, started.stderr
+    pid = int(pid_file.read_text())
+    assert started.stdout == f'worker 3: started training, pid {pid}, log {log}\n'
+    # A session of its own: the end of the ssh session does not reach it.
+    assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+    again = on_worker(*start)
+    assert again.returncode == 1
+    assert f'worker 3: training already runs (pid {pid}, log {log}); stop it first' in again.stderr
+    deadline = time.monotonic() + 60
+    while 'step 1' not in log.read_text() and time.monotonic() < deadline:
+      time.sleep(0.2)
+    status = on_worker('status', *WATCH_FLAGS)
+    [(worker, (state, code, _))] = tpu_pod.parse_status(status.stdout).items()
+    assert (worker, state, code) == ('3', 'running', None), status.stdout
+    logs = on_worker('logs', *WATCH_FLAGS, '--lines=1000')
+    lines = logs.stdout.splitlines()
+    assert lines[0].startswith('[3] === started ') and '[3] step 1' in lines
+    # The training command got its arguments through both quoting levels intact.
+    assert lines[1] == f'[3] fake train -m mslam_jax.train --gin_file=gin/pretrain_0.6b.gin ' \
+                       f"--gin.MODEL_DIR='gs://b/r' {train_arg}"
+    stopped = on_worker('stop', *WATCH_FLAGS, '--grace_s=2')
+    assert stopped.returncode == 0, stopped.stderr
+    assert_group_ends(pid)
+    status = tpu_pod.parse_status(on_worker('status', *WATCH_FLAGS).stdout)
+    if train_arg == '--ignore_term':
+      assert stopped.stdout.startswith(f'worker 3: killed process group {pid}, still running 2 s')
+      assert status['3'][0] == 'not running'
+    else:
+      # Bash ends on SIGTERM: 128 + 15, recorded by the wrapper that outlived it.
+      assert stopped.stdout.startswith(f'worker 3: stopped process group {pid}')
+      assert status['3'][:2] == ('exited', 143)
+    assert not pid_file.exists()
+  finally:
+    if pid_file.exists():
+      try:
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+      except (ProcessLookupError, ValueError):
+        pass
+
+
+def assert_group_ends(pgid, timeout_s=60):
+  """The process group is gone (its last zombies may take a moment to be reaped)."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    try:
+      os.killpg(pgid, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.1)
+  pytest.fail(f'process group {pgid} still exists {timeout_s} s after `stop`')
+
+
+def status_result(*lines, returncode=0):
+  return subprocess.CompletedProcess([], returncode, stdout=''.join(f'{x}\n' for x in lines),
+                                     stderr='' if not returncode else 'ssh: connection lost\n')
+
+
+def test_tpu_pod_wait_polls_until_every_worker_ended_and_names_a_failure():
+  pod = tpu_pod.Pod(tpu_pod.parse_args(['wait', *WATCH_FLAGS]))
+  said = []
+  polls = iter([
+      status_result(returncode=255),  # a dropped connection costs one poll
+      status_result('worker 0: running, pid 7, log L0; last line: x',
+                    'worker 1: running, pid 8, log L1; last line: y'),
+      status_result('worker 0: exited with code 0, log L0; last line: x',
+                    'worker 1: running, pid 8, log L1; last line: y'),
+      status_result('worker 0: exited with code 0, log L0; last line: x',
+                    'worker 1: exited with code 0, log L1; last line: y'),
+  ])
+  tpu_pod.wait_for_training(pod, 0, said.append, sleep=lambda s: None,
+                            run_status=lambda: next(polls))
+  assert said[1:] == ['2 of 2 workers running', '1 of 2 workers running',
+                      '0 of 2 workers running']
+  assert 'status check 1/10 failed (exit code 255): ssh: connection lost' == said[0]
+
+  polls = iter([status_result('worker 0: running, pid 7, log L0; last line: x',
+                              'worker 1: exited with code 3, log L1; last line: boom')])
+  with pytest.raises(tpu_pod.LaunchError) as error:
+    tpu_pod.wait_for_training(pod, 0, said.append, sleep=lambda s: None,
+                              run_status=lambda: next(polls))
+  assert str(error.value) == ('training failed on worker 1: worker 1: exited with code 3, '
+                              'log L1; last line: boom; still running on workers 0: stop '
+                              'them with `tpu_pod.py stop`')
+  with pytest.raises(tpu_pod.LaunchError, match='cannot get the training status'):
+    tpu_pod.wait_for_training(pod, 0, said.append, sleep=lambda s: None,
+                              run_status=lambda: status_result(returncode=255))
+
+
+@pytest.mark.parametrize('outcome', ['failed', 'interrupted'])
+def test_tpu_pod_delete_after_waits_and_deletes_unless_interrupted(monkeypatch, outcome):
+  args = tpu_pod.parse_args(['--name=pod', '--zone=z', '--skip_create', '--delete_after',
+                             '--gin_file=gin/pretrain_0.6b.gin'])
+  plan = tpu_pod.Plan(args, [])
+  ran = []
+  monkeypatch.setattr(tpu_pod, 'run', lambda title, cmd: ran.append(cmd[4]))
+
+  def wait(pod, poll_s, say):
+    del pod, poll_s, say
+    ran.append('wait')
+    if outcome == 'failed':
+      raise tpu_pod.LaunchError('training failed on worker 1')
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(tpu_pod, 'wait_for_training', wait)
+  error = tpu_pod.LaunchError if outcome == 'failed' else KeyboardInterrupt
+  with pytest.raises(error):
+    tpu_pod.execute(plan, [('start', [['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh']])],
+                    delete_after=True)
+  # Ctrl-C while waiting means "stop watching": training runs on, detached.
+  assert ran == ['ssh', 'wait', 'delete'] if outcome == 'failed' else ['ssh', 'wait']
+
+
+# --- local_multiprocess.py: the watchdog --------------------------------------
+
+WATCHDOG_HELPER = """
+import os, signal, sys, time
+mode, pid_dir = sys.argv[1], sys.argv[2]
+i = int(sys.argv[-1].removeprefix('--process_id='))
+with open(os.path.join(pid_dir, f'{i}.pid'), 'w') as f:
+  f.write(str(os.getpid()))
+if mode == 'hang':
+  if i == 0:
+    print('process 0 is done')
+    sys.exit(0)
+  time.sleep(3600)  # no output, no CPU: stalled
+elif mode == 'die':
+  if i == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends it
+    print('process 0 waits', flush=True)
+    open(os.path.join(pid_dir, 'ready'), 'w').close()
+    time.sleep(3600)
+  while not os.path.exists(os.path.join(pid_dir, 'ready')):
+    time.sleep(0.1)
+  print('process 1 fails')
+  sys.exit(3)
+elif mode == 'busy':
+  if i == 0:
+    end = time.monotonic() + 10
+    while time.monotonic() < end:  # silent but busy, as a compile
+      pass
+  print(f'process {i} is done')
+"""
+
+
+def pids_of(pid_dir, n):
+  return [int((pid_dir / f'{i}.pid').read_text()) for i in range(n)]
+
+
+def assert_gone(pid):
+  with pytest.raises(ProcessLookupError):
+    os.kill(pid, 0)
+
+
+def error_line(stderr):
+  [line] = [line for line in stderr.splitlines() if line.startswith('[local] error:')]
+  return line
+
+
+def test_local_stops_a_job_that_hangs_and_names_the_silent_process(tmp_path):
+  env = with_module(tmp_path, 'watchdog_helper', WATCHDOG_HELPER)
+  pid_dir = tmp_path / 'pids'
+  pid_dir.mkdir()
+  start = time.monotonic()
+  result = launch('local_multiprocess.py', '--num_processes=2', '--module=watchdog_helper',
+                  '--stall_timeout_s=3', '--', 'hang', str(pid_dir), env=env, timeout=600)
+  assert time.monotonic() - start < 120  # process 1 would sleep 3600 s
+  assert result.returncode == 1, result.stdout + result.stderr
+  line = error_line(result.stderr)
+  assert line.startswith('[local] error: process 1 stalled: no output and no CPU use for ')
+  assert '--stall_timeout_s (now 3;' in line
+  # Without --log_dir the logs go to a temporary directory, kept on failure.
+  log = pathlib.Path(re.search(r'its log: (\S+process_1\.log)\.', line).group(1))
+  assert log.is_file() and log.read_text() == ''
+  assert (log.parent / 'process_0.log').read_text() == 'process 0 is done\n'
+  shutil.rmtree(log.parent)
+  assert prefixed(result.stdout, 0) == ['process 0 is done']
+  assert_gone(pids_of(pid_dir, 2)[1])
+
+
+def test_local_stops_the_others_when_one_dies_even_if_they_ignore_sigterm(tmp_path):
+  env = with_module(tmp_path, 'watchdog_helper', WATCHDOG_HELPER)
+  pid_dir = tmp_path / 'pids'
+  pid_dir.mkdir()
+  start = time.monotonic()
+  result = launch('local_multiprocess.py', '--num_processes=2', '--module=watchdog_helper',
+                  f'--log_dir={tmp_path / "logs"}', '--grace_s=2', '--', 'die', str(pid_dir),
+                  env=env, timeout=600)
+  assert time.monotonic() - start < 120  # process 0 would sleep 3600 s
+  assert result.returncode == 1, result.stdout + result.stderr
+  log = tmp_path / 'logs' / 'process_1.log'
+  assert error_line(result.stderr).startswith(
+      f'[local] error: process 1 exited with code 3; stopped the others; its log: {log} '
+      '(command: ')
+  assert log.read_text() == 'process 1 fails\n'
+  assert prefixed(result.stdout, 0) == ['process 0 waits']
+  assert_gone(pids_of(pid_dir, 2)[0])
+
+
+def test_local_watchdog_lets_a_silent_but_busy_process_finish(tmp_path):
+  env = with_module(tmp_path, 'watchdog_helper', WATCHDOG_HELPER)
+  pid_dir = tmp_path / 'pids'
+  pid_dir.mkdir()
+  result = launch('local_multiprocess.py', '--num_processes=2', '--module=watchdog_helper',
+                  '--stall_timeout_s=4', '--', 'busy', str(pid_dir), env=env, timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert prefixed(result.stdout, 0) == ['process 0 is done']
+  # On success the temporary log directory is removed.
+  log_dir = re.search(r'logs in (\S+)', result.stderr).group(1)
+  assert not os.path.exists(log_dir)
