@@ -8,7 +8,7 @@ booked, on any machine:
 
   --num_devices fake CPU devices -> mesh and rules from gin
   -> abstract state (shapes + shardings) + abstract global batch + abstract rng
-  -> lower `trainer.jit_train_step(...).jitted` -> compile
+  -> lower `trainer.jit_train_step(...)` (training's own step) -> compile
   -> print: mesh and rules, parameter count, lowering and compile time,
      XLA's per-device memory (arguments, outputs, temporaries, code, aliasing),
      the analytical step TFLOP, and the per-device bytes of params + optimizer
@@ -31,7 +31,6 @@ import sys
 import time
 from typing import Dict, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -148,19 +147,6 @@ def memory_per_device(compiled):
   return memory, total
 
 
-def _check_batch_divides(batch_config: batch_spec.BatchConfig, parts, mesh) -> None:
-  """Every kind's batch must split evenly over the (data, fsdp) axes."""
-  shards = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES)
-  sizes = {'speech': batch_config.speech_batch_size, 'text': batch_config.text_batch_size,
-           'paired': batch_config.paired_batch_size}
-  for part in parts:
-    if sizes[part] % shards:
-      raise ConfigError(
-          f'BatchConfig.{part}_batch_size={sizes[part]} does not split over the {shards} '
-          f'batch shards of the mesh (data x fsdp = {dict(mesh.shape)}); make it a '
-          f'multiple of {shards}.')
-
-
 def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
                        batch_config: batch_spec.BatchConfig, train_config: TrainConfig,
                        mesh_config: partitioning.MeshConfig,
@@ -171,12 +157,12 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
   mesh shape does not match the devices or a batch does not split over it.
   """
   optimizer = optimizer or optimizer_lib.make_optimizer()
-  try:
+  try:  # the messages of resolve_shape and check_batch_split already name the fix
     mesh = partitioning.make_mesh(mesh_config)
-  except ValueError as e:  # resolve_shape's message already names the fix
+    partitioning.check_batch_split(batch_config, loss_config.parts, mesh)
+  except ValueError as e:
     raise ConfigError(str(e)) from e
   rules = mesh_config.rules
-  _check_batch_divides(batch_config, loss_config.parts, mesh)
   start = time.perf_counter()
   abstract_state, shardings = trainer.state_shardings(
       optimizer, mesh, rules, model_config=model_config, loss_config=loss_config,
@@ -188,14 +174,12 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
   # The key's dtype without creating a key on a device.
   key_dtype = jax.eval_shape(jax.random.key, 0).dtype
   rng = jax.ShapeDtypeStruct((), key_dtype, sharding=partitioning.replicated(mesh))
+  # Training's own builder: `lower` enters the mesh and rules a real call does.
   step = trainer.jit_train_step(
       trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config,
                               accumulate_steps=train_config.accumulate_steps),
       shardings, mesh, rules)
-  # The same contexts the wrapper enters around a real call: the model's
-  # logical constraints resolve against this mesh and these rules.
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    lowered = step.jitted.lower(abstract_state, batch, rng)
+  lowered = step.lower(abstract_state, batch, rng)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -203,7 +187,7 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
 
   memory, per_device = memory_per_device(compiled)
   report = CompileReport(
-      mesh_description=partitioning.describe(mesh, rules),
+      mesh_description=partitioning.describe(mesh, rules, verbose=True),
       num_devices=mesh.devices.size,
       num_params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))),
       lower_s=lower_s, compile_s=compile_s, memory=memory, per_device_bytes=per_device,
@@ -251,7 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> CompileReport:
                       help='fake CPU devices to compile for (the mesh must hold them all)')
   parser.add_argument('--json', metavar='PATH',
                       help='also write the report as a JSON object to PATH')
-  args = gin_utils.parse_command_line(parser.description, argv, parser)
+  # Compiles only: nothing is written, so a pod file's REQUIRED MODEL_DIR need not be given.
+  args = gin_utils.parse_command_line(parser.description, argv, parser,
+                                      writes_model_dir=False)
   if args.num_devices < 1:
     parser.error('--num_devices must be at least 1')
   use_fake_cpu_devices(args.num_devices)

@@ -46,26 +46,16 @@ import jax.numpy as jnp
 
 from mslam_jax.data.batch_spec import BatchConfig
 from mslam_jax.models import frontend
-from mslam_jax.models.config import ModelConfig
+from mslam_jax.models.config import REMAT_POLICIES, ModelConfig
 from mslam_jax.pretrain_loss import LossConfig
 
 # The forward passes of one step, the keys of `forward_flops` besides 'total'.
 PARTS = ('speech', 'text', 'paired_tlm', 'paired_ctc')
 
-# Frontend Conv2D geometry (`mslam_jax.models.frontend.ConvSubsampling`):
-# two 3x3 kernels, stride 2, zero padding (1, 1) on both axes.
-_FRONTEND_KERNEL = 3
-_FRONTEND_LAYERS = 2
-
 
 def _matmul(m: int, k: int, n: int) -> int:
   """FLOPs of an [m, k] x [k, n] product: one multiply and one add per term."""
   return 2 * m * k * n
-
-
-def _stride2(n: int) -> int:
-  """Output size of a kernel-3, stride-2 convolution with padding (1, 1): ceil(n / 2)."""
-  return -(-n // 2)
 
 
 def conformer_layer_flops(config: ModelConfig, batch: int, length: int) -> Dict[str, int]:
@@ -101,22 +91,21 @@ def conformer_layer_flops(config: ModelConfig, batch: int, length: int) -> Dict[
 def frontend_flops(config: ModelConfig, batch: int, frames: int) -> Dict[str, int]:
   """Forward FLOPs of `ConvSubsampling` on log-mel [batch, frames, num_mel_bins].
 
-  Conv i maps [B, T_i, F_i, C_in] to [B, ceil(T_i/2), ceil(F_i/2), C] with
-  2 * 3 * 3 * C_in FLOPs per output element (C_in = 1, then C =
-  frontend_channels); the projection maps F_2 * C to d for each of the
-  ceil(T/4) output frames.
+  The shapes come from the frontend itself (`frontend.conv_output_shapes`):
+  conv i maps [B, T_i, F_i, C_in] to [B, ceil(T_i/2), ceil(F_i/2), C] with
+  2 * k * k * C_in FLOPs per output element (k = frontend.CONV_KERNEL; C_in =
+  1, then C = frontend_channels); the projection maps the last layer's F * C
+  to d for each of its ceil(T/4) output frames.
 
   Returns:
     {'conv': both Conv2D layers, 'projection': the linear map to d, 'total'}.
   """
-  time_len, freq, channels_in = frames, config.num_mel_bins, 1
-  conv = 0
-  for _ in range(_FRONTEND_LAYERS):
-    time_len, freq = _stride2(time_len), _stride2(freq)
-    outputs = batch * time_len * freq * config.frontend_channels
-    conv += 2 * outputs * _FRONTEND_KERNEL * _FRONTEND_KERNEL * channels_in
-    channels_in = config.frontend_channels
-  projection = _matmul(batch * time_len, freq * channels_in, config.d_model)
+  kernel_area = frontend.CONV_KERNEL ** 2
+  shapes = frontend.conv_output_shapes(config, frames)
+  conv = sum(2 * batch * time_len * freq * channels_out * kernel_area * channels_in
+             for time_len, freq, channels_in, channels_out in shapes)
+  time_len, freq, _, channels_out = shapes[-1]
+  projection = _matmul(batch * time_len, freq * channels_out, config.d_model)
   return {'conv': conv, 'projection': projection, 'total': conv + projection}
 
 
@@ -237,39 +226,20 @@ def forward_flops(model_config: ModelConfig, batch_config: BatchConfig,
   return _by_part({part: sum(c.values()) for part, c in detail.items()})
 
 
-# Per remat policy, the counted layer components that the backward pass
-# recomputes (see `remat_flops`).
-_RECOMPUTED = {
-    'none': (),
-    'full': ('ffn', 'attention_projections', 'attention_scores', 'conv_pointwise',
-             'depthwise_conv'),
-    'dots': ('depthwise_conv',),
-    'dots_no_batch': ('attention_scores', 'depthwise_conv'),
-}
-
-
 def remat_flops(model_config: ModelConfig, batch_config: BatchConfig,
                 loss_config: LossConfig) -> Dict[str, int]:
   """Forward FLOPs that rematerialisation repeats in the backward pass, per part.
 
-  Per `ModelConfig.remat_policy` (`models/conformer.py`), counting only the
-  operations `forward_flops` counts:
-    'none': nothing is recomputed.
-    'full' (nothing_saveable): each layer's whole forward runs again, +1x the
-      Conformer stacks' FLOPs.
-    'dots' (checkpoint_dots): every dot_general output is saved, Q K^T and A V
-      included; of the counted ops only the depthwise convolution (shifted
-      multiply-adds, not a dot) is recomputed.
-    'dots_no_batch' (dots_with_no_batch_dims_saveable): the weight matmuls (no
-      batch dimension) are saved; Q K^T and A V have batch and head as batch
-      dimensions, so they are recomputed, as is the depthwise convolution.
-  This is what the traced program asks for (tests/test_flops.py checks it on
-  the jaxpr). With a single layer per stack XLA may merge the recomputation
-  with the forward and run less. The frontend, quantizer and heads sit
-  outside the rematerialised scan and are never recomputed. Returns the same
-  keys as `forward_flops`.
+  The Conformer components that `ModelConfig.remat_policy`'s entry of
+  `models.config.REMAT_POLICIES` lists as `recomputed` (that table says what
+  each policy saves), summed over both stacks and every pass; 'full' adds
+  the stacks' whole forward once more. This is what the traced program asks
+  for (tests/test_flops.py checks it on the jaxpr). With a single layer per
+  stack XLA may merge the recomputation with the forward and run less. The
+  frontend, quantizer and heads sit outside the rematerialised scan and are
+  never recomputed. Returns the same keys as `forward_flops`.
   """
-  recomputed = _RECOMPUTED[model_config.remat_policy]
+  recomputed = REMAT_POLICIES[model_config.remat_policy].recomputed
   detail = forward_flops_detail(model_config, batch_config, loss_config)
   return _by_part({
       part: sum(components.get(f'{stack}.{c}', 0) for stack in _STACKS for c in recomputed)

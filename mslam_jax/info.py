@@ -41,7 +41,8 @@ def part_counts(params) -> dict:
 
 
 def main(argv=None):
-  gin_utils.parse_command_line(__doc__.splitlines()[0], argv)
+  # Counts only: nothing is written, so a pod file's REQUIRED MODEL_DIR need not be given.
+  gin_utils.parse_command_line(__doc__.splitlines()[0], argv, writes_model_dir=False)
   model_config = ModelConfig()
   loss_config = pretrain_loss.LossConfig()
   variables = abstract_params(model_config, loss_config)

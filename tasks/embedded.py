@@ -1,6 +1,6 @@
 """The embedded corpus (tasks/embedded_corpus/): tasks `embedded_{kind}_{language}`.
 
-Built by `python -m mslam_jax.data.build_corpus --output=tasks/embedded_corpus
+Built by `python -m mslam_jax.corpus.build --output=tasks/embedded_corpus
 --size=small` from Debian gettext catalogs and fortunes, spoken by espeak-ng
 (docs/embedded_corpus.md); metadata.json lists its languages, sizes and sources.
 Paired tasks carry the multi-way held-out `dev` and `test` splits.

@@ -49,7 +49,7 @@ def _clean_gin():
 def tiny_configs(*bindings):
   """(ModelConfig, LossConfig) from gin/models/tiny.gin + gin/runs/pretrain.gin + bindings."""
   gin_utils.parse_gin(['gin/models/tiny.gin', 'gin/runs/pretrain.gin'],
-                      ['LossConfig.num_negatives = 8', *bindings])
+                      ['LossConfig.num_negatives = 8', *bindings], writes_model_dir=False)
   configs = ModelConfig(), pretrain_loss.LossConfig()
   gin.clear_config()
   return configs

@@ -9,7 +9,8 @@ import soundfile as sf
 import tensorflow as tf
 
 from mslam_jax.data import audio
-from mslam_jax.data.audio import AudioStatus
+from mslam_jax.data import bad_input
+from mslam_jax.data.bad_input import Problem
 
 CONFIG = audio.FeatureConfig()
 
@@ -100,7 +101,7 @@ def test_normalize_gives_zero_mean_unit_variance():
 def test_decode_round_trip(fmt, subtype, atol):
   y = speechlike(seconds=0.5)
   waveform, status = audio.decode_audio(encode(y, fmt=fmt, subtype=subtype))
-  assert status == AudioStatus.OK and waveform.dtype == np.float32
+  assert status == Problem.OK and waveform.dtype == np.float32
   np.testing.assert_allclose(waveform, y, atol=atol, rtol=0)
 
 
@@ -108,7 +109,7 @@ def test_decode_resamples_to_target_rate():
   n = 22050
   tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(n) / 22050)
   waveform, status = audio.decode_audio(encode(tone, rate=22050, subtype='FLOAT'))
-  assert status == AudioStatus.OK
+  assert status == Problem.OK
   assert abs(len(waveform) - n * 16000 / 22050) <= 2
   spectrum = np.abs(np.fft.rfft(waveform * np.hanning(len(waveform))))
   peak_hz = np.argmax(spectrum) * 16000 / len(waveform)
@@ -118,7 +119,7 @@ def test_decode_resamples_to_target_rate():
 def test_decode_averages_stereo():
   left, right = speechlike(seconds=0.2, seed=4), speechlike(seconds=0.2, seed=5)
   waveform, status = audio.decode_audio(encode(np.stack([left, right], 1), subtype='FLOAT'))
-  assert status == AudioStatus.OK
+  assert status == Problem.OK
   np.testing.assert_allclose(waveform, (left + right) / 2, atol=1e-7)
 
 
@@ -128,21 +129,21 @@ def bad_files():
   with_nan = y.copy()
   with_nan[100] = np.nan
   return {
-      'garbage': (np.random.default_rng(0).bytes(4000), AudioStatus.UNREADABLE),
-      'no_bytes': (b'', AudioStatus.UNREADABLE),
-      'half_wav': (wav[:len(wav) // 2], AudioStatus.TRUNCATED),
+      'garbage': (np.random.default_rng(0).bytes(4000), Problem.UNREADABLE_AUDIO),
+      'no_bytes': (b'', Problem.UNREADABLE_AUDIO),
+      'half_wav': (wav[:len(wav) // 2], Problem.TRUNCATED_AUDIO),
       # libsndfile opens the cut FLAC (STREAMINFO is intact) and raises while
       # decoding ("lost sync" / "psf_fseek() failed").
-      'half_flac': (flac[:len(flac) // 2], AudioStatus.TRUNCATED),
+      'half_flac': (flac[:len(flac) // 2], Problem.TRUNCATED_AUDIO),
       # libsndfile reads a cut Ogg Vorbis file as fewer (often 0) frames
       # without an error; a cut inside the ~4 kB Vorbis setup header, as half
-      # of this short file would be, is UNREADABLE instead.
-      'ogg_without_end': (ogg[:-100], AudioStatus.TRUNCATED),
-      'zero_length_wav': (encode(np.zeros(0, np.float32)), AudioStatus.EMPTY),
-      'silent_wav': (encode(np.zeros(1600, np.float32)), AudioStatus.EMPTY),
-      'nan_wav': (encode(with_nan, subtype='FLOAT'), AudioStatus.NONFINITE),
+      # of this short file would be, is UNREADABLE_AUDIO instead.
+      'ogg_without_end': (ogg[:-100], Problem.TRUNCATED_AUDIO),
+      'zero_length_wav': (encode(np.zeros(0, np.float32)), Problem.EMPTY_AUDIO),
+      'silent_wav': (encode(np.zeros(1600, np.float32)), Problem.EMPTY_AUDIO),
+      'nan_wav': (encode(with_nan, subtype='FLOAT'), Problem.NONFINITE_AUDIO),
       'inf_wav': (encode(np.full(10, np.inf, np.float32), subtype='FLOAT'),
-                  AudioStatus.NONFINITE),
+                  Problem.NONFINITE_AUDIO),
   }
 
 
@@ -150,17 +151,21 @@ def bad_files():
 def test_decode_bad_input(name):
   data, expected = bad_files()[name]
   waveform, status = audio.decode_audio(data)
-  assert status == expected, audio.STATUS_MESSAGES[status]
+  assert status == expected, bad_input.MESSAGES.get(status, status)
   assert waveform.shape == (0,) and waveform.dtype == np.float32
 
 
 def test_complete_ogg_is_ok():
   waveform, status = audio.decode_audio(encode(speechlike(0.5), fmt='OGG', subtype='VORBIS'))
-  assert status == AudioStatus.OK and len(waveform) == 8000
+  assert status == Problem.OK and len(waveform) == 8000
 
 
-def test_every_status_has_a_message():
-  assert set(audio.STATUS_MESSAGES) == set(AudioStatus)
+def test_every_decode_problem_is_a_pipeline_problem_with_a_message():
+  """decode_audio speaks bad_input.Problem: its codes need no translation downstream."""
+  assert all(isinstance(p, Problem) and p in bad_input.MESSAGES and p not in bad_input.KEPT
+             for p in audio.AUDIO_PROBLEMS)
+  returned = {audio.decode_audio(data)[1] for data, _ in bad_files().values()}
+  assert returned == set(audio.AUDIO_PROBLEMS)
 
 
 def test_decode_tf_in_parallel_map_matches_numpy():
@@ -179,5 +184,5 @@ def test_decode_tf_in_parallel_map_matches_numpy():
 
 def test_log_mel_of_too_short_waveform_is_empty():
   waveform, status = audio.decode_audio(encode(speechlike(0.01)))  # 160 samples
-  assert status == AudioStatus.OK
+  assert status == Problem.OK
   assert audio.log_mel(tf.constant(waveform), CONFIG).shape == (0, 80)

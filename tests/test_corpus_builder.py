@@ -13,15 +13,18 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import tensorflow as tf
 
-from mslam_jax.data import build_corpus
-from mslam_jax.data import catalogs
-from mslam_jax.data import synthesis
+from mslam_jax import REPO_ROOT
+from mslam_jax.corpus import build
+from mslam_jax.corpus import catalogs
+from mslam_jax.corpus import synthesis
 from mslam_jax.data.vocabulary import CharacterVocabulary
 from mslam_jax.data.vocabulary import normalize_text
 
@@ -227,29 +230,29 @@ PAIRS = {
 
 def test_multiway_selection_and_hold_out():
   languages = ['en', 'de', 'fr']
-  multiway = build_corpus.select_multiway(PAIRS, languages)
+  multiway = build.select_multiway(PAIRS, languages)
   assert multiway == sorted(['Open the file now', 'Open this file now',
                              'Close the window now', 'Print the page now'])
   held = {'Open the file now'}
-  held_text = {lang: [build_corpus.multiway_texts(e, PAIRS, languages)[lang] for e in held]
+  held_text = {lang: [build.multiway_texts(e, PAIRS, languages)[lang] for e in held]
                for lang in languages}
-  train_pairs = build_corpus.remove_held_out(PAIRS, held)
+  train_pairs = build.remove_held_out(PAIRS, held)
   assert all('Open the file now' not in table for table in train_pairs.values())
   fortunes = {'en': ['open the file now!', 'A fortune in English here.'],
               'de': ['Die Datei jetzt öffnen.', 'Ein deutsches Sprichwort hier.']}
   rng = np.random.default_rng(0)
   for lang in languages:
-    lines = build_corpus.training_text(lang, train_pairs, fortunes.get(lang, []),
+    lines = build.training_text(lang, train_pairs, fortunes.get(lang, []),
                                        held_text[lang], rng, None)
-    keys = {build_corpus.holdout_key(line) for line in lines}
+    keys = {build.holdout_key(line) for line in lines}
     for text in held_text[lang]:
-      assert build_corpus.holdout_key(text) not in keys, (lang, text, lines)
+      assert build.holdout_key(text) not in keys, (lang, text, lines)
     assert len(lines) == len(set(lines))
   # The German translation shared by a held-in English string is gone too.
-  de = build_corpus.training_text('de', train_pairs, fortunes['de'], held_text['de'], rng, None)
+  de = build.training_text('de', train_pairs, fortunes['de'], held_text['de'], rng, None)
   assert sorted(de) == ['Das Fenster jetzt schließen', 'Die Seite jetzt drucken',
                         'Ein deutsches Sprichwort hier.', 'Nur auf Deutsch hier']
-  en = build_corpus.training_text('en', train_pairs, fortunes['en'], held_text['en'], rng, 2)
+  en = build.training_text('en', train_pairs, fortunes['en'], held_text['en'], rng, 2)
   assert len(en) == 2
 
 
@@ -257,7 +260,7 @@ def test_select_translation_pairs_skips_held_out_strings():
   held = {'en': ['Open the file now'], 'de': ['Die Datei jetzt öffnen'],
           'fr': ['Ouvrir le fichier maintenant']}
   for seed in range(5):
-    chosen = build_corpus.select_translation_pairs(PAIRS, ['en', 'de', 'fr'], held, 3, seed)
+    chosen = build.select_translation_pairs(PAIRS, ['en', 'de', 'fr'], held, 3, seed)
     assert set(chosen) == {'de', 'fr'}
     # All that is left: 'Open this file now' shares the held German translation.
     assert sorted(e for _, e in chosen['de']) == [
@@ -267,54 +270,54 @@ def test_select_translation_pairs_skips_held_out_strings():
     for lang, got in chosen.items():
       assert all(PAIRS[lang][e] == xx for xx, e in got)
   with pytest.raises(SystemExit, match="3 of 4 .*'de'"):
-    build_corpus.select_translation_pairs(PAIRS, ['en', 'de', 'fr'], held, 4, 0)
+    build.select_translation_pairs(PAIRS, ['en', 'de', 'fr'], held, 4, 0)
 
 
 def test_select_translation_pairs_share_english_and_do_not_repeat():
   strings = {f'Select item number {i} now': i for i in range(100)}
   pairs = {'de': {e: f'Element Nummer {i} jetzt wählen' for e, i in strings.items()},
            'fr': {e: f"Choisir l'élément numéro {i}" for e, i in strings.items()}}
-  chosen = build_corpus.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 0)
+  chosen = build.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 0)
   # One shuffled order for all languages: both hold out the same English strings.
   assert [e for _, e in chosen['de']] == [e for _, e in chosen['fr']]
-  assert chosen == build_corpus.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 0)
-  assert chosen != build_corpus.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 1)
+  assert chosen == build.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 0)
+  assert chosen != build.select_translation_pairs(pairs, ['en', 'de', 'fr'], {}, 10, 1)
   # Three pairs, one translation up to case and final punctuation: one pair.
   same = {'de': {'Open the file now': 'Die Datei öffnen',
                  'Open the file now.': 'die Datei öffnen!',
                  'Close the file now': 'Die Datei öffnen.'}}
-  assert len(build_corpus.select_translation_pairs(same, ['de'], {}, 1, 0)['de']) == 1
+  assert len(build.select_translation_pairs(same, ['de'], {}, 1, 0)['de']) == 1
   with pytest.raises(SystemExit, match='1 of 2'):
-    build_corpus.select_translation_pairs(same, ['de'], {}, 2, 0)
+    build.select_translation_pairs(same, ['de'], {}, 2, 0)
 
 
 def test_translations_round_trip(tmp_path):
   path = str(tmp_path / 'de.tsv')
-  build_corpus.write_translations(path, [('Die  Datei\töffnen', ' Open the\nfile '),
+  build.write_translations(path, [('Die  Datei\töffnen', ' Open the\nfile '),
                                          ('Drucken', 'Print')])
   with open(path, encoding='utf-8') as f:
     assert f.read() == 'Die Datei öffnen\tOpen the file\nDrucken\tPrint\n'
-  assert build_corpus.read_translations(path) == [('Die Datei öffnen', 'Open the file'),
+  assert build.read_translations(path) == [('Die Datei öffnen', 'Open the file'),
                                                   ('Drucken', 'Print')]
 
 
 def test_derive_seed_is_stable():
-  assert build_corpus.derive_seed(0, 'text', 'de') == build_corpus.derive_seed(0, 'text', 'de')
-  assert build_corpus.derive_seed(0, 'text', 'de') != build_corpus.derive_seed(1, 'text', 'de')
-  assert build_corpus.derive_seed(0, 'text', 'de') != build_corpus.derive_seed(0, 'text', 'fr')
+  assert build.derive_seed(0, 'text', 'de') == build.derive_seed(0, 'text', 'de')
+  assert build.derive_seed(0, 'text', 'de') != build.derive_seed(1, 'text', 'de')
+  assert build.derive_seed(0, 'text', 'de') != build.derive_seed(0, 'text', 'fr')
 
 
 def test_encode_flac_rounds_to_sample_bits():
   t = np.arange(16000) / 16000
   waveform = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
   for bits in (16, 11):
-    decoded, rate = sf.read(io.BytesIO(build_corpus.encode_flac(waveform, 16000, bits)),
+    decoded, rate = sf.read(io.BytesIO(build.encode_flac(waveform, 16000, bits)),
                             dtype='int16')
     assert rate == 16000 and decoded.shape == waveform.shape
     step = 2 ** (16 - bits)
     assert np.all(decoded % step == 0)
     np.testing.assert_allclose(decoded / 32768, waveform, atol=step / 32768)
-  info = sf.info(io.BytesIO(build_corpus.encode_flac(waveform, 16000, 11)))
+  info = sf.info(io.BytesIO(build.encode_flac(waveform, 16000, 11)))
   assert (info.format, info.subtype, info.channels) == ('FLAC', 'PCM_16', 1)
 
 
@@ -345,7 +348,7 @@ def test_synthesize_gives_16khz_float_audio():
 
 @needs_espeak
 def test_voices_exist_for_presets():
-  for preset in build_corpus.PRESETS.values():
+  for preset in build.PRESETS.values():
     assert set(synthesis.check_languages(preset.languages)) == set(preset.languages)
   with pytest.raises(synthesis.SynthesisError, match='xx'):
     synthesis.voice_for('xx')
@@ -417,9 +420,9 @@ def _records(path):
 
 def _build_tiny(output, catalog_dir, workers):
   with pytest.MonkeyPatch.context() as patch:
-    patch.setitem(build_corpus.PRESETS, 'small',
-                  dataclasses.replace(build_corpus.PRESETS['small'], **TINY))
-    return build_corpus.build(build_corpus.parse_args([
+    patch.setitem(build.PRESETS, 'small',
+                  dataclasses.replace(build.PRESETS['small'], **TINY))
+    return build.build(build.parse_args([
         f'--output={output}', '--languages=en,de,fr', f'--catalog_dir={catalog_dir}',
         '--no_system_locale', f'--workers={workers}']))
 
@@ -462,8 +465,8 @@ def test_build_small_corpus(tiny_corpus):
       assert meta['kinds']['paired'][split][lang]['examples'] == len(records) == 1
       ids.setdefault(split, set()).add(tuple(r['id'] for r in records))
       for r in records:
-        held.setdefault(lang, set()).add(build_corpus.holdout_key(r['transcript'].decode()))
-        held.setdefault('en', set()).add(build_corpus.holdout_key(r['english'].decode()))
+        held.setdefault(lang, set()).add(build.holdout_key(r['transcript'].decode()))
+        held.setdefault('en', set()).add(build.holdout_key(r['english'].decode()))
         assert r['english'] and r['id'].startswith(b'mw-')
   assert all(len(v) == 1 for v in ids.values())  # Identical ids across languages.
   assert ids['dev'] != ids['test']
@@ -480,7 +483,7 @@ def test_build_small_corpus(tiny_corpus):
         assert rate == 16000 and len(waveform) == r['num_samples']
         assert 0.5 * rate <= len(waveform) <= 6.0 * rate
         train.append(r['transcript'].decode())
-    leaked = [t for t in train if build_corpus.holdout_key(t) in held[lang]]
+    leaked = [t for t in train if build.holdout_key(t) in held[lang]]
     assert not leaked, (lang, leaked)
   assert os.path.getsize(os.path.join(output, 'vocab.txt')) > 0
 
@@ -512,9 +515,9 @@ def test_downstream_speech_is_multiway_and_held_out(tiny_corpus):
   assert len(eval_english) == 2 and not downstream_english & eval_english
   # Held out of every language's pre-training data, the translations too.
   for lang in meta['languages']:
-    train = {build_corpus.holdout_key(t) for t in _training_texts(output, lang)}
+    train = {build.holdout_key(t) for t in _training_texts(output, lang)}
     for english in downstream_english:
-      assert build_corpus.holdout_key(_translation(english, lang)) not in train, (lang, english)
+      assert build.holdout_key(_translation(english, lang)) not in train, (lang, english)
 
 
 @needs_espeak
@@ -543,8 +546,8 @@ def test_downstream_text_files_and_hold_out(tiny_corpus):
     assert not ({e for _, e in splits['train']}
                 & {e for s in ('dev', 'test') for _, e in splits[s]})
     # The xx side is held out of its language, the English side of all languages.
-    train = {build_corpus.holdout_key(t) for t in _training_texts(output, lang)}
-    assert not {build_corpus.holdout_key(xx) for xx, _ in splits['train']} & train
+    train = {build.holdout_key(t) for t in _training_texts(output, lang)}
+    assert not {build.holdout_key(xx) for xx, _ in splits['train']} & train
     held_english |= {e for _, e in splits['train']}
   assert 'en' not in meta['downstream']['text']['train']
   assert not os.path.exists(os.path.join(output, 'downstream', 'text', 'train', 'en.tsv'))
@@ -584,6 +587,6 @@ def test_vocabulary_covers_every_text_and_nothing_else(tiny_corpus):
     if lang != 'en':
       for split in ('train', 'dev', 'test'):
         path = os.path.join(output, 'downstream', 'text', split, f'{lang}.tsv')
-        texts += [t for pair in build_corpus.read_translations(path) for t in pair]
+        texts += [t for pair in build.read_translations(path) for t in pair]
   symbols = CharacterVocabulary.load(os.path.join(output, 'vocab.txt')).symbols
   assert sorted(symbols) == sorted(set(''.join(texts)))

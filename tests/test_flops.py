@@ -13,7 +13,7 @@ from conftest import SMALL_BATCH, tiny_configs
 from mslam_jax import flops, gin_utils, info, pretrain_loss
 from mslam_jax.data.batch_spec import BatchConfig, abstract_batch
 from mslam_jax.models import frontend
-from mslam_jax.models.config import ModelConfig
+from mslam_jax.models.config import REMAT_POLICIES, ModelConfig
 from mslam_jax.models.conformer import ConformerBlock
 
 # LossConfig switches that leave one data kind (one part of the count) in the batch.
@@ -93,7 +93,7 @@ def _dot_flops(jaxpr, multiplier=1):
   return total
 
 
-@pytest.mark.parametrize('policy', ['none', 'full', 'dots', 'dots_no_batch'])
+@pytest.mark.parametrize('policy', list(REMAT_POLICIES))
 def test_matmuls_match_traced_program(policy):
   """Exact dot_general FLOPs of the jaxpr, scanned layers and remat included.
 
@@ -212,7 +212,7 @@ def test_0p6b_train_step_vs_6_params_tokens():
   pass separately) gives 1.370e16, and our count is 6.8% above that: attention
   scores, their recomputation, heads and frontend.
   """
-  gin_utils.parse_gin(['gin/pretrain_0.6b.gin'])
+  gin_utils.parse_gin(['gin/pretrain_0.6b.gin'], writes_model_dir=False)
   model_config = ModelConfig()
   loss_config = pretrain_loss.LossConfig()
   batch_config = BatchConfig()

@@ -7,6 +7,8 @@ import pytest
 
 from mslam_jax import gin_utils
 from mslam_jax import REPO_ROOT
+from mslam_jax.data import audio
+from mslam_jax.data import batch_spec
 from mslam_jax.models.config import ModelConfig
 from mslam_jax.optimizer import warmup_rsqrt_schedule
 from mslam_jax.pretrain_loss import LossConfig
@@ -15,11 +17,34 @@ from mslam_jax.train_config import TrainConfig
 ALL_GIN = sorted(os.path.relpath(p, REPO_ROOT)
                  for p in glob.glob(os.path.join(REPO_ROOT, 'gin', '**', '*.gin'),
                                     recursive=True))
+POD_RUNS = ('gin/pretrain_0.6b.gin', 'gin/pretrain_2b.gin')
+RUNS = POD_RUNS + ('gin/pretrain_tiny_cpu.gin',)
+# What a pod run passes for its REQUIRED MODEL_DIR.
+MODEL_DIR = "MODEL_DIR = 'gs://bucket/run'"
 
 
 @pytest.mark.parametrize('path', ALL_GIN)
 def test_every_gin_file_parses(path):
-  gin_utils.parse_gin([path])
+  gin_utils.parse_gin([path], [MODEL_DIR])
+
+
+@pytest.mark.parametrize('path', POD_RUNS)
+def test_pod_runs_require_model_dir(path):
+  """MODEL_DIR = %gin.REQUIRED: a pod run cannot silently write to a default directory."""
+  with pytest.raises(SystemExit, match=r'MODEL_DIR is required .*--gin\.MODEL_DIR='):
+    gin_utils.parse_gin([path])
+  gin_utils.parse_gin([path], [MODEL_DIR])
+  assert TrainConfig().model_dir == 'gs://bucket/run'
+  # Tools that write nothing there (info, compile) need not give it.
+  gin_utils.parse_gin([path], writes_model_dir=False)
+  assert TrainConfig().model_dir is None
+  gin_utils.parse_gin([path], [MODEL_DIR], writes_model_dir=False)
+  assert TrainConfig().model_dir == 'gs://bucket/run'
+
+
+def test_cpu_demo_keeps_a_local_model_dir():
+  gin_utils.parse_gin(['gin/pretrain_tiny_cpu.gin'])
+  assert TrainConfig().model_dir == 'runs/tiny_cpu'
 
 
 @pytest.mark.parametrize('path,d,m,ffn,lr,steps', [
@@ -27,7 +52,7 @@ def test_every_gin_file_parses(path):
     ('gin/pretrain_2b.gin', 1408, 32, 5632, 3.6e-4, 350_000),
 ])
 def test_paper_values(path, d, m, ffn, lr, steps):
-  gin_utils.parse_gin([path])
+  gin_utils.parse_gin([path], [MODEL_DIR])
   c = ModelConfig()
   assert (c.d_model, c.num_speech_layers, c.num_shared_layers, c.ffn_dim,
           c.conv_kernel_size, c.num_codes) == (d, 8, m, ffn, 5, 1024)
@@ -70,8 +95,37 @@ def test_config_validation_names_the_fix():
 def test_mesh_rules_have_one_source(path):
   """Runs bind the rules through gin; code without gin reads the same file's binding."""
   from mslam_jax import partitioning  # pylint: disable=g-import-not-at-top
-  gin_utils.parse_gin([path])
+  gin_utils.parse_gin([path], [MODEL_DIR])
   bound = partitioning.MeshConfig().rules
   assert bound == partitioning.default_rules()
   assert bound[0] == ('batch', ('data', 'fsdp')) and ('embed', 'fsdp') in bound
   assert not hasattr(partitioning, 'LOGICAL_RULES')  # no Python twin
+
+
+def _num_mel_bins():
+  return (ModelConfig().num_mel_bins, batch_spec.BatchConfig().num_mel_bins,
+          audio.FeatureConfig().num_mel_bins)
+
+
+@pytest.mark.parametrize('path', RUNS)
+def test_num_mel_bins_is_one_macro(path):
+  """One NUM_MEL_BINS feeds the model, the batch and the features; a stray binding is caught."""
+  gin_utils.parse_gin([path], [MODEL_DIR])
+  assert _num_mel_bins() == (80, 80, 80) == (batch_spec.NUM_MEL_BINS,) * 3
+  batch_spec.check_num_mel_bins(ModelConfig(), batch_spec.BatchConfig(), audio.FeatureConfig())
+  gin_utils.parse_gin([path], [MODEL_DIR, 'NUM_MEL_BINS = 64'])
+  assert _num_mel_bins() == (64, 64, 64)
+  gin_utils.parse_gin([path], [MODEL_DIR, 'FeatureConfig.num_mel_bins = 64'])
+  with pytest.raises(ValueError, match=r'ModelConfig.num_mel_bins=80, BatchConfig.num_mel_bins'
+                     r'=80, FeatureConfig.num_mel_bins=64.*--gin.NUM_MEL_BINS'):
+    batch_spec.check_num_mel_bins(ModelConfig(), batch_spec.BatchConfig(),
+                                  audio.FeatureConfig())
+
+
+def test_no_gin_file_binds_num_mel_bins_but_through_the_macro():
+  for path in ALL_GIN:
+    with open(os.path.join(REPO_ROOT, path), encoding='utf-8') as f:
+      for line in f:
+        code = line.split('#')[0]
+        if 'num_mel_bins' in code:
+          assert code.split('=', 1)[1].strip() == '%NUM_MEL_BINS', (path, line)

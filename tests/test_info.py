@@ -40,7 +40,7 @@ def test_paper_sizes(gin_file, low, high, capsys):
   assert low <= total <= high
   for part in ('frontend', 'speech_layers', 'shared_layers', 'text_embedding', 'quantizer'):
     assert any(line.split()[0] == part for line in out if line.strip()), part
-  gin_utils.parse_gin([gin_file])
+  gin_utils.parse_gin([gin_file], writes_model_dir=False)
   assert total == closed_form_params(ModelConfig())
   # The paper's check: about 23 d^2 weights per layer.
   c = ModelConfig()

@@ -7,6 +7,7 @@ import numpy as np
 
 from conftest import SMALL_BATCH, small_batch
 from mslam_jax import pretrain_loss
+from mslam_jax.models.config import REMAT_POLICIES
 from mslam_jax.models.conformer import ConformerBlock
 from mslam_jax.models.mslam import MSLAM, pack_speech_text
 
@@ -176,11 +177,27 @@ def test_remat_policies_give_the_same_loss_and_gradients(tiny):
   paddings = jnp.asarray(_paddings([8, 5], 8))
   params = ConformerStack(mc, 2).init(jax.random.key(0), x, paddings)
   results = {}
-  for policy in ('none', 'full', 'dots_no_batch'):
+  for policy in REMAT_POLICIES:  # every entry of the one table
     stack = ConformerStack(dataclasses.replace(mc, remat_policy=policy), 2)
     loss = lambda p, s=stack: jnp.sum(s.apply(p, x, paddings) ** 2)
     results[policy] = jax.jit(jax.value_and_grad(loss))(params)
-  for policy in ('full', 'dots_no_batch'):
+  for policy in set(REMAT_POLICIES) - {'none'}:
     np.testing.assert_allclose(results[policy][0], results['none'][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results[policy][1]), jax.tree.leaves(results['none'][1])):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_frontend_shape_arithmetic_matches_the_layer(tiny):
+  """frontend.output_frames / conv_output_shapes (what flops.py reads) against ConvSubsampling."""
+  from mslam_jax.models import frontend  # pylint: disable=g-import-not-at-top
+  mc, _ = tiny
+  for frames in (1, 7, 8, 9, 48):
+    x, p = jnp.zeros((1, frames, mc.num_mel_bins)), jnp.zeros((1, frames))
+    (out, paddings), variables = jax.eval_shape(
+        lambda x, p: frontend.ConvSubsampling(mc).init_with_output(jax.random.key(0), x, p),
+        x, p)
+    time_len, freq, _, channels = frontend.conv_output_shapes(mc, frames)[-1]
+    assert out.shape[1] == paddings.shape[1] == time_len == frontend.output_frames(frames)
+    assert time_len == -(-frames // 4)  # two stride-2 convs, counted by hand
+    kernel = nn.unbox(variables)['params']['projection']['kernel']
+    assert kernel.shape == (freq * channels, mc.d_model)

@@ -86,7 +86,7 @@ def test_straight_through_gradient_reaches_the_logits():
 ])
 def test_temperature_reaches_its_end_at_the_configured_step(gin_file, train_steps, end_step):
   """Each run's schedule, from its gin file: start at 0, end at anneal_fraction * TRAIN_STEPS."""
-  gin_utils.parse_gin([gin_file])
+  gin_utils.parse_gin([gin_file], writes_model_dir=False)
   assert gin.query_parameter('%TRAIN_STEPS') == train_steps
   start = gin.query_parameter('gumbel_temperature.start')
   end = gin.query_parameter('gumbel_temperature.end')
@@ -105,6 +105,6 @@ def test_temperature_reaches_its_end_at_the_configured_step(gin_file, train_step
 
 def test_paper_0p6b_schedule_is_wav2vec2s_per_step_decay():
   """For 1.3M steps the anneal matches wav2vec 2.0's 2.0 * 0.999995^step within 1%."""
-  gin_utils.parse_gin(['gin/pretrain_0.6b.gin'])
+  gin_utils.parse_gin(['gin/pretrain_0.6b.gin'], writes_model_dir=False)
   for step in (10_000, 100_000, 300_000, 590_000):
     assert float(gumbel_temperature(step)) == pytest.approx(2.0 * 0.999995 ** step, rel=1e-2)

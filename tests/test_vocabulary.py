@@ -60,7 +60,7 @@ def test_save_load_round_trip_with_awkward_symbols(tmp_path):
 
 
 def test_errors_name_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match='build_corpus'):
+  with pytest.raises(FileNotFoundError, match='mslam_jax.corpus.build'):
     CharacterVocabulary.load(str(tmp_path / 'missing.txt'))
   with pytest.raises(ValueError, match='exceed'):
     CharacterVocabulary([chr(0x4e00 + i) for i in range(vocabulary_lib.MAX_SIZE)])

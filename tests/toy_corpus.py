@@ -1,4 +1,4 @@
-"""A small corpus in build_corpus.py's layout, written by tests in a few hundred ms.
+"""A small corpus in the corpus builder's layout (mslam_jax/corpus/build.py), written by tests in a few hundred ms.
 
 Audio is tones (FLAC, 16 kHz); each language has its own alphabet, so tests
 can tell languages apart and check vocabulary handling. Sizes differ per
@@ -98,7 +98,7 @@ ENGLISH = 'abcdefghij'
 
 def write_downstream(root, *, train=6, dev=3, test=3, text_pairs=8, seconds=(0.6, 1.2),
                      alphabets=None, seed=1):
-  """Downstream splits in build_corpus.py's layout (speech train, paired dev/test, text tsv).
+  """Downstream splits in the corpus builder's layout (speech train, paired dev/test, text tsv).
 
   alphabets: language -> characters of its transcripts (ALPHABETS by default).
   """

@@ -1,11 +1,11 @@
 r"""Builds the embedded multilingual corpus from Debian packages and espeak-ng.
 
-    python -m mslam_jax.data.build_corpus --output=DIR [--size=small|large] \
+    python -m mslam_jax.corpus.build --output=DIR [--size=small|large] \
         [--languages=en,de,...] [--seed=0] [--workers=2]
 
 Text comes from gettext catalogs and fortunes (catalogs.py), speech from
 espeak-ng (synthesis.py); docs/embedded_corpus.md describes both. The output, read
-by mslam_jax/data/registry.py (pre-training) and the downstream tasks:
+by mslam_jax/data/registry.py (pre-training) and the downstream evaluations:
 
     DIR/metadata.json                     languages, per-kind/split/language sizes, sources
     DIR/vocab.txt                         CharacterVocabulary over all texts below
@@ -60,8 +60,8 @@ import soundfile as sf
 import tensorflow as tf
 from tqdm import tqdm
 
-from mslam_jax.data import catalogs
-from mslam_jax.data import synthesis
+from mslam_jax.corpus import catalogs
+from mslam_jax.corpus import synthesis
 from mslam_jax.data.vocabulary import CharacterVocabulary
 from mslam_jax.data.vocabulary import normalize_text
 
@@ -393,7 +393,7 @@ def _progress(**kwargs):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog='python -m mslam_jax.data.build_corpus', description=__doc__.split('\n\n')[0],
+      prog='python -m mslam_jax.corpus.build', description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--output', required=True, help='folder to write the corpus into')
   parser.add_argument('--size', choices=sorted(PRESETS), default='small')
@@ -617,7 +617,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   try:
     build(parse_args(argv))
   except (catalogs.PackageError, synthesis.SynthesisError) as e:
-    raise SystemExit(f'build_corpus: {e}') from e
+    raise SystemExit(f'mslam_jax.corpus.build: {e}') from e
 
 
 if __name__ == '__main__':

@@ -6,15 +6,14 @@ bytes -> decode_audio (soundfile, mono, soxr resample) -> [samples] float32
 Decoding runs in numpy (soundfile/soxr have no TF ops) and is wrapped with
 `tf.numpy_function` so it can sit inside `tf.data.Dataset.map`. It never raises:
 a corpus of millions of files always holds a few broken ones, and one bad file
-must not stop a pre-training run. Callers get an `AudioStatus` instead and can
-count and drop bad examples.
+must not stop a pre-training run. Callers get a `bad_input.Problem` code instead
+(OK or one of AUDIO_PROBLEMS) and can count and drop bad examples.
 
 Feature constants: mSLAM (Bapna et al. 2022) gives 80-dim log-mel with a 10 ms
 hop. Everything else is our choice, with the reason next to it.
 """
 
 import dataclasses
-import enum
 import io
 import struct
 
@@ -23,6 +22,9 @@ import numpy as np
 import soundfile as sf
 import soxr
 import tensorflow as tf
+
+from mslam_jax.data.bad_input import Problem
+from mslam_jax.data.batch_spec import NUM_MEL_BINS
 
 
 @gin.configurable
@@ -37,7 +39,9 @@ class FeatureConfig:
     hop_ms: STFT hop in ms (mSLAM: 10 ms).
     fft_length: FFT size in samples (ours: 512, the next power of two above
       the 400-sample window; the window is zero-padded at the end).
-    num_mel_bins: mel channels (mSLAM: 80).
+    num_mel_bins: mel channels (mSLAM: 80). Bound with BatchConfig's and
+      ModelConfig's from the gin macro NUM_MEL_BINS (data/batch_spec.py says
+      why there are three).
     lower_edge_hz: lower edge of the lowest mel filter (ours: 20 Hz, below
       which speech carries nothing but DC offset and rumble).
     upper_edge_hz: upper edge of the highest mel filter (ours: 8 kHz, the
@@ -58,7 +62,7 @@ class FeatureConfig:
   window_ms: float = 25.0
   hop_ms: float = 10.0
   fft_length: int = 512
-  num_mel_bins: int = 80
+  num_mel_bins: int = NUM_MEL_BINS
   lower_edge_hz: float = 20.0
   upper_edge_hz: float = 8000.0
   log_floor: float = 1e-6
@@ -81,22 +85,11 @@ class FeatureConfig:
 _VARIANCE_FLOOR = 1e-8
 
 
-class AudioStatus(enum.IntEnum):
-  """Outcome of `decode_audio`; anything but OK comes with an empty waveform."""
-  OK = 0
-  UNREADABLE = 1  # soundfile cannot open it: garbage, unsupported format.
-  TRUNCATED = 2  # The header is fine but the data ends early or breaks off.
-  EMPTY = 3  # No samples, or every sample exactly zero.
-  NONFINITE = 4  # NaN or Inf samples (possible in float WAV).
-
-
-STATUS_MESSAGES = {
-    AudioStatus.OK: 'ok',
-    AudioStatus.UNREADABLE: 'unreadable audio (not a format soundfile can decode)',
-    AudioStatus.TRUNCATED: 'truncated audio (header says more frames than the data holds)',
-    AudioStatus.EMPTY: 'empty audio (no samples, or all samples zero)',
-    AudioStatus.NONFINITE: 'non-finite audio (NaN or Inf samples)',
-}
+# What `decode_audio` returns besides Problem.OK (always with an empty
+# waveform). The codes, and the words a report gives them
+# (bad_input.MESSAGES), live in bad_input.Problem.
+AUDIO_PROBLEMS = (Problem.UNREADABLE_AUDIO, Problem.TRUNCATED_AUDIO, Problem.EMPTY_AUDIO,
+                  Problem.NONFINITE_AUDIO)
 
 # Frames per soundfile read. Reading in blocks, instead of one read sized from
 # the header, keeps a corrupt header that claims billions of frames from
@@ -151,11 +144,11 @@ def _ogg_missing_end(data: bytes) -> bool:
   return offset > len(data) or not end_of_stream
 
 
-def _failed(status: AudioStatus) -> tuple[np.ndarray, AudioStatus]:
+def _failed(status: Problem) -> tuple[np.ndarray, Problem]:
   return np.zeros([0], np.float32), status
 
 
-def decode_audio(data: bytes, target_rate: int = 16000) -> tuple[np.ndarray, AudioStatus]:
+def decode_audio(data: bytes, target_rate: int = 16000) -> tuple[np.ndarray, Problem]:
   """Decodes WAV/FLAC/OGG (anything soundfile reads) to mono at `target_rate`.
 
   Never raises: problems come back as a status with an empty waveform.
@@ -167,14 +160,15 @@ def decode_audio(data: bytes, target_rate: int = 16000) -> tuple[np.ndarray, Aud
 
   Returns:
     (waveform, status): waveform is float32 [samples] in [-1, 1], the channel
-    mean for multi-channel files; [0] unless status is OK.
+    mean for multi-channel files; [0] unless status is Problem.OK. status is
+    Problem.OK or one of AUDIO_PROBLEMS.
   """
   try:
     stream = sf.SoundFile(io.BytesIO(data))
   except Exception:  # pylint: disable=broad-except
     # Mostly LibsndfileError ("Format not recognised"); whatever the type,
     # failing to open means we cannot decode it.
-    return _failed(AudioStatus.UNREADABLE)
+    return _failed(Problem.UNREADABLE_AUDIO)
   with stream:
     rate, expected_frames = stream.samplerate, stream.frames
     blocks = []
@@ -184,17 +178,17 @@ def decode_audio(data: bytes, target_rate: int = 16000) -> tuple[np.ndarray, Aud
     except Exception:  # pylint: disable=broad-except
       # A valid header followed by data the decoder cannot follow: a FLAC or
       # Ogg cut mid-frame ("lost sync", "psf_fseek failed").
-      return _failed(AudioStatus.TRUNCATED)
+      return _failed(Problem.TRUNCATED_AUDIO)
   multichannel = np.concatenate(blocks) if blocks else np.zeros([0, 1], np.float32)
   if (len(multichannel) < expected_frames or _wav_missing_bytes(data)
       or _ogg_missing_end(data)):
-    return _failed(AudioStatus.TRUNCATED)
+    return _failed(Problem.TRUNCATED_AUDIO)
   if multichannel.size == 0:
-    return _failed(AudioStatus.EMPTY)
+    return _failed(Problem.EMPTY_AUDIO)
   if not np.all(np.isfinite(multichannel)):
-    return _failed(AudioStatus.NONFINITE)
+    return _failed(Problem.NONFINITE_AUDIO)
   if not np.any(multichannel):
-    return _failed(AudioStatus.EMPTY)
+    return _failed(Problem.EMPTY_AUDIO)
   waveform = multichannel.mean(axis=1, dtype=np.float32)  # [frames, channels] -> [frames]
   if rate != target_rate:
     try:
@@ -202,11 +196,11 @@ def decode_audio(data: bytes, target_rate: int = 16000) -> tuple[np.ndarray, Aud
     except Exception:  # pylint: disable=broad-except
       # Not seen in practice (soxr took 1 Hz to 384 kHz headers in our
       # tries), but a header rate is untrusted input and this must not raise.
-      return _failed(AudioStatus.UNREADABLE)
+      return _failed(Problem.UNREADABLE_AUDIO)
   # Float WAV may hold values beyond full scale and resampling overshoots a
   # little near full scale; clipping keeps the promised range.
   waveform = np.clip(waveform, -1.0, 1.0).astype(np.float32, copy=False)
-  return waveform, AudioStatus.OK
+  return waveform, Problem.OK
 
 
 def decode_audio_tf(data: tf.Tensor, target_rate: int = 16000) -> tuple[tf.Tensor, tf.Tensor]:
@@ -217,7 +211,8 @@ def decode_audio_tf(data: tf.Tensor, target_rate: int = 16000) -> tuple[tf.Tenso
     target_rate: output sample rate in Hz.
 
   Returns:
-    (waveform, status): float32 [samples] and an int32 scalar `AudioStatus`.
+    (waveform, status): float32 [samples] and an int32 scalar `bad_input.Problem`
+    code (OK or one of AUDIO_PROBLEMS).
   """
 
   def decode(encoded):

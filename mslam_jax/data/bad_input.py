@@ -17,12 +17,16 @@ from typing import Dict, List, Tuple
 
 
 class Problem(enum.IntEnum):
-  """Why an example was skipped (or cleaned, for the *_CLEANED codes)."""
+  """Why an example was skipped (or kept but changed, for the codes in KEPT).
+
+  The *_AUDIO codes 1-4 are also `audio.decode_audio`'s outcomes
+  (audio.AUDIO_PROBLEMS): one enum for the decoder and the pipeline.
+  """
   OK = 0
-  UNREADABLE_AUDIO = 1     # not decodable, or the file could not be read
-  TRUNCATED_AUDIO = 2      # the header promises more samples than the file holds
+  UNREADABLE_AUDIO = 1     # not decodable (garbage, unsupported format), or unreadable file
+  TRUNCATED_AUDIO = 2      # the header is fine but the data ends early or breaks off
   EMPTY_AUDIO = 3          # no samples, or all samples exactly zero
-  NONFINITE_AUDIO = 4      # NaN or Inf samples
+  NONFINITE_AUDIO = 4      # NaN or Inf samples (possible in float WAV)
   TOO_SHORT_AUDIO = 5      # fewer log-mel frames than audio_features.min_frames (gin)
   TOO_LONG_AUDIO = 6       # paired audio over the frame limit (cropping would cut its transcript)
   EMPTY_TEXT = 7           # empty text line or transcript

@@ -11,7 +11,7 @@ speech under CTC (every character spans at least one encoder frame after the
 import numpy as np
 
 from mslam_jax import special_ids
-from mslam_jax.data.batch_spec import BatchConfig
+from mslam_jax.data.batch_spec import NUM_MEL_BINS, BatchConfig
 
 
 class SyntheticCorpus:
@@ -19,13 +19,14 @@ class SyntheticCorpus:
 
   Args:
     seed: fixes the lexicon, the spectral templates and the batch stream.
+    num_mel_bins: log-mel channels of the features (BatchConfig.num_mel_bins).
     alphabet_size: characters used, ids NUM_RESERVED_IDS .. + alphabet_size - 1.
     num_words: lexicon size; words are 2-6 characters.
     noise: std of Gaussian noise added to the templates.
   """
 
-  def __init__(self, seed: int = 0, *, num_mel_bins: int = 80, alphabet_size: int = 16,
-               num_words: int = 64, noise: float = 0.3):
+  def __init__(self, seed: int = 0, *, num_mel_bins: int = NUM_MEL_BINS,
+               alphabet_size: int = 16, num_words: int = 64, noise: float = 0.3):
     rng = np.random.default_rng(seed)
     self.alphabet = np.arange(special_ids.NUM_RESERVED_IDS,
                               special_ids.NUM_RESERVED_IDS + alphabet_size)

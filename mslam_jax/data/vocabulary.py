@@ -96,7 +96,7 @@ class CharacterVocabulary(seqio.Vocabulary):
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(
           f'vocabulary file {path} not found; build the corpus with '
-          '`python -m mslam_jax.data.build_corpus --output=DIR` (it writes DIR/vocab.txt)')
+          '`python -m mslam_jax.corpus.build --output=DIR` (it writes DIR/vocab.txt)')
     symbols = []
     with tf.io.gfile.GFile(path, 'r') as f:
       for line_no, line in enumerate(f, 1):

@@ -26,9 +26,10 @@ import numpy as np
 from mslam_jax import encoder as encoder_lib
 from mslam_jax.data import audio
 from mslam_jax.data import vocabulary as vocabulary_lib
+from mslam_jax.models import frontend
 
-# The encoder's frontend subsamples by 4 (two stride-2 convolutions).
-SUBSAMPLING = 4
+# Log-mel frames per encoder frame (4: the frontend's two stride-2 convolutions).
+SUBSAMPLING = frontend.SUBSAMPLING
 
 
 class Backbone:

@@ -3,7 +3,7 @@
 Speech examples come from any `mslam_jax.data.sources` RecordSource (TFRecord
 shards, TSV manifests, TFDS), the same sources pre-training tasks use; records
 need 'audio', 'language' and 'transcript', and 'english' for translation. A
-corpus written by `python -m mslam_jax.data.build_corpus` has them as
+corpus written by `python -m mslam_jax.corpus.build` has them as
 
     CORPUS/downstream/speech/train/{lang}.tfrecord   held out of all pre-training data
     CORPUS/paired/{dev,test}/{lang}.tfrecord         the multi-way held-out sets
@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from mslam_jax.data import audio
+from mslam_jax.data import bad_input
 from mslam_jax.data import sources as sources_lib
 from mslam_jax.data import vocabulary as vocabulary_lib
 
@@ -53,7 +54,7 @@ def corpus_speech_source(corpus_dir: str) -> sources_lib.RecordSource:
   if not glob.glob(train):
     raise FileNotFoundError(
         f'no downstream speech in {os.path.dirname(train)}: the corpus predates downstream '
-        f'splits; rebuild it with `python -m mslam_jax.data.build_corpus --output={corpus_dir}`')
+        f'splits; rebuild it with `python -m mslam_jax.corpus.build --output={corpus_dir}`')
   return sources_lib.tfrecords(
       {'train': train,
        'dev': os.path.join(corpus_dir, 'paired', 'dev', '*.tfrecord'),
@@ -76,8 +77,8 @@ def load_speech(source: sources_lib.RecordSource, split: str, *,
     if max_per_language is not None and per_language.get(language, 0) >= max_per_language:
       continue
     waveform, status = audio.decode_audio(rec['audio'], sample_rate)
-    if status != audio.AudioStatus.OK:
-      skipped.setdefault(status.name, []).append(rec['id'].decode('utf-8', 'replace'))
+    if status != bad_input.Problem.OK:
+      skipped.setdefault(status, []).append(rec['id'].decode('utf-8', 'replace'))
       continue
     per_language[language] = per_language.get(language, 0) + 1
     examples.append(SpeechExample(
@@ -85,8 +86,8 @@ def load_speech(source: sources_lib.RecordSource, split: str, *,
         transcript=vocabulary_lib.normalize_text(rec['transcript'].decode('utf-8')),
         english=vocabulary_lib.normalize_text(rec.get('english', b'').decode('utf-8'))))
   for status, ids in skipped.items():
-    print(f'{source.task_name} {split}: skipped {len(ids)} records with {status} audio '
-          f'(e.g. {", ".join(ids[:3])})', flush=True)
+    print(f'{source.task_name} {split}: skipped {len(ids)} records: '
+          f'{bad_input.MESSAGES[status]} (e.g. {", ".join(ids[:3])})', flush=True)
   if not examples:
     raise ValueError(f'no usable {split} examples in {source.patterns.get(split)}'
                      + (f' for languages {list(languages)}' if languages else ''))
@@ -101,7 +102,7 @@ def corpus_text_pairs(corpus_dir: str, split: str, *,
   paths = sorted(glob.glob(os.path.join(folder, '*.tsv')))
   if not paths:
     raise FileNotFoundError(f'no text translation pairs in {folder}; rebuild the corpus '
-                            'with `python -m mslam_jax.data.build_corpus`')
+                            'with `python -m mslam_jax.corpus.build`')
   pairs = []
   for path in paths:
     language = os.path.basename(path)[:-len('.tsv')]

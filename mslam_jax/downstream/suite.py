@@ -36,7 +36,7 @@ class DownstreamConfig:
     backbone: 'export', 'logmel' or 'logmel_normalized'.
     export_dir: the export (mslam_jax.export) for backbone 'export'.
     layer: encoder layer the head reads (None: the top; see mslam_jax/encoder.py).
-    corpus_dir: a corpus with downstream splits (mslam_jax.data.build_corpus).
+    corpus_dir: a corpus with downstream splits (mslam_jax.corpus.build).
     languages: languages to use (None: all of the corpus).
     max_train_per_language, max_eval_per_language: caps (None: all).
     text_loss_weight: multi-modal text loss weight (paper: 5.0).

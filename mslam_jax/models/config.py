@@ -7,13 +7,52 @@ values marked (inferred) are our reading where the papers are silent.
 """
 
 import dataclasses
+from typing import Callable, Optional, Tuple
 
 import gin
+import jax
 import jax.numpy as jnp
 
-# Named rematerialisation policies for the scanned Conformer stacks. Compile
-# time and memory of the 2B model depend on this choice.
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+from mslam_jax.data.batch_spec import NUM_MEL_BINS
+
+
+@dataclasses.dataclass(frozen=True)
+class RematPolicy:
+  """One named rematerialisation policy of the scanned Conformer stacks.
+
+  Attributes:
+    policy: the `jax.checkpoint_policies` entry `nn.remat` gets for each
+      scanned ConformerBlock (`models/conformer.py`); None runs without remat.
+    recomputed: the ConformerBlock operations whose forward FLOPs the backward
+      pass runs again, named as the components `flops.conformer_layer_flops`
+      returns; `flops.remat_flops` counts them, and tests/test_flops.py checks
+      them against the traced program.
+  """
+  policy: Optional[Callable]
+  recomputed: Tuple[str, ...]
+
+
+# The one table of remat policies: ModelConfig.remat_policy takes a key,
+# `ConformerStack` applies its policy and `flops.remat_flops` counts what it
+# recomputes. Compile time and memory of the 2B model depend on this choice.
+REMAT_POLICIES = {
+    # Saves every activation the backward needs: most memory, no recompute.
+    'none': RematPolicy(None, ()),
+    # Saves only each layer's input; the whole layer runs again (+1x forward).
+    'full': RematPolicy(
+        jax.checkpoint_policies.nothing_saveable,
+        ('ffn', 'attention_projections', 'attention_scores', 'conv_pointwise',
+         'depthwise_conv')),
+    # Saves every dot_general output, Q K^T and A V included; of the counted
+    # ops only the depthwise convolution (shifted multiply-adds) runs again.
+    'dots': RematPolicy(jax.checkpoint_policies.checkpoint_dots, ('depthwise_conv',)),
+    # Saves the weight matmuls (no batch dimension); Q K^T and A V have batch
+    # and head as batch dimensions, so they run again, as does the depthwise
+    # convolution.
+    'dots_no_batch': RematPolicy(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        ('attention_scores', 'depthwise_conv')),
+}
 
 
 @gin.configurable
@@ -22,7 +61,9 @@ class ModelConfig:
   """Sizes and switches of the mSLAM encoder and its pre-training heads.
 
   Attributes:
-    num_mel_bins: input log-mel channels (paper: 80-dim log-mel).
+    num_mel_bins: input log-mel channels (paper: 80-dim log-mel); sizes the
+      frontend's projection. Bound with BatchConfig's and FeatureConfig's from
+      the gin macro NUM_MEL_BINS (data/batch_spec.py says why there are three).
     frontend_channels: channels of both stride-2 Conv2D layers (inferred: 128,
       the Conformer/w2v-BERT subsampling convention).
     d_model: model dim d (paper: 1024 for 0.6B, 1408 for 2B).
@@ -39,10 +80,11 @@ class ModelConfig:
       sinusoidal position table.
     num_codes: quantizer codebook size (paper: 1 codebook x 1024 codes).
     code_dim: quantizer code vector dim (paper: 1024).
-    remat_policy: one of REMAT_POLICIES, applied to each scanned layer.
+    remat_policy: a key of REMAT_POLICIES (above, with what each saves and
+      recomputes), applied to each scanned layer.
     dtype: compute dtype name ('float32' or 'bfloat16'); params stay float32.
   """
-  num_mel_bins: int = 80
+  num_mel_bins: int = NUM_MEL_BINS
   frontend_channels: int = 128
   d_model: int = 1024
   num_speech_layers: int = 8
@@ -75,7 +117,7 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f'ModelConfig: remat_policy={self.remat_policy!r} is not one of '
-          f'{REMAT_POLICIES}.')
+          f'{tuple(REMAT_POLICIES)}.')
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(
           f"ModelConfig: dtype={self.dtype!r}; use 'float32' or 'bfloat16'.")

@@ -17,13 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mslam_jax.models import layers
-from mslam_jax.models.config import ModelConfig
-
-_REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from mslam_jax.models.config import REMAT_POLICIES, ModelConfig
 
 
 class FeedForward(nn.Module):
@@ -125,7 +119,9 @@ class ConformerBlock(nn.Module):
 class ConformerStack(nn.Module):
   """`num_layers` ConformerBlocks under `nn.scan` (one compiled body), with remat.
 
-  Parameters get a leading 'layers' axis of size `num_layers`.
+  Parameters get a leading 'layers' axis of size `num_layers`. Each block is
+  rematerialised with the policy `config.remat_policy` names in
+  `config.REMAT_POLICIES` (none for 'none').
   """
   config: ModelConfig
   num_layers: int
@@ -135,9 +131,9 @@ class ConformerStack(nn.Module):
   def __call__(self, x: jax.Array, paddings: jax.Array) -> jax.Array:
     """x [B, T, d], paddings [B, T] -> [B, T, d]."""
     block = ConformerBlock
-    if self.config.remat_policy != 'none':
-      block = nn.remat(block, policy=_REMAT_POLICIES[self.config.remat_policy],
-                       prevent_cse=False)
+    policy = REMAT_POLICIES[self.config.remat_policy].policy
+    if policy is not None:
+      block = nn.remat(block, policy=policy, prevent_cse=False)
     scanned = nn.scan(
         block,
         variable_axes={'params': 0},
