@@ -18,7 +18,10 @@ setuptools.setup(
         'flax>=0.12,<0.13',
         'optax>=0.2.8,<0.3',
         'orbax-checkpoint>=0.12,<0.13',
+        # orbax imports it for any gs:// checkpoint directory but does not declare it
+        'google-cloud-storage>=3.17,<4',
         'seqio>=0.0.20',
+        'grain>=0.2.18',  # index-based global order of the pre-training sampler
         'tensorflow>=2.21,<2.22',
         'tensorflow-datasets>=4.9',
         'gin-config>=0.5',

@@ -4,8 +4,9 @@ Both loaders read the same TFRecord files (the large embedded corpus's speech
 train split, 20 languages, 2-8 s FLAC utterances) and produce batches of 32
 log-mel sequences of 800 frames (8 s) with 80 channels:
 
-  ours:          ThreeStreamSampler(parts=('speech',)): tf.data, seqio mixture,
-                 soundfile decode inside tf.numpy_function, tf.signal log-mel.
+  ours:          ThreeStreamSampler(parts=('speech',)): the global order (per-epoch
+                 permutations, grain mix by rate), records fetched by number, then
+                 tf.data: soundfile decode inside tf.numpy_function, tf.signal log-mel.
   ours, 3 kinds: the full sampler (speech 32 x 800 frames, text 128 x 512
                  characters, paired 4 x 800 frames + 256 characters: the paper's
                  2048 : 8192 : 256 per step, scaled down 64x).
@@ -28,7 +29,7 @@ difference), so that the two loaders do the same work.
     python benchmarks/input_pipeline.py
 
 The corpus is built once with
-`python -m mslam_jax.data.build_corpus --output=/tmp/corpus_large --size=large`.
+`python -m mslam_jax.corpus.build --output=/tmp/corpus_large --size=large`.
 """
 
 import argparse
@@ -251,7 +252,7 @@ def main():
   parser.add_argument('--worker', choices=list(LOADERS), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.corpus, 'metadata.json')):
-    sys.exit(f'{args.corpus} not found: python -m mslam_jax.data.build_corpus '
+    sys.exit(f'{args.corpus} not found: python -m mslam_jax.corpus.build '
              f'--output={args.corpus} --size=large')
   if args.worker:
     worker(args)

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh
 rm -rf runs/demo  # the demo starts afresh (a MODEL_DIR with checkpoints resumes)
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
-export TF_CPP_MIN_LOG_LEVEL=2
+
 PY=.venv/bin/python
 echo "== 1/4 pre-training"
 $PY -m mslam_jax.train --gin_file=gin/pretrain_tiny_cpu.gin --gin.MODEL_DIR="'runs/demo'" "$@"

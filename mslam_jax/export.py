@@ -20,6 +20,12 @@ writes its config to MODEL_DIR/config.gin at start (mslam_jax/train.py); export
 reads the model and feature settings from there.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mslam_jax import console
+
+if __name__ == '__main__':
+  console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
+
 import argparse
 import dataclasses
 import json
@@ -62,12 +68,18 @@ def encoder_params(params: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _configs_from_gin():
-  """(ModelConfig, FeatureConfig, vocabulary path) of the gin config parsed now."""
+  """(ModelConfig, FeatureConfig, vocabulary path) of the gin config parsed now.
+
+  Raises ValueError when the configs disagree on num_mel_bins.
+  """
   from mslam_jax.data import audio  # pylint: disable=g-import-not-at-top
+  from mslam_jax.data import batch_spec  # pylint: disable=g-import-not-at-top
   from mslam_jax.data import sampler  # pylint: disable=g-import-not-at-top
   from mslam_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  model_config, feature_config = ModelConfig(), audio.FeatureConfig()
+  batch_spec.check_num_mel_bins(model_config, batch_spec.BatchConfig(), feature_config)
   data_config = sampler.DataConfig()
-  return ModelConfig(), audio.FeatureConfig(), sampler.resolve_path(data_config.vocabulary_path)
+  return model_config, feature_config, sampler.resolve_path(data_config.vocabulary_path)
 
 
 def _abstract_params(model_config, batch_config, loss_config):
@@ -190,6 +202,8 @@ def main(argv=None):
   parser.add_argument('--random_init', action='store_true',
                       help='export the untrained encoder of --gin_file instead (a baseline)')
   parser.add_argument('--seed', type=int, default=0, help='parameter seed for --random_init')
+  parser.add_argument('--verbose', action='store_true',
+                      help='keep the start-up logs of jax, XLA and TensorFlow')
   parser.add_argument('--gin_file', action='append', default=[],
                       help='with --random_init: the experiment gin file(s)')
   import sys  # pylint: disable=g-import-not-at-top
@@ -199,7 +213,8 @@ def main(argv=None):
   if args.random_init:
     if not args.gin_file:
       parser.error('--random_init needs --gin_file (the model to initialise)')
-    gin_utils.parse_gin(args.gin_file, bindings)
+    # Writes to --output only: a pod file's REQUIRED MODEL_DIR need not be given.
+    gin_utils.parse_gin(args.gin_file, bindings, writes_model_dir=False)
     out = export_random(args.output, args.seed)
   else:
     if not args.model_dir:

@@ -11,6 +11,12 @@ Writes MODEL_DIR/metrics.jsonl, TensorBoard, checkpoints (a killed run
 resumes) and MODEL_DIR/scores.json, and prints a summary.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mslam_jax import console
+
+if __name__ == '__main__':
+  console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
+
 import jax
 
 from mslam_jax import gin_utils

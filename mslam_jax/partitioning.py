@@ -139,10 +139,61 @@ def global_batch(local_batch, mesh: Mesh):
                       local_batch)
 
 
-def describe(mesh: Mesh, rules) -> str:
-  """The mesh and the rules, for the start-up log (users should see where things go)."""
+def check_batch_split(batch_config, parts: Sequence[str], mesh: Optional[Mesh] = None, *,
+                      num_hosts: Optional[int] = None) -> None:
+  """Raises ValueError unless every enabled kind's global batch splits evenly.
+
+  The one check of batch sizes against the devices, run before anything is
+  built (train.py, compile.py; the sampler's per-host split is the same rule).
+  A global batch must split over
+    * the mesh's batch shards: the product of its BATCH_AXES (data x fsdp),
+      which `batch_sharding` splits the leading axis over;
+    * the hosts: each process feeds an equal share of rows to `global_batch`.
+  The message names the BatchConfig field, its value, the mesh axes and the fix.
+
+  Args:
+    batch_config: a `data.batch_spec.BatchConfig`; reads `{kind}_batch_size`.
+    parts: the enabled data kinds, e.g. LossConfig.parts ('speech', 'text',
+      'paired').
+    mesh: the (data, fsdp, model) mesh the step runs on; None checks the
+      hosts only.
+    num_hosts: processes that feed the batch (default: those holding the
+      mesh's devices, or jax.process_count() without a mesh).
+  """
+  shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES) if mesh is not None else 1
+  if num_hosts is None:
+    num_hosts = (len({device.process_index for device in mesh.devices.flat})
+                 if mesh is not None else jax.process_count())
+  multiple = math.lcm(shards, num_hosts)
+  for kind in parts:
+    field = f'{kind}_batch_size'
+    size = getattr(batch_config, field)
+    if size % shards:
+      axes = ', '.join(f'{name}={n}' for name, n in mesh.shape.items())
+      where = f'the {shards} batch shards of the mesh ({" x ".join(BATCH_AXES)} of {axes})'
+      other = 'change MESH_SHAPE'
+    elif size % num_hosts:
+      where = f'the {num_hosts} hosts (each feeds an equal share of rows)'
+      other = 'run on another number of hosts'
+    else:
+      continue
+    raise ValueError(
+        f'BatchConfig.{field}={size} does not split over {where}; make it a multiple of '
+        f'{multiple} (--gin.BatchConfig.{field}=N) or {other}.')
+
+
+def describe(mesh: Mesh, rules, verbose: bool = False) -> str:
+  """The mesh and where the rules put things, for the start-up log.
+
+  One line: the mesh, then only the logical axes that are split (the rest are
+  replicated); verbose adds the whole rules table, one rule a line.
+  """
   shape = ', '.join(f'{name}={size}' for name, size in mesh.shape.items())
-  lines = [f'mesh: {shape} ({mesh.devices.size} devices, {jax.process_count()} processes)',
-           'logical axis rules:']
-  lines += [f'  {logical:12s} -> {mesh_axes}' for logical, mesh_axes in rules]
-  return '\n'.join(lines)
+  split = ', '.join(f'{logical}->{mesh_axes}' for logical, mesh_axes in rules
+                    if mesh_axes is not None)
+  line = (f'mesh: {shape} ({mesh.devices.size} devices, {jax.process_count()} processes); '
+          f'split: {split or "nothing"}; other axes replicated')
+  if not verbose:
+    return line
+  return '\n'.join([line, 'logical axis rules:'] +
+                   [f'  {logical:12s} -> {mesh_axes}' for logical, mesh_axes in rules])

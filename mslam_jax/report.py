@@ -7,9 +7,11 @@ scores.json, prints a short table, and writes MODEL_DIR/loss_curves.png.
 """
 
 import argparse
+import io
 import json
-import os
 from typing import Dict, List, Sequence
+
+from mslam_jax import paths
 
 # The loss terms worth a curve (pretrain_loss.py's metric names), in plot order.
 CURVES = ('loss', 'speech/contrastive', 'speech/masked_prediction', 'speech/code_perplexity',
@@ -17,13 +19,14 @@ CURVES = ('loss', 'speech/contrastive', 'speech/masked_prediction', 'speech/code
 
 
 def read_metrics(path: str) -> List[Dict[str, float]]:
-  """metrics.jsonl rows by step; a resumed run's repeated steps keep the last row."""
+  """metrics.jsonl rows by step, without resume markers; a resumed run's repeated steps
+  keep the last row (the run that went on)."""
   rows: Dict[int, Dict[str, float]] = {}
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        row = json.loads(line)
+  for line in paths.path(path).read_text(encoding='utf-8').splitlines():
+    line = line.strip()
+    if line:
+      row = json.loads(line)
+      if 'event' not in row:
         rows[int(row['step'])] = row
   return [rows[s] for s in sorted(rows)]
 
@@ -46,8 +49,10 @@ def plot_curves(rows: Sequence[Dict[str, float]], path: str, title: str = '') ->
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()  # matplotlib writes local files only; paths also reaches gs://
+  fig.savefig(png, format='png', dpi=110)
   plt.close(fig)
+  paths.path(path).write_bytes(png.getvalue())
   return path
 
 
@@ -74,7 +79,7 @@ def main(argv=None):
   parser.add_argument('--downstream', action='append', default=[],
                       help='a downstream run directory (repeatable)')
   args = parser.parse_args(argv)
-  rows = read_metrics(os.path.join(args.model_dir, 'metrics.jsonl'))
+  rows = read_metrics(paths.join(args.model_dir, 'metrics.jsonl'))
   first, last = rows[0], rows[-1]
   print(f'\npre-training ({args.model_dir}): {last["step"]} steps')
   print(f'  {"term":<26} {"step " + str(first["step"]):>10} {"step " + str(last["step"]):>10}')
@@ -84,14 +89,14 @@ def main(argv=None):
   if args.downstream:
     print('downstream (test split):')
   for folder in args.downstream:
-    with open(os.path.join(folder, 'scores.json'), encoding='utf-8') as f:
-      print('  ' + downstream_line(json.load(f), os.path.basename(os.path.normpath(folder))))
-  png = plot_curves(rows, os.path.join(args.model_dir, 'loss_curves.png'),
+    scores = json.loads(paths.path(paths.join(folder, 'scores.json')).read_text())
+    print('  ' + downstream_line(scores, folder.rstrip('/').split('/')[-1]))
+  png = plot_curves(rows, paths.join(args.model_dir, 'loss_curves.png'),
                     f'pre-training: {args.model_dir}')
   print(f'\nloss curves: {png}')
-  print(f'checkpoints: {os.path.join(args.model_dir, "checkpoints")}')
+  print(f'checkpoints: {paths.join(args.model_dir, "checkpoints")}')
   for folder in args.downstream:
-    print(f'scores:      {os.path.join(folder, "scores.json")}')
+    print(f'scores:      {paths.join(folder, "scores.json")}')
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ marker when done and is skipped when run again; a killed pre-training or
 fine-tuning resumes from its last checkpoint.
 
 The full mode uses the large corpus (built with `python -m
-mslam_jax.data.build_corpus --size=large`, about 2 minutes with espeak-ng and
+mslam_jax.corpus.build --size=large`, about 2 minutes with espeak-ng and
 Debian mirrors) when --corpus_dir names it or it is at the default place;
 --quick uses the committed embedded corpus.
 """
@@ -37,6 +37,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mslam_jax
+from mslam_jax import report
 
 VARIANTS = {  # name -> gin file (the paper's three pre-training variants)
     'w2v_bert': 'gin/variants/w2v_bert.gin',
@@ -57,7 +58,8 @@ EVALUATIONS = {
     'multimodal_translation': ('gin/downstream/multimodal_translation.gin', True),
     'retrieval': ('gin/downstream/retrieval.gin', True),
 }
-# Script groups for the per-group table (languages of the build_corpus presets).
+# Script groups for the per-group table (languages of the corpus builder's presets,
+# mslam_jax/corpus/build.py).
 GROUPS = {
     'Latin': ('en', 'de', 'fr', 'es', 'it', 'pt', 'nl', 'pl', 'cs', 'tr', 'sv', 'fi', 'hu',
               'vi'),
@@ -393,12 +395,8 @@ def pretraining_curves(output: str, budget: Budget) -> Dict[str, Dict[str, List[
     per_seed = []
     for seed in budget.seeds:
       path = os.path.join(output, 'pretrain', f'{variant}_seed{seed}', 'metrics.jsonl')
-      if not os.path.exists(path):
-        continue
-      with open(path, encoding='utf-8') as f:
-        records = [json.loads(line) for line in f]
-      by_step = {r['step']: r for r in records}  # a resumed run repeats steps: keep the last
-      per_seed.append(by_step)
+      if os.path.exists(path):
+        per_seed.append({r['step']: r for r in report.read_metrics(path)})
     if not per_seed:
       continue
     steps = sorted(set.intersection(*(set(s) for s in per_seed)))
@@ -509,7 +507,7 @@ def main(argv=None):
     corpus = os.path.join(mslam_jax.REPO_ROOT, corpus)
   if not os.path.exists(os.path.join(corpus, 'metadata.json')):
     raise SystemExit(f'no corpus at {budget.corpus_dir}: build it with\n  python -m '
-                     f'mslam_jax.data.build_corpus --output={budget.corpus_dir} --size=large\n'
+                     f'mslam_jax.corpus.build --output={budget.corpus_dir} --size=large\n'
                      'or run with --quick (the embedded corpus)')
   budget = dataclasses.replace(budget, corpus_dir=corpus)
   os.makedirs(args.output, exist_ok=True)

@@ -1,30 +1,40 @@
 """Pre-train mSLAM from gin files.
 
     python -m mslam_jax.train --gin_file=gin/pretrain_tiny_cpu.gin --gin.MODEL_DIR="'runs/demo'" \
-        [--task_module=my_tasks.py]
+        [--task_module=my_tasks.py] [--verbose]
 
 Batches come from the three-stream sampler over the seqio tasks that
 DataConfig selects (by default the embedded corpus, tasks/embedded.py), or
 from synthetic data with --gin.DataConfig.source="'synthetic'". Metrics go to
-the console and to MODEL_DIR/metrics.jsonl.
+MODEL_DIR/metrics.jsonl and TensorBoard, and a progress line to the console;
+the run ends with a summary. MODEL_DIR may be local or gs://.
 """
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mslam_jax import console
+
+if __name__ == '__main__':
+  console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
 
 import argparse
 import os
+import time
 from typing import Sequence
 
 import gin
 import jax
-from etils import epath
 
 from mslam_jax import checkpoints
 from mslam_jax import flops
 from mslam_jax import gin_utils
 from mslam_jax import partitioning
+from mslam_jax import paths
 from mslam_jax import optimizer as optimizer_lib
 from mslam_jax import pretrain_loss
 from mslam_jax import trainer
+from mslam_jax.data import audio
 from mslam_jax.data import bad_input
+from mslam_jax.data import batch_spec
 from mslam_jax.data import sampler as sampler_lib
 from mslam_jax.data.batch_spec import BatchConfig
 from mslam_jax.data.synthetic import SyntheticCorpus
@@ -56,9 +66,14 @@ def make_batches(data_config: sampler_lib.DataConfig, batch_config: BatchConfig,
   sampler = sampler_lib.ThreeStreamSampler(
       batch_config, data_config, parts=parts, model_vocab_size=model_vocab_size,
       extra_task_modules=task_modules)
-  for kind, rates in sampler.rates().items():
-    shares = ', '.join(f'{name} {rate:.3f}' for name, rate in rates.items())
-    print(f'{kind} mixture ({len(rates)} tasks): {shares}', flush=True)
+  if console.verbose():
+    for kind, rates in sampler.rates().items():
+      shares = ', '.join(f'{name} {rate:.3f}' for name, rate in rates.items())
+      print(f'{kind} mixture ({len(rates)} tasks): {shares}', flush=True)
+  else:
+    print('mixtures: ' + ', '.join(
+        f'{kind} {len(r)} tasks (rates {min(r.values()):.3f}-{max(r.values()):.3f})'
+        for kind, r in sampler.rates().items()) + ' (--verbose lists them)', flush=True)
   warning = sampler.paired_length_warning()
   if warning:
     print(warning, flush=True)
@@ -76,18 +91,14 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
   task_modules: extra modules that register seqio tasks (--task_module).
   log_initial: also log the metrics of the initial parameters as step 0.
   """
+  paths.ensure_writable(train_config.model_dir)
   data_config = data_config or sampler_lib.DataConfig()
   mesh_config = mesh_config or partitioning.MeshConfig()
   mesh = partitioning.make_mesh(mesh_config)
   rules = mesh_config.rules
-  print(partitioning.describe(mesh, rules), flush=True)
-  split = mesh.shape['data'] * mesh.shape['fsdp']
-  for kind in loss_config.parts:
-    size = getattr(batch_config, f'{kind}_batch_size')
-    if size % split:
-      raise ValueError(f'BatchConfig.{kind}_batch_size={size} does not split over the '
-                       f'{split} devices of the data x fsdp mesh axes; make it a multiple of '
-                       f'{split} or change MESH_SHAPE')
+  print(partitioning.describe(mesh, rules, verbose=console.verbose()), flush=True)
+  partitioning.check_batch_split(batch_config, loss_config.parts, mesh)
+  batch_spec.check_num_mel_bins(model_config, batch_config, audio.FeatureConfig())
   batches = make_batches(data_config, batch_config, loss_config.parts, seed=train_config.seed,
                          model_vocab_size=model_config.vocab_size, task_modules=task_modules)
   init_rng, step_rng = jax.random.split(jax.random.key(train_config.seed))
@@ -99,10 +110,11 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
       train_config.model_dir, save_every=train_config.save_every,
       keep=train_config.keep_checkpoints, async_save=train_config.async_checkpoints)
   sampler = batches if isinstance(batches, sampler_lib.ThreeStreamSampler) else None
-  latest = checkpointer.latest_step()
+  latest, state = checkpointer.restore_latest(
+      abstract, sampler, fallback=train_config.fallback_to_intact_checkpoint,
+      restart_data_stream=train_config.restart_data_stream)
   if latest is not None:
-    print(f'resuming from step {latest} ({checkpointer.directory})', flush=True)
-    state = checkpointer.restore(latest, abstract, sampler)
+    print(f'resumed from step {latest} ({checkpointer.directory})', flush=True)
     if sampler is None:  # the synthetic stream replays to the same position
       for _ in range(latest):
         next(batches)
@@ -115,20 +127,54 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
   eval_step = (trainer.make_eval_step(model_config=model_config, loss_config=loss_config)
                if log_initial and latest is None else None)
   writer = trainer.MetricsWriter(train_config.model_dir)
+  if latest is not None:
+    writer.mark_resume(latest)
+  start = time.perf_counter()
   try:
     result = trainer.run(
         state, step_fn, batches, step_rng, mesh=mesh, num_steps=train_config.train_steps,
         log_every=train_config.log_every, writer=writer, checkpointer=checkpointer,
         sampler=sampler, eval_step=eval_step,
         max_consecutive_nonfinite=train_config.max_consecutive_nonfinite,
+        frame_seconds=audio.FeatureConfig().hop_ms / 1000,
         **_flops_and_peak(model_config, loss_config, batch_config, train_config))
   finally:
     checkpointer.close()
     writer.close()
-  report = bad_input.LOG.report()
-  if report:
-    print('input examples skipped or cleaned:\n' + report, flush=True)
+    if sampler is not None:
+      sampler.close()
+  print(summary(result[1], train_config, start_step=latest or 0,
+                seconds=time.perf_counter() - start, checkpointer=checkpointer), flush=True)
   return result
+
+
+def summary(history, train_config, *, start_step: int, seconds: float, checkpointer) -> str:
+  """The end-of-run lines: steps and time, final losses, checkpoint, input problems.
+
+  The full bad-input report (per task, with example names) goes to
+  MODEL_DIR/bad_input.txt; the console gets one line per problem.
+  """
+  last = history[-1] if history else {}
+  step = int(last.get('step', start_step))
+  lines = [f'done: step {step} of {train_config.train_steps} '
+           f'({step - start_step} steps in {console.format_duration(seconds)}'
+           f'{f", resumed from step {start_step}" if start_step else ""})']
+  terms = [k for k in sorted(last) if k.endswith(('contrastive', 'masked_prediction',
+                                                  'span_mlm', 'ctc'))]
+  if 'loss' in last:
+    lines.append(f'final loss {last["loss"]:.4g} (' +
+                 ', '.join(f'{k} {last[k]:.4g}' for k in terms) + ')')
+  saved = checkpointer.latest_step()
+  if saved is not None:
+    lines.append(f'checkpoint: {paths.join(train_config.model_dir, "checkpoints", str(saved))}')
+  folded = console.fold_bad_input(bad_input.LOG.counts())
+  if folded:
+    report_path = paths.join(train_config.model_dir, 'bad_input.txt')
+    if jax.process_index() == 0:
+      paths.path(report_path).write_text(bad_input.LOG.report() + '\n')
+    lines.append(f'input examples cleaned or skipped (per task and with names: {report_path}):')
+    lines += ['  ' + line for line in folded]
+  return '\n'.join(lines)
 
 
 def _flops_and_peak(model_config, loss_config, batch_config, train_config):
@@ -158,14 +204,15 @@ def initialize_distributed(args) -> None:
     try:
       jax.distributed.initialize()
     except (ValueError, RuntimeError) as e:
-      print(f'single process ({e})', flush=True)
+      if console.verbose():
+        print(f'single process ({e})', flush=True)
 
 
 def save_config(model_dir: str) -> None:
   """Writes the parsed gin config to MODEL_DIR/config.gin (process 0), for export."""
   if jax.process_index() != 0:
     return
-  path = epath.Path(model_dir)
+  path = paths.path(model_dir)
   path.mkdir(parents=True, exist_ok=True)
   (path / 'config.gin').write_text(gin.config_str())
 
@@ -186,9 +233,13 @@ def main(argv=None):
   print(f'model_dir: {train_config.model_dir}  steps: {train_config.train_steps}  '
         f'process {jax.process_index()}/{jax.process_count()}  '
         f'devices: {jax.device_count()} ({jax.devices()[0].platform})', flush=True)
-  save_config(train_config.model_dir)
-  train(ModelConfig(), pretrain_loss.LossConfig(), BatchConfig(), train_config,
-        sampler_lib.DataConfig(), partitioning.MeshConfig(), task_modules=args.task_module)
+  try:
+    paths.ensure_writable(train_config.model_dir)
+    save_config(train_config.model_dir)
+    train(ModelConfig(), pretrain_loss.LossConfig(), BatchConfig(), train_config,
+          sampler_lib.DataConfig(), partitioning.MeshConfig(), task_modules=args.task_module)
+  except (paths.NotWritableError, checkpoints.CheckpointError) as e:
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

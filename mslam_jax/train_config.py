@@ -24,6 +24,13 @@ class TrainConfig:
     peak_flops_per_device: the MFU denominator (FLOP/s); None measures a
       matmul on the device at start-up (a peak measured on the machine at
       hand, not a datasheet figure).
+    fallback_to_intact_checkpoint: on resume, a newest checkpoint that fails
+      to read is set aside (MODEL_DIR/unreadable_checkpoints) and the previous
+      one is used; False stops the run instead (checkpoints.py).
+    restart_data_stream: resume even when the checkpoint's data position is
+      missing or written for other data, starting the input stream from its
+      first example (repeats data; off by default, so that never happens
+      silently).
   """
   model_dir: str = 'runs/default'
   train_steps: int = 100
@@ -35,3 +42,5 @@ class TrainConfig:
   accumulate_steps: int = 1
   max_consecutive_nonfinite: int = 20
   peak_flops_per_device: Optional[float] = None
+  fallback_to_intact_checkpoint: bool = True
+  restart_data_stream: bool = False

@@ -13,10 +13,9 @@
 import dataclasses
 import itertools
 import json
-import os
 import signal
 import time
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -26,7 +25,10 @@ import numpy as np
 import optax
 
 from mslam_jax import accumulation
+from mslam_jax import console
+from mslam_jax import flops
 from mslam_jax import partitioning
+from mslam_jax import paths
 from mslam_jax import pretrain_loss
 from mslam_jax.data import batch_spec
 from mslam_jax.models.config import ModelConfig
@@ -137,16 +139,33 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, 
 
 
 def jit_train_step(train_step: Callable, state_sh, mesh, rules) -> Callable:
-  """The step under jit with explicit shardings (pjit); donates the old state."""
+  """The step under jit with explicit shardings (pjit); donates the old state.
+
+  The one builder of the sharded step, for training (mslam_jax/train.py) and
+  ahead-of-time compilation (mslam_jax/compile.py). Like t5x's partitioned
+  functions, the step carries its mesh and logical-axis rules and enters both
+  when called and when lowered, so the model's logical constraints resolve
+  the same way in either:
+    step(state, batch, rng) -> (state, metrics);
+    step.lower(state, batch, rng) -> jax.stages.Lowered (arguments may be
+      abstract: jax.ShapeDtypeStruct with shardings);
+    step.jitted: the bare jax.jit function (no mesh or rules entered).
+  state is sharded as `state_sh`, the batch over (data, fsdp)
+  (`partitioning.batch_sharding`), rng and metrics replicated.
+  """
   jitted = jax.jit(train_step, in_shardings=(state_sh, partitioning.batch_sharding(mesh),
                                              partitioning.replicated(mesh)),
                    out_shardings=(state_sh, partitioning.replicated(mesh)),
                    donate_argnums=0)
 
-  def step(state, batch, rng):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return jitted(state, batch, rng)
+  def in_context(fn: Callable) -> Callable:
+    def call(state, batch, rng):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return fn(state, batch, rng)
+    return call
 
+  step = in_context(jitted)
+  step.lower = in_context(jitted.lower)
   step.jitted = jitted
   return step
 
@@ -163,53 +182,64 @@ def make_eval_step(*, model_config: ModelConfig,
   return eval_step
 
 
-def format_duration(seconds: float) -> str:
-  """'42s', '3m05s', '2h07m': a duration for a progress line."""
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f'{seconds}s'
-  if seconds < 3600:
-    return f'{seconds // 60}m{seconds % 60:02d}s'
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
-
-
 class MetricsWriter:
-  """One JSON line per logged step in MODEL_DIR/metrics.jsonl, the console, TensorBoard.
+  """One JSON line per logged step in MODEL_DIR/metrics.jsonl, TensorBoard, a console line.
 
-  Only process 0 writes files; every process prints (so each host's log shows progress).
+  Every row has 'step' and 'time' (Unix wall-clock seconds), and the training
+  rows 'learning_rate'. A run that resumes first writes a marker row
+  {'step': S, 'event': 'resume', 'time': ...}: the rows after it continue from
+  checkpoint step S, and rows of steps above S before it belong to the
+  interrupted run. Only process 0 writes files; every process prints (so each
+  host's log shows progress). Files go through mslam_jax.paths (gs:// works;
+  object stores cannot append, so there the file is rewritten whole).
+
+  console: metric names shown on the progress line after the loss (the
+    downstream runs show their accuracy), see console.progress_line.
   """
 
-  _CONSOLE = ('loss', 'contrastive', 'masked_prediction', 'span_mlm', 'ctc',
-              'code_perplexity', 'step_time_s', 'mfu', 'skipped_total')
-  # Downstream runs' training metrics (mslam_jax/downstream/).
-  _CONSOLE_EXACT = ('accuracy', 'token_accuracy', 'speech_loss', 'text_loss')
-
-  def __init__(self, model_dir: str, tensorboard: bool = True):
+  def __init__(self, model_dir: str, tensorboard: bool = True,
+               console_keys: Sequence[str] = ('accuracy', 'token_accuracy')):
     self.primary = jax.process_index() == 0
-    self.path = os.path.join(model_dir, 'metrics.jsonl')
+    self.path = paths.path(model_dir) / 'metrics.jsonl'
+    self.console_keys = tuple(console_keys)
     self._summary = None
+    self._rows: Optional[List[str]] = None  # the whole file, where it cannot be appended
     if self.primary:
-      os.makedirs(model_dir, exist_ok=True)
+      paths.path(model_dir).mkdir(parents=True, exist_ok=True)
+      if paths.is_uri(model_dir):
+        self._rows = (self.path.read_text().splitlines(keepends=True)
+                      if self.path.exists() else [])
       if tensorboard:
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
-        self._summary = metric_writers.SummaryWriter(os.path.join(model_dir, 'tensorboard'))
+        self._summary = metric_writers.SummaryWriter(paths.join(model_dir, 'tensorboard'))
+
+  def _append(self, record: Dict[str, Any]) -> None:
+    line = json.dumps(record) + '\n'
+    if self._rows is None:
+      with self.path.open('a') as f:
+        f.write(line)
+    else:
+      self._rows.append(line)
+      self.path.write_text(''.join(self._rows))
+
+  def mark_resume(self, step: int) -> None:
+    """Writes the marker row of a run that continues from checkpoint `step`."""
+    if self.primary:
+      self._append({'step': int(step), 'event': 'resume', 'time': time.time()})
 
   def write(self, step: int, metrics: Dict[str, Any], total_steps: Optional[int] = None
             ) -> Dict[str, float]:
-    """Logs one row; with total_steps the console line ends with the ETA from step_time_s."""
-    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    """Logs one row; the console line ends with the ETA from step_time_s and total_steps."""
+    record = {'step': int(step), 'time': time.time(),
+              **{k: float(v) for k, v in metrics.items()}}
     if self.primary:
-      with open(self.path, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(record) + '\n')
+      self._append(record)
       if self._summary is not None:
-        self._summary.write_scalars(int(step), {k: v for k, v in record.items() if k != 'step'})
+        self._summary.write_scalars(
+            int(step), {k: v for k, v in record.items() if k not in ('step', 'time')})
         self._summary.flush()
-    terms = ' '.join(f'{k}={record[k]:.4g}' for k in sorted(record)
-                     if k.endswith(self._CONSOLE) or k in self._CONSOLE_EXACT)
-    eta = ''
-    if total_steps and 'step_time_s' in record and step < total_steps:
-      eta = f' eta={format_duration((total_steps - step) * record["step_time_s"])}'
-    print(f'step {record["step"]:>6d} {terms}{eta}', flush=True)
+    print(console.progress_line(record['step'], total_steps, record, self.console_keys),
+          flush=True)
     return record
 
   def close(self) -> None:
@@ -243,24 +273,27 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _throughput(batch) -> Dict[str, float]:
-  """Examples and audio seconds (valid frames / 100) in one host batch."""
+def _throughput(batch, frame_seconds: float) -> Dict[str, float]:
+  """Examples and audio seconds (valid log-mel frames x the hop) in one host batch."""
   examples = sum(next(iter(part.values())).shape[0] for part in batch.values())
   frames = sum(float(np.sum(1.0 - part['feature_paddings'])) for part in batch.values()
                if 'feature_paddings' in part)
-  return {'examples': float(examples), 'audio_seconds': frames / 100.0}
+  return {'examples': float(examples), 'audio_seconds': frames * frame_seconds}
 
 
 def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
         num_steps: int, log_every: int, writer: MetricsWriter, checkpointer=None,
         sampler=None, eval_step: Callable = None, step_flops: Optional[float] = None,
-        peak_flops_per_device: Optional[float] = None, max_consecutive_nonfinite: int = 20):
+        peak_flops_per_device: Optional[float] = None, max_consecutive_nonfinite: int = 20,
+        frame_seconds: Optional[float] = None):
   """Trains until state.step == num_steps; returns (state, logged records).
 
   Logs every log_every steps: each loss term, grad norm, code perplexity, step
-  time, examples/s and audio s/s (all hosts), and with step_flops TFLOP/s and
-  MFU against peak_flops_per_device. Saves through `checkpointer` on its
-  interval, at the end, and on SIGTERM (then returns early).
+  time, examples/s, with frame_seconds (the log-mel hop) audio s/s (all
+  hosts), and with step_flops TFLOP/s and MFU against peak_flops_per_device.
+  Saves through `checkpointer` on its interval, at the end, and on SIGTERM
+  (then returns early). The first step's time (mostly compilation) is
+  reported on its own line and left out of the rates.
   """
   history = []
   if eval_step is not None:
@@ -272,13 +305,20 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
   last_time, last_step = time.perf_counter(), int(state.step)
   counts = {'examples': 0.0, 'audio_seconds': 0.0}
   nonfinite_run, skipped_total = 0, 0
+  compiling = None if last_step >= num_steps else console.Compiling()
   with _SigtermFlag() as sigterm:
     while int(state.step) < num_steps:
       batch = next(batches)
-      for k, v in _throughput(batch).items():
+      for k, v in _throughput(batch, frame_seconds or 0.0).items():
         counts[k] += v * jax.process_count()
       state, metrics = step_fn(state, partitioning.global_batch(batch, mesh), rng)
       step = int(state.step)
+      if compiling is not None:
+        compiling.done()
+        compiling = None
+        # The first step's time is mostly compilation: rates start after it.
+        last_time, last_step = time.perf_counter(), step
+        counts = {'examples': 0.0, 'audio_seconds': 0.0}
       skipped = float(metrics['skipped'])
       skipped_total += int(skipped)
       nonfinite_run = nonfinite_run + 1 if skipped else 0
@@ -296,16 +336,18 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
       if step % log_every == 0 or step == num_steps or stop:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
-        elapsed, steps = now - last_time, max(step - last_step, 1)
-        metrics['step_time_s'] = elapsed / steps
-        metrics['examples_per_s'] = counts['examples'] / elapsed
-        metrics['audio_seconds_per_s'] = counts['audio_seconds'] / elapsed
+        elapsed, steps = now - last_time, step - last_step
+        if steps > 0:
+          metrics['step_time_s'] = elapsed / steps
+          metrics['examples_per_s'] = counts['examples'] / elapsed
+          if frame_seconds:
+            metrics['audio_seconds_per_s'] = counts['audio_seconds'] / elapsed
+          if step_flops:
+            metrics['tflops_per_s'] = step_flops / metrics['step_time_s'] / 1e12
+            if peak_flops_per_device:
+              metrics['mfu'] = flops.mfu(step_flops, metrics['step_time_s'],
+                                         mesh.devices.size, peak_flops_per_device)
         metrics['skipped_total'] = skipped_total
-        if step_flops:
-          metrics['tflops_per_s'] = step_flops / metrics['step_time_s'] / 1e12
-          if peak_flops_per_device:
-            metrics['mfu'] = step_flops / metrics['step_time_s'] / (
-                peak_flops_per_device * mesh.devices.size)
         last_time, last_step = now, step
         counts = {'examples': 0.0, 'audio_seconds': 0.0}
         history.append(writer.write(step, metrics, num_steps))

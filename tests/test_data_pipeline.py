@@ -147,7 +147,7 @@ def test_manifest_source_reads_relative_paths_and_counts_missing_files(tmp_path)
 def test_missing_source_fails_with_the_fix(tmp_path):
   task = registry.add_task('test_missing', kind='text', language='aa',
                            source=sources.text_lines(str(tmp_path / 'nope' / '*.txt'), 'aa'))
-  with pytest.raises(FileNotFoundError, match='test_missing: no files match .*build_corpus'):
+  with pytest.raises(FileNotFoundError, match='test_missing: no files match .*corpus.build'):
     task.source.check('train')
   with pytest.raises(FileNotFoundError, match='metadata.json not found'):
     registry.add_corpus(str(tmp_path / 'no_corpus'), 'x')
@@ -215,3 +215,82 @@ def test_tfds_source_reencodes_decoded_audio(tmp_path):
     want = audio.log_mel(clip.astype(np.float32) / 32768, config).numpy()
     np.testing.assert_allclose(ex['features'], want, atol=1e-3)
     assert registry.SHARED_VOCABULARY.loaded.decode(ex['ids']) == 'abc'
+
+
+def _stream_records(source):
+  """The source's records as its tf.data stream yields them, by id."""
+  return {ex['id']: ex for ex in source.get_dataset('train', shuffle=False).as_numpy_iterator()}
+
+
+def test_random_access_reads_the_records_of_the_stream(tmp_path):
+  """reader[i] for every i equals the tf.data stream, for each file-based source."""
+  rng = np.random.default_rng(5)
+  for f in range(2):
+    _write_records(str(tmp_path / f'r{f}.tfrecord'),
+                   [(f'ex{f}_{i}', rng.bytes(int(rng.integers(0, 300))), f'text {i}')
+                    for i in range(7)])
+  (tmp_path / 'a.txt').write_bytes(b'one\r\ntwo\n\nfour')  # CRLF, empty, no final newline
+  (tmp_path / 'b.txt').write_bytes(b'five\n')
+  sf.write(str(tmp_path / 'c.flac'), toy_corpus.tone(rng, 0.5), 16000)
+  (tmp_path / 'm.tsv').write_text('c.flac\taa\tabc\nmissing.flac\taa\t\n', encoding='utf-8')
+  for source in (sources.tfrecords(str(tmp_path / 'r*.tfrecord')),
+                 sources.text_lines(str(tmp_path / '*.txt'), 'aa'),
+                 sources.manifest(str(tmp_path / 'm.tsv'))):
+    reader = source.random_access('train')
+    want = _stream_records(source)
+    got = {reader[i]['id']: reader[i] for i in range(len(reader))}
+    assert len(reader) == len(want) == source.count_examples('train')
+    assert set(got) == set(want)
+    for ex_id, record in want.items():
+      for key, value in record.items():
+        assert got[ex_id][key] == value, (type(source).__name__, ex_id, key)
+    with pytest.raises(IndexError):
+      reader[len(reader)]
+
+
+def test_a_truncated_tfrecord_is_reported_with_its_path(tmp_path):
+  path = tmp_path / 'cut.tfrecord'
+  _write_records(str(path), [('a', b'x' * 100, 'abc'), ('b', b'y' * 100, 'abc')])
+  path.write_bytes(path.read_bytes()[:-30])
+  with pytest.raises(ValueError, match='cut.tfrecord: the last TFRecord is truncated'):
+    sources.tfrecords(str(path)).random_access('train')
+
+
+def test_a_non_utf8_manifest_names_its_path_and_line(tmp_path):
+  manifest = tmp_path / 'latin1.tsv'
+  manifest.write_bytes('a.flac\taa\tabc\nb.flac\taa\tcaf\u00e9\n'.encode('latin-1'))
+  with pytest.raises(ValueError, match=r'latin1.tsv:2: not UTF-8 \(byte 0xe9 at column 14\).*'
+                     'iconv'):
+    sources.ManifestSource.read_manifest(str(manifest))
+
+
+def test_the_sampler_keeps_a_skipped_example_as_an_empty_row(tmp_path):
+  """A batch's rows never shift: bad examples are all padding, counted in the report."""
+  from mslam_jax.data import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(6)
+  flac = toy_corpus.flac_bytes(toy_corpus.tone(rng, 0.8))
+  rows = [('good1', flac, 'abc'), ('garbage', rng.bytes(3000), 'abc'), ('good2', flac, 'def'),
+          ('long_text', flac, 'abcdefgh abcdefgh')]
+  path = str(tmp_path / 'mixed.tfrecord')
+  _write_records(path, rows)
+  registry.add_task('test_blank_paired', kind='paired', language='aa',
+                    source=sources.tfrecords(path))
+  batch = BatchConfig(speech_batch_size=2, text_batch_size=2, paired_batch_size=4,
+                      paired_frames=LIMITS['features'], paired_text_length=LIMITS['ids'])
+  config = sampler_lib.DataConfig(task_modules=(), paired_tasks=('test_blank_paired',),
+                                  vocabulary_path=registry.SHARED_VOCABULARY.path)
+  s = sampler_lib.ThreeStreamSampler(batch, config, parts=('paired',), shard_index=0,
+                                     num_shards=1, with_metadata=True)
+  part = next(s)['paired']
+  s.close()
+  by_id = {i.decode(): n for n, i in enumerate(part['id'])}
+  assert sorted(by_id) == sorted(r[0] for r in rows)  # one epoch, every record has its row
+  for name in ('garbage', 'long_text'):
+    row = by_id[name]
+    assert np.all(part['feature_paddings'][row] == 1) and np.all(part['id_paddings'][row] == 1)
+    assert not part['features'][row].any() and not part['ids'][row].any()
+  for name in ('good1', 'good2'):
+    assert part['id_paddings'][by_id[name]][:3].tolist() == [0, 0, 0]
+  assert bad_input.LOG.examples('test_blank_paired', Problem.UNREADABLE_AUDIO) == ['garbage']
+  assert bad_input.LOG.examples('test_blank_paired', Problem.TOO_LONG_TEXT) == ['long_text']

@@ -18,7 +18,7 @@ import tensorflow as tf
 import mslam_jax
 from mslam_jax import checkpoints, encoder as encoder_lib, export, gin_utils, optimizer
 from mslam_jax import partitioning, pretrain_loss, trainer
-from mslam_jax.data import audio, registry
+from mslam_jax.data import audio, bad_input, registry
 from mslam_jax.data.batch_spec import BatchConfig
 from mslam_jax.models.config import ModelConfig
 from mslam_jax.models.mslam import MSLAM
@@ -35,7 +35,7 @@ def _raw_records(lang='de', split='dev', n=3):
   for raw in tf.data.TFRecordDataset(path).take(n):
     ex = tf.train.Example.FromString(raw.numpy()).features.feature
     wave, status = audio.decode_audio(ex['audio'].bytes_list.value[0])
-    assert status == audio.AudioStatus.OK
+    assert status == bad_input.Problem.OK
     ids.append(ex['id'].bytes_list.value[0].decode())
     waves.append(wave)
     texts.append(ex['transcript'].bytes_list.value[0].decode())

@@ -114,3 +114,32 @@ def test_missing_enabled_part_is_a_clear_error(tiny):
 def test_all_parts_off_is_rejected():
   with pytest.raises(ValueError, match='switch at least one'):
     pretrain_loss.LossConfig(use_speech=False, use_text=False, use_paired=False)
+
+
+def test_an_empty_row_adds_nothing(dense):
+  """A skipped example's all-padding row (sampler.py): finite terms and gradients,
+  and whatever its padded values hold, the loss is the same."""
+  mc, lc = dense
+  batch = jax.tree.map(np.array, small_batch())
+  for part in batch.values():
+    for key in ('feature_paddings', 'id_paddings'):
+      if key in part:
+        part[key][0] = 1.0
+    for key in ('features', 'ids'):
+      if key in part:
+        part[key][0] = 0
+  params = init_params(mc, lc, batch)
+  loss = jax.jit(lambda p, b: pretrain_loss.pretrain_loss(
+      p, b, jax.random.key(3), 0, model_config=mc, loss_config=lc))
+  total, metrics = loss(params, batch)
+  grads = jax.grad(lambda p: loss(p, batch)[0])(params)
+  assert all(np.isfinite(float(metrics[k])) for k in LOSS_TERMS)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  noisy = jax.tree.map(np.copy, batch)
+  rng = np.random.default_rng(0)
+  for part in noisy.values():
+    if 'features' in part:
+      part['features'][0] = rng.normal(size=part['features'][0].shape)
+    if 'ids' in part:
+      part['ids'][0] = rng.integers(5, 20, size=part['ids'][0].shape)
+  np.testing.assert_allclose(loss(params, noisy)[0], total, rtol=1e-5)

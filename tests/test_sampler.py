@@ -3,6 +3,7 @@
 import collections
 import glob
 import io
+import json
 import os
 import re
 import subprocess
@@ -166,14 +167,14 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(x[kind][key], y[kind][key], err_msg=f'{kind}/{key}')
 
 
-def test_deterministic_for_a_seed_and_restored_state_gives_the_same_next_batches(corpus,
-                                                                                  tmp_path):
+def test_deterministic_for_a_seed_and_restored_state_gives_the_same_next_batches(corpus):
   first = make(corpus, with_metadata=True)
   _take(first, 3)
-  path = first.save(str(tmp_path / 'sampler' / 'state'))
+  state = json.loads(json.dumps(first.state()))  # it goes to disk as JSON
+  assert state['examples'] == {'speech': 12, 'text': 24, 'paired': 6}
   expected = _take(first, 4)
   restored = make(corpus, with_metadata=True)
-  restored.restore(path)
+  restored.load_state(state)
   _assert_same(expected, _take(restored, 4))
   fresh = make(corpus, with_metadata=True)
   _assert_same(expected, _take(fresh, 7)[3:])
@@ -182,21 +183,77 @@ def test_deterministic_for_a_seed_and_restored_state_gives_the_same_next_batches
       other_seed['speech']['id']) != list(expected[0]['speech']['id'])
 
 
-def test_two_hosts_see_disjoint_examples_that_cover_the_corpus(corpus):
+def _global_batches(corpus, hosts, count, state=None, batch=BATCH):
+  """`count` global batches read by `hosts` samplers, rows concatenated in host order."""
+  samplers = [make(corpus, shard_index=h, num_shards=hosts, with_metadata=True, batch=batch)
+              for h in range(hosts)]
+  for s in samplers:
+    if state is not None:
+      s.load_state(state)
+  out = []
+  for _ in range(count):
+    parts = [next(s) for s in samplers]
+    out.append({kind: {key: np.concatenate([p[kind][key] for p in parts])
+                       for key in parts[0][kind]} for kind in parts[0]})
+  return out, samplers[0].state()
+
+
+def test_the_data_position_is_independent_of_the_host_count(corpus):
+  """1 host for 3 batches, then 2 hosts from its state = 1 host throughout (and 2 -> 1).
+
+  Each host holds only its rows, and the examples of a global batch do not
+  depend on how many hosts read it.
+  """
+  uninterrupted, _ = _global_batches(corpus, 1, 6)
+  first, state = _global_batches(corpus, 1, 3)
+  _assert_same(uninterrupted[:3], first)
+  rest, later = _global_batches(corpus, 2, 3, state=state)
+  _assert_same(uninterrupted[3:], rest)
+  # And back: a state written by 2 hosts resumes on 1.
+  _, state_of_two = _global_batches(corpus, 2, 4)
+  rest, _ = _global_batches(corpus, 1, 2, state=state_of_two)
+  _assert_same(uninterrupted[4:], rest)
+  assert later['examples'] == {'speech': 24, 'text': 48, 'paired': 12}
+
+
+def test_two_hosts_see_disjoint_rows_that_cover_the_corpus(corpus):
   _, meta = corpus
-  seen = []
-  for host in range(2):
-    s = make(corpus, shard_index=host, num_shards=2, with_metadata=True, parts=('speech',))
-    assert s.per_host_batch_size('speech') == 2
-    ids = set()
-    for _ in range(40):
-      ids.update(i.decode() for i in next(s)['speech']['id'])
-    seen.append(ids)
-  assert not seen[0] & seen[1]
+  seen = [set(), set()]
+  samplers = [make(corpus, shard_index=h, num_shards=2, with_metadata=True, parts=('speech',))
+              for h in range(2)]
+  assert samplers[0].per_host_batch_size('speech') == 2
   total = sum(v['examples'] for v in meta['kinds']['speech']['train'].values())
-  assert len(seen[0] | seen[1]) == total
-  with pytest.raises(ValueError, match='not divisible by the 3 hosts'):
+  for _ in range(total // 4):  # one epoch of global batches of 4
+    rows = [[i.decode() for i in next(s)['speech']['id']] for s in samplers]
+    assert not set(rows[0]) & set(rows[1])
+    for host, ids in enumerate(rows):
+      seen[host].update(ids)
+  assert len(seen[0] | seen[1]) >= 0.9 * total  # the mixture interleaves languages by rate
+  with pytest.raises(ValueError, match='does not split over the 3 hosts'):
     make(corpus, shard_index=0, num_shards=3, parts=('speech',))
+
+
+def test_resume_with_another_batch_size_continues_from_the_same_example(corpus):
+  parts = ('text',)
+  s = make(corpus, parts=parts, with_metadata=True)
+  ids = [i for _ in range(4) for i in next(s)['text']['id']]  # 4 batches of 8
+  head = make(corpus, parts=parts, with_metadata=True)
+  next(head)  # 8 examples
+  bigger = make(corpus, parts=parts, with_metadata=True,
+                batch=BatchConfig(**{**BATCH.__dict__, 'text_batch_size': 16}))
+  bigger.load_state(head.state())
+  assert list(next(bigger)['text']['id']) == ids[8:24]
+
+
+def test_a_position_for_other_tasks_is_refused_with_what_differs(corpus):
+  s = make(corpus)
+  next(s)
+  state = s.state()
+  with pytest.raises(sampler_lib.DataPositionMismatchError, match='seed'):
+    make(corpus, seed=5).load_state(state)
+  state['plans']['text']['tasks'][0][1] += 1  # the task grew
+  with pytest.raises(sampler_lib.DataPositionMismatchError, match='text'):
+    make(corpus).load_state(state)
 
 
 def test_user_task_module_joins_the_mixture(corpus, tmp_path):

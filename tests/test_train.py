@@ -20,15 +20,17 @@ def test_train_main_on_the_embedded_corpus_with_a_user_task_module(tmp_path, cap
   module = toy_corpus.write_user_task_module(str(tmp_path), ['the quick brown fox'], size=100)
   model_dir = str(tmp_path / 'run')
   train.main(['--gin_file=gin/pretrain_tiny_cpu.gin', '--gin.TRAIN_STEPS=3',
-              f"--gin.MODEL_DIR='{model_dir}'", f'--task_module={module}', *SMALL])
+              f"--gin.MODEL_DIR='{model_dir}'", f'--task_module={module}', '--verbose', *SMALL])
   records = _records(model_dir)
   assert [r['step'] for r in records] == [1, 2, 3]
   for key in ('loss', 'speech/contrastive', 'speech/masked_prediction', 'text/span_mlm',
               'paired/tlm_text', 'paired/ctc', 'speech/code_perplexity', 'step_time_s'):
     assert key in records[-1], key
   out = capsys.readouterr().out
+  # --verbose lists every task's rate and the whole rules table.
   assert 'text mixture (13 tasks):' in out and 'user_text_zz' in out
   assert 'speech mixture (12 tasks): embedded_speech_cs' in out
+  assert 'logical axis rules:' in out
 
 
 def test_train_main_on_synthetic_batches(tmp_path):
@@ -38,3 +40,25 @@ def test_train_main_on_synthetic_batches(tmp_path):
               '--gin.BatchConfig.speech_frames=48', '--gin.BatchConfig.paired_frames=48',
               '--gin.BatchConfig.paired_text_length=6', *SMALL])
   assert [r['step'] for r in _records(model_dir)] == [1, 2]
+
+
+def test_the_console_shows_a_line_per_stage_and_a_summary(tmp_path, capsys):
+  model_dir = str(tmp_path / 'run')
+  train.main(['--gin_file=gin/pretrain_tiny_cpu.gin', '--gin.TRAIN_STEPS=2',
+              f"--gin.MODEL_DIR='{model_dir}'", *SMALL])
+  lines = capsys.readouterr().out.splitlines()
+  mesh = [l for l in lines if l.startswith('mesh: ')]
+  assert len(mesh) == 1 and 'split: batch->' in mesh[0] and 'logical axis rules' not in lines
+  assert any(l.startswith('mixtures: speech 12 tasks (rates ') for l in lines)
+  assert 'compiling the train step (the first step includes it)...' in lines
+  assert any(l.startswith('compiled the train step and ran the first step in ') for l in lines)
+  progress = [l for l in lines if l.startswith('step ')]
+  assert [l.split(' | ')[0] for l in progress] == ['step 1/2', 'step 2/2']
+  assert progress[1].split(' | ')[1].startswith('loss ') and ' s/step' in progress[1]
+  done = next(i for i, l in enumerate(lines) if l.startswith('done: step 2 of 2 (2 steps in '))
+  assert lines[done + 1].startswith('final loss ') and 'text/span_mlm' in lines[done + 1]
+  assert lines[done + 2] == f'checkpoint: {model_dir}/checkpoints/2'
+  if len(lines) > done + 3:  # examples cropped at these lengths, one line per problem
+    assert lines[done + 3].startswith('input examples cleaned or skipped')
+    assert all(l.startswith('  ') and 'tasks)' in l for l in lines[done + 4:])
+    assert os.path.exists(os.path.join(model_dir, 'bad_input.txt'))

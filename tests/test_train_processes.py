@@ -1,4 +1,7 @@
-"""Whole training processes: SIGKILL then resume is exact, SIGTERM saves, 2 processes = 1.
+"""Whole training processes: SIGKILL then resume is exact, SIGTERM saves, a run resumed
+on another process count reads the same data (elastic resume; 2 processes = 1), and a
+run whose MODEL_DIR is on object storage (gs://, a local emulator) trains, resumes and
+exports.
 
 Each test runs `python -m mslam_jax.train` in subprocesses, as a user would.
 """
@@ -10,8 +13,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+from etils import epath
 
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  pylint: disable=unused-import
 from mslam_jax import REPO_ROOT as REPO
 SMALL = ['--gin_file=gin/pretrain_tiny_cpu.gin', '--gin.TrainConfig.log_every=1',
          '--gin.BatchConfig.speech_batch_size=2', '--gin.BatchConfig.text_batch_size=2',
@@ -43,7 +49,8 @@ def _records(model_dir):
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if 'event' not in r]  # resume markers
 
 
 def _run(args, devices=1, timeout=TIMEOUT_S):
@@ -83,7 +90,7 @@ def test_resume_after_sigkill_logs_the_same_losses(tmp_path):
   proc.wait(timeout=120)
   before = len(_records(killed))
   out = _run(_train_args(killed, 8))
-  assert 'resuming from step' in out
+  assert 'resumed from step 2' in out
   resumed = _records(killed)[before:]
   assert resumed and resumed[-1]['step'] == 8
   for r in resumed:
@@ -101,25 +108,67 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert 'SIGTERM: saved step' in output
   step = int(output.split('SIGTERM: saved step ')[1].split(';')[0])
   assert os.path.isdir(os.path.join(model_dir, 'checkpoints', str(step)))
-  assert os.path.isdir(os.path.join(model_dir, 'data_state', str(step)))
+  assert os.path.isfile(os.path.join(model_dir, 'data_state', f'{step}.json'))
 
 
-def test_two_processes_match_one_process(tmp_path):
-  """2 processes x 1 device (gloo) against 1 process x 2 devices: same global batch."""
-  # Speech only (w2v-BERT) and synthetic batches keep the three compiles short.
-  synthetic = ['--gin_file=gin/variants/w2v_bert.gin', "--gin.DataConfig.source='synthetic'",
-               '--gin.BatchConfig.speech_frames=48', '--gin.MESH_SHAPE=(-1, 1, 1)']
-  one = str(tmp_path / 'one')
-  _run(_train_args(one, 2, *synthetic), devices=2)
-  two = str(tmp_path / 'two')
-  args = _train_args(two, 2, *synthetic)[3:]  # drop "python -m mslam_jax.train"
-  out = subprocess.run([sys.executable, 'launch/local_multiprocess.py', '--num_processes=2',
-                        '--devices_per_process=1', '--', *args], cwd=REPO, env=_env(),
-                       capture_output=True, text=True, timeout=TIMEOUT_S)
+def _launch(args, processes, devices_per_process=1):
+  """`args` (a train command line) on `processes` local processes (launch/local_multiprocess.py)."""
+  out = subprocess.run([sys.executable, 'launch/local_multiprocess.py',
+                        f'--num_processes={processes}',
+                        f'--devices_per_process={devices_per_process}', '--', *args[3:]],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert '2 processes' in out.stdout
-  want, got = _records(one), _records(two)
-  assert [r['step'] for r in got] == [r['step'] for r in want] == [1, 2]
-  for w, g in zip(want, got):
+  return out.stdout
+
+
+def test_resume_on_another_process_count_reads_the_same_batches(tmp_path):
+  """1 process -> 2 processes -> 1 process logs the losses of one uninterrupted run.
+
+  Real data (the embedded corpus through the sampler), so the data position
+  must carry over: each resumed host reads its rows of the same global batch.
+  """
+  speech = ['--gin_file=gin/variants/w2v_bert.gin', '--gin.MESH_SHAPE=(-1, 1, 1)',
+            '--gin.BatchConfig.speech_frames=64']
+  reference = str(tmp_path / 'reference')
+  _run(_train_args(reference, 6, *speech), devices=2)
+  want = {r['step']: r for r in _records(reference)}
+  elastic = str(tmp_path / 'elastic')
+  _run(_train_args(elastic, 2, *speech), devices=2)
+  out = _launch(_train_args(elastic, 4, *speech), processes=2)
+  assert 'resumed from step 2' in out
+  out = _run(_train_args(elastic, 6, *speech), devices=2)
+  assert 'resumed from step 4' in out
+  got = {r['step']: r for r in _records(elastic)}
+  assert sorted(got) == list(range(1, 7))
+  for step in range(3, 7):
     for key in ('loss', 'speech/contrastive', 'speech/masked_prediction', 'grad_norm'):
-      assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-5), key
+      assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+def test_a_run_on_object_storage_trains_resumes_and_exports(gcs_bucket, gcs_emulator):  # pylint: disable=redefined-outer-name
+  """MODEL_DIR = gs://... (tests/gcs_emulator.py): the code path of a TPU pod's runs."""
+  import mslam_jax  # pylint: disable=g-import-not-at-top
+  if not gcs_emulator.supports_tf:
+    pytest.skip('no `openssl` command: TensorFlow reaches the emulator through its TLS proxy')
+  speech = ['--gin_file=gin/variants/w2v_bert.gin', '--gin.BatchConfig.speech_frames=64']
+  model_dir = f'{gcs_bucket}/run'
+  _run(_train_args(model_dir, 2, *speech))
+  out = _run(_train_args(model_dir, 3, *speech))
+  assert 'resumed from step 2' in out and f'checkpoint: {model_dir}/checkpoints/3' in out
+  run = epath.Path(model_dir)
+  rows = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r.get('event')) for r in rows] == [(1, None), (2, None), (2, 'resume'),
+                                                         (3, None)]
+  assert all('time' in r for r in rows) and all('learning_rate' in r for r in rows[:2])
+  assert (run / 'data_state' / '2.json').exists() and (run / 'config.gin').exists()
+  assert list((run / 'tensorboard').iterdir())
+  export_dir = f'{gcs_bucket}/export'
+  out = subprocess.run([sys.executable, '-m', 'mslam_jax.export', f'--model_dir={model_dir}',
+                        f'--output={export_dir}'], cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=TIMEOUT_S)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  encoder = mslam_jax.load_encoder(export_dir)
+  assert encoder.manifest['step'] == 3
+  tone = np.sin(2 * np.pi * 220 * np.arange(8000) / 16000).astype(np.float32)
+  encoded, mask = encoder.encode_speech([tone])
+  assert mask.any() and np.all(np.isfinite(encoded))

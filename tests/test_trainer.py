@@ -181,3 +181,24 @@ def test_resolve_shape_fills_and_explains():
     partitioning.resolve_shape((3, 1, 1), 8)
   with pytest.raises(ValueError, match='at most one -1'):
     partitioning.resolve_shape((-1, -1, 1), 8)
+
+
+def test_batch_split_check_names_the_field_the_mesh_and_the_fix():
+  """partitioning.check_batch_split: the one check train.py and compile.py run first."""
+  odd = dataclasses.replace(BATCH, paired_batch_size=6, text_batch_size=3)
+  one_device = _mesh((1, 1, 1), 1)
+  partitioning.check_batch_split(odd, ('speech', 'text', 'paired'), one_device)
+  with pytest.raises(ValueError, match=r'BatchConfig.text_batch_size=3 does not split over '
+                     r'the 2 hosts .*multiple of 2'):
+    partitioning.check_batch_split(odd, ('speech', 'text', 'paired'), one_device, num_hosts=2)
+  # Without a mesh: the hosts alone (the sampler's per-host share).
+  with pytest.raises(ValueError, match=r'paired_batch_size=6 does not split over the 4 hosts'):
+    partitioning.check_batch_split(odd, ('paired',), num_hosts=4)
+  if jax.device_count() < 8:
+    return
+  mesh = _mesh((2, 2, 2), 8)
+  partitioning.check_batch_split(odd, ('speech',), mesh)  # only the enabled kinds count
+  with pytest.raises(ValueError, match=r'BatchConfig.paired_batch_size=6 does not split over '
+                     r'the 4 batch shards of the mesh \(data x fsdp of data=2, fsdp=2, '
+                     r'model=2\); make it a multiple of 4 .*MESH_SHAPE'):
+    partitioning.check_batch_split(odd, ('speech', 'paired'), mesh)

@@ -4,13 +4,17 @@
   text:   text -> NFC, spaces -> char ids [length] -> crop to the limit
   paired: both, but over-long examples are skipped (cropping would cut the
           transcript away from its audio)
-and last, for every kind, `drop_bad` filters on the `problem` code each step
-set, recording skips and cleanings (with the example's name) in bad_input.LOG.
+and last, for every kind, the `problem` code each step set is recorded (with
+the example's name) in bad_input.LOG, and a skipped example is either dropped
+(`drop_bad`, seqio streams) or kept as an empty row (`blank_bad`, the
+pre-training sampler, whose batches must not depend on which host decodes
+which row; sampler.py).
 
 Limits come through seqio's `sequence_length`: {'features': frames, 'ids': characters}.
 """
 
-from typing import Mapping, Optional
+import functools
+from typing import Callable, List, Mapping, Optional
 
 import gin
 import seqio
@@ -73,7 +77,7 @@ def audio_features(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[s
     waveform, status = audio.decode_audio_tf(ex['audio'], config.sample_rate)
     features = audio.log_mel(waveform, config)
     frames = tf.shape(features)[0]
-    problem = tf.cast(status, tf.int32)  # AudioStatus codes 1-4 are Problem codes 1-4
+    problem = status  # already a Problem code: OK or one of audio.AUDIO_PROBLEMS
     problem = _merge_problem(problem, tf.where(frames < min_frames,
                                                int(Problem.TOO_SHORT_AUDIO), 0))
     features, fit = _fit_to_limit(ex['id'], features, limit, crop, Problem.CROPPED_AUDIO,
@@ -121,14 +125,55 @@ def char_ids(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, in
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def feature_steps(kind: str) -> List[Callable]:
+  """The seqio preprocessors that turn `kind`'s raw records into features.
+
+  One list for the seqio tasks (registry.add_task, followed by drop_bad) and
+  the sampler (followed by blank_bad).
+  """
+  steps = []
+  if kind in ('speech', 'paired'):
+    steps.append(functools.partial(audio_features, crop=kind == 'speech'))
+  if kind in ('text', 'paired'):
+    steps.append(functools.partial(char_ids, key='text' if kind == 'text' else 'transcript',
+                                   crop=kind == 'text'))
+  return steps
+
+
+def _keep_flag(problem: tf.Tensor, example_id: tf.Tensor, task_name: tf.Tensor) -> tf.Tensor:
+  """Records the example's problem in bad_input.LOG; True when it is to be kept."""
+  def record(problem, name, task):
+    return bad_input.LOG.record(task.decode('utf-8'), int(problem),
+                                name.decode('utf-8', errors='replace'))
+
+  flag = tf.numpy_function(record, [problem, example_id, task_name], tf.bool, stateful=True)
+  return tf.reshape(flag, [])
+
+
+def blank_bad(dataset: tf.data.Dataset, *, num_mel_bins: int) -> tf.data.Dataset:
+  """Records every non-OK example; a skipped one keeps its place as an empty row.
+
+  Records carry their task's name in 'task'. An empty row has zero frames
+  and zero characters, so after padding it is all padding and adds nothing
+  to any loss term.
+  """
+  def fn(ex):
+    keep = _keep_flag(ex[PROBLEM], ex['id'], ex['task'])
+    out = {k: v for k, v in ex.items() if k not in (PROBLEM, 'task')}
+    if 'features' in ex:
+      out['features'] = tf.cond(keep, lambda: ex['features'],
+                                lambda: tf.zeros([0, num_mel_bins], tf.float32))
+    if 'ids' in ex:
+      out['ids'] = tf.cond(keep, lambda: ex['ids'], lambda: tf.zeros([0], ex['ids'].dtype))
+    return out
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def drop_bad(dataset: tf.data.Dataset, *, task_name: str) -> tf.data.Dataset:
   """Records every non-OK example in bad_input.LOG; keeps the cleaned ones, skips the rest."""
-  def record(problem, name):
-    return bad_input.LOG.record(task_name, int(problem), name.decode('utf-8', errors='replace'))
-
   def keep(ex):
-    flag = tf.numpy_function(record, [ex[PROBLEM], ex['id']], tf.bool, stateful=True)
-    return tf.reshape(flag, [])
+    return _keep_flag(ex[PROBLEM], ex['id'], tf.constant(task_name))
 
   def strip(ex):
     return {k: v for k, v in ex.items() if k != PROBLEM}

@@ -33,6 +33,7 @@ import seqio
 import tensorflow as tf
 
 from mslam_jax import REPO_ROOT
+from mslam_jax import paths
 from mslam_jax.data import preprocessors
 from mslam_jax.data import sources as sources_lib
 from mslam_jax.data import vocabulary as vocabulary_lib
@@ -126,13 +127,8 @@ def add_task(name: str, *, kind: str, language: str, source: sources_lib.RecordS
     raise TypeError(f'task {name}: source must come from mslam_jax.data.sources '
                     f'(tfrecords, text_lines, manifest, tfds_dataset), got {type(source)}')
   source.task_name = name
-  steps = []
-  if kind in ('speech', 'paired'):
-    steps.append(functools.partial(preprocessors.audio_features, crop=kind == 'speech'))
-  if kind in ('text', 'paired'):
-    steps.append(functools.partial(preprocessors.char_ids, key='text' if kind == 'text'
-                                   else 'transcript', crop=kind == 'text'))
-  steps.append(functools.partial(preprocessors.drop_bad, task_name=name))
+  steps = preprocessors.feature_steps(kind) + [
+      functools.partial(preprocessors.drop_bad, task_name=name)]
   seqio.TaskRegistry.remove(name)
   task = seqio.TaskRegistry.add(
       name, source=source, preprocessors=steps, output_features=output_features(kind),
@@ -143,18 +139,16 @@ def add_task(name: str, *, kind: str, language: str, source: sources_lib.RecordS
 
 def add_corpus(corpus_dir: str, prefix: str, splits: Sequence[str] = ('train', 'dev', 'test')
                ) -> List[str]:
-  """Registers every task of a corpus written by build_corpus.py; returns their names.
+  """Registers every task of a corpus written by mslam_jax.corpus.build; returns their names.
 
   Tasks are `{prefix}_{kind}_{language}`; paired tasks get every split present
   (dev and test are the multi-way held-out sets).
   """
-  corpus_dir = os.path.expanduser(corpus_dir)
-  meta_path = os.path.join(corpus_dir, 'metadata.json')
-  if not os.path.exists(meta_path):
+  meta_path = paths.join(corpus_dir, 'metadata.json')
+  if not paths.path(meta_path).exists():
     raise FileNotFoundError(f'{meta_path} not found: build the corpus with '
-                            f'`python -m mslam_jax.data.build_corpus --output={corpus_dir}`')
-  with open(meta_path, encoding='utf-8') as f:
-    meta = json.load(f)
+                            f'`python -m mslam_jax.corpus.build --output={corpus_dir}`')
+  meta = json.loads(paths.path(meta_path).read_text(encoding='utf-8'))
   names = []
   for kind in KINDS:
     per_split = meta['kinds'].get(kind, {})
@@ -164,10 +158,10 @@ def add_corpus(corpus_dir: str, prefix: str, splits: Sequence[str] = ('train', '
       present = [s for s in splits if lang in per_split.get(s, {})]
       if kind == 'text':
         source = sources_lib.text_lines(
-            {s: os.path.join(corpus_dir, 'text', s, f'{lang}.txt') for s in present}, lang)
+            {s: paths.join(corpus_dir, 'text', s, f'{lang}.txt') for s in present}, lang)
       else:
         source = sources_lib.tfrecords(
-            {s: os.path.join(corpus_dir, kind, s, f'{lang}.tfrecord') for s in present})
+            {s: paths.join(corpus_dir, kind, s, f'{lang}.tfrecord') for s in present})
       size = per_split.get('train', {}).get(lang, {}).get('examples')
       add_task(name, kind=kind, language=lang, source=source, size=size)
       names.append(name)

@@ -12,30 +12,49 @@ three are zipped into one batch:
 
 paddings are 1.0 on padding, right-padded (the model's convention).
 
-Per host: host i of n reads its own shard (seqio.ShardInfo(i, n)) and yields
-1/n of each global batch size. The stream is deterministic for a seed, and its
-position is a tf.data iterator checkpoint (`save` / `restore`): a restored
-sampler yields exactly the batches the saved one would have yielded next. The
-checkpoint holds the raw-record shuffle buffers (compressed audio and text
-lines, sources.py), so its size is about the buffers' size.
+The global order is an index function, as in Grain (and MaxText's Grain
+pipeline): each task's records are shuffled per epoch by a seeded
+permutation of record numbers (numpy, or grain's index_shuffle for tasks
+too large to hold one), and the tasks of a kind are interleaved in
+proportion to their mixture rates (grain.MapDataset.mix), so the g-th
+example of a kind's stream is a pure function of (seed, tasks, g). Global batch k holds examples [g0 + kB,
+g0 + (k+1)B); host i of n fetches (by random access, sources.RecordReader)
+and decodes only rows [i B/n, (i+1) B/n) of it.
+
+The data position is therefore one number per kind, the examples consumed,
+the same on every host (`state()` / `load_state()`, a small JSON dict): a run
+restored on any number of hosts reads exactly the global batches the
+uninterrupted run would have read, and the batch size may change on resume.
+
+An example that fails its checks (bad_input.py) is counted and keeps its row
+as an empty, all-padding row (preprocessors.blank_bad) instead of being
+dropped: dropping would shift every later row, and which rows shift would
+depend on how the batch is split over hosts.
 """
 
 import atexit
+import concurrent.futures
 import dataclasses
 import gc
+import inspect
 import os
 import re
 import weakref
-from typing import Any, Dict, Optional, Sequence, Tuple
+import zlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gin
+import grain
+import numpy as np
 import seqio
 import tensorflow as tf
 
 import mslam_jax
+from mslam_jax import paths
 from mslam_jax import special_ids
 from mslam_jax.data import bad_input
 from mslam_jax.data import paired_lengths
+from mslam_jax.data import preprocessors
 from mslam_jax.data import registry
 from mslam_jax.data import vocabulary as vocabulary_lib
 from mslam_jax.data.batch_spec import BatchConfig
@@ -63,7 +82,7 @@ class DataConfig:
       generator in synthetic.py, for model tests without data).
     task_modules: modules imported before the mixtures are built; each
       registers tasks (dotted names or .py paths; `--task_module` adds more).
-    corpus_dirs: corpora written by `python -m mslam_jax.data.build_corpus`,
+    corpus_dirs: corpora written by `python -m mslam_jax.corpus.build`,
       registered as tasks `<folder name>_<kind>_<language>` (registry.add_corpus);
       point vocabulary_path at the corpus' vocab.txt.
     speech_tasks, text_tasks, paired_tasks: fnmatch patterns of task names per
@@ -149,6 +168,77 @@ def _pad_and_batch(ds: tf.data.Dataset, batch_size: int, frames: Optional[int],
   return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+# The raw-record keys each kind's preprocessors read (sources.py schema).
+_RAW_KEYS = {'speech': ('id', 'language', 'audio'), 'text': ('id', 'language', 'text'),
+             'paired': ('id', 'language', 'audio', 'transcript')}
+STATE_FORMAT = 'mslam_jax.sampler/1'
+# Records fetched at once per kind (ours: enough to hide object-store latency).
+_READ_THREADS = 16
+
+
+class DataPositionMismatchError(ValueError):
+  """A saved data position was written for other tasks, sizes or seed."""
+
+
+def _task_seed(seed: int, task_name: str) -> int:
+  # Tasks share the sampler's seed; without this, equal-sized tasks (one per
+  # language) would all be shuffled by the same permutation.
+  return (seed + zlib.crc32(task_name.encode('utf-8'))) % 2**31
+
+
+# Tasks up to this many records keep each epoch's permutation in memory (8
+# bytes a record, two epochs); larger ones use grain's index_shuffle, which
+# needs no memory but costs about 0.3 ms a lookup (ours: the cut-off).
+_MATERIALIZE_MAX = 2**24
+
+
+class _EpochPermutations:
+  """Record number of the i-th draw of a task: epoch i // n, permuted per epoch."""
+
+  def __init__(self, n: int, seed: int):
+    self.n, self.seed = n, seed
+    self._cached: Dict[int, np.ndarray] = {}
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._cached:
+      if len(self._cached) >= 2:  # draws move forward: keep this epoch and the last
+        self._cached.pop(min(self._cached))
+      self._cached[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    return self._cached[epoch]
+
+  def __call__(self, index: int, _) -> int:
+    return int(self.permutation(index // self.n)[index % self.n])
+
+
+def _shuffled_epochs(n: int, seed: int):
+  """grain MapDataset over record numbers 0..n-1, reshuffled each epoch, endless."""
+  if n > _MATERIALIZE_MAX:
+    return grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+  return grain.MapDataset.range(n).repeat().map_with_index(_EpochPermutations(n, seed))
+
+
+@dataclasses.dataclass
+class _KindPlan:
+  """One kind's global example order: example g -> (task number, record number).
+
+  Attributes:
+    tasks: the mixture's task names; readers: their random-access readers.
+    rates: normalised mixing rates, in task order.
+    order: grain MapDataset, order[g] = (task number, record number).
+    seed: the kind's seed.
+  """
+  tasks: List[str]
+  readers: List[Any]
+  rates: List[float]
+  order: Any
+  seed: int
+
+  def fingerprint(self) -> Dict[str, Any]:
+    return {'seed': self.seed,
+            'tasks': [[t, len(r), round(p, 12)] for t, r, p in
+                      zip(self.tasks, self.readers, self.rates)]}
+
+
 class ThreeStreamSampler:
   """Iterator over this host's share of the global three-kind batches.
 
@@ -176,6 +266,8 @@ class ThreeStreamSampler:
     self.parts = tuple(p for p in KINDS if p in parts)
     self.shard_index, self.num_shards = shard_index, num_shards
     self.with_metadata = with_metadata
+    for kind in self.parts:
+      self.per_host_batch_size(kind)  # fails early when hosts do not divide it
     for module in tuple(data_config.task_modules) + tuple(extra_task_modules):
       registry.import_task_module(module)
     for corpus_dir in data_config.corpus_dirs:
@@ -185,45 +277,110 @@ class ThreeStreamSampler:
     vocabulary_lib.check_fits_model(self.vocabulary, model_vocab_size,
                                     where=data_config.vocabulary_path)
     self.mixtures: Dict[str, seqio.Mixture] = {}
-    streams = {}
-    for offset, kind in enumerate(self.parts):
-      streams[kind] = self._stream(kind, seed=data_config.seed + offset)
-    dataset = tf.data.Dataset.zip(streams).prefetch(2)
-    options = tf.data.Options()
-    options.deterministic = True
-    # Our numpy_function steps are pure (decoding) or only count (drop_bad), so
-    # an iterator checkpoint may leave their state out.
-    options.experimental_external_state_policy = (
-        tf.data.experimental.ExternalStatePolicy.IGNORE)
-    self.dataset = dataset.with_options(options)
-    self._iterator = iter(self.dataset)
-    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+    self._plans = {kind: self._plan(kind, data_config.seed + offset)
+                   for offset, kind in enumerate(self.parts)}
+    # Examples of each kind consumed so far (the data position).
+    self.examples = {kind: 0 for kind in self.parts}
+    self._iterator = None
+    self._pools: List[concurrent.futures.ThreadPoolExecutor] = []
     _OPEN_SAMPLERS.add(self)
 
   def per_host_batch_size(self, kind: str) -> int:
-    global_size = getattr(self.batch_config, f'{kind}_batch_size')
-    if global_size % self.num_shards:
-      raise ValueError(f'BatchConfig.{kind}_batch_size={global_size} is not divisible by '
-                       f'the {self.num_shards} hosts; make it a multiple of {self.num_shards}')
-    return global_size // self.num_shards
+    from mslam_jax import partitioning  # pylint: disable=g-import-not-at-top (jax: lazily)
+    partitioning.check_batch_split(self.batch_config, (kind,), num_hosts=self.num_shards)
+    return getattr(self.batch_config, f'{kind}_batch_size') // self.num_shards
 
-  def _stream(self, kind: str, seed: int) -> tf.data.Dataset:
-    cfg, dc = self.batch_config, self.data_config
-    patterns = getattr(dc, f'{kind}_tasks')
-    mix = registry.mixture(kind, patterns, getattr(dc, f'{kind}_temperature'),
+  def _plan(self, kind: str, seed: int) -> _KindPlan:
+    dc = self.data_config
+    mix = registry.mixture(kind, getattr(dc, f'{kind}_tasks'), getattr(dc, f'{kind}_temperature'),
                            name=f'mslam_{kind}_mixture', mix_by=dc.mix_by)
+    self.mixtures[kind] = mix
+    tasks = [t.name for t in mix.tasks]
+    readers = []
     for task in mix.tasks:
       task.source.check(dc.split)  # a missing source fails here, before any step
-    self.mixtures[kind] = mix
+      readers.append(task.source.random_access(dc.split))
+    rates = np.array([mix.get_rate(t) for t in mix.tasks], np.float64)
+    rates = (rates / rates.sum()).tolist()
+    streams = []
+    for number, (name, reader) in enumerate(zip(tasks, readers)):
+      if not len(reader):
+        raise ValueError(f'task {name}: split {dc.split!r} has no records')
+      streams.append(_shuffled_epochs(len(reader), _task_seed(seed, name))
+                     .map(lambda i, n=number: (n, i)))
+    order = grain.MapDataset.mix(streams, rates) if len(streams) > 1 else streams[0]
+    return _KindPlan(tasks=tasks, readers=readers, rates=rates, order=order, seed=seed)
+
+  def _lengths(self, kind: str) -> Dict[str, int]:
+    cfg = self.batch_config
     frames = {'speech': cfg.speech_frames, 'paired': cfg.paired_frames}.get(kind)
     chars = {'text': cfg.text_length, 'paired': cfg.paired_text_length}.get(kind)
-    lengths = {k: v for k, v in (('features', frames), ('ids', chars)) if v is not None}
-    ds = mix.get_dataset(lengths, split=dc.split, shuffle=True, seed=seed,
-                         shard_info=seqio.ShardInfo(self.shard_index, self.num_shards),
-                         num_epochs=None, passthrough_features=['id', 'language'],
-                         log_mixing_proportions=False)
-    return _pad_and_batch(ds, self.per_host_batch_size(kind), frames, chars,
-                          cfg.num_mel_bins)
+    return {k: v for k, v in (('features', frames), ('ids', chars)) if v is not None}
+
+  def _host_rows(self, kind: str, start: int, batch: int,
+                 pool: concurrent.futures.ThreadPoolExecutor) -> List[Dict[str, bytes]]:
+    """This host's raw records of the `batch`-th global batch from example `start`, in row order."""
+    plan = self._plans[kind]
+    global_size = getattr(self.batch_config, f'{kind}_batch_size')
+    per_host = self.per_host_batch_size(kind)
+    keys = _RAW_KEYS[kind]
+
+    def fetch(g):
+      task, record = plan.order[g]
+      raw = plan.readers[task][int(record)]
+      row = {k: raw.get(k, b'') for k in keys}
+      row['task'] = plan.tasks[task].encode('utf-8')
+      return row
+
+    first = start + batch * global_size + self.shard_index * per_host
+    rows = range(first, first + per_host)
+    # Object stores answer in tens of milliseconds: fetch a batch's rows in
+    # parallel there; local reads are faster one by one (no thread hand-offs).
+    remote = any(paths.is_uri(f) for reader in plan.readers
+                 for f in getattr(reader, 'files', ()))
+    return list(pool.map(fetch, rows) if remote else map(fetch, rows))
+
+  def _dataset(self, kind: str) -> tf.data.Dataset:
+    """This host's batches of `kind` from the current position: fetch, decode, pad."""
+    pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, f'mslam_{kind}_reader')
+    self._pools.append(pool)
+    keys = _RAW_KEYS[kind] + ('task',)
+    per_host = self.per_host_batch_size(kind)
+    start = self.examples[kind]  # fixed for this iterator; `examples` counts on
+
+    def fetch_batch(batch):
+      rows = self._host_rows(kind, start, int(batch), pool)
+      return tuple(np.array([row[k] for row in rows], dtype=object) for k in keys)
+
+    def fetch(batch):
+      # One Python call per batch, not per row (tf.data.Dataset.from_generator
+      # costs about a third of the decoding throughput), and several batches in
+      # flight (parallel map calls, order kept).
+      columns = tf.numpy_function(fetch_batch, [batch], [tf.string] * len(keys),
+                                  stateful=False)
+      return {k: tf.reshape(c, [per_host]) for k, c in zip(keys, columns)}
+
+    ds = tf.data.Dataset.range(2**62).map(fetch, num_parallel_calls=tf.data.AUTOTUNE,
+                                          deterministic=True).unbatch()
+    lengths = self._lengths(kind)
+    for step in preprocessors.feature_steps(kind):
+      wanted = inspect.signature(step).parameters
+      kwargs = {}
+      if 'sequence_length' in wanted:
+        kwargs['sequence_length'] = lengths
+      if 'output_features' in wanted:
+        kwargs['output_features'] = registry.output_features(kind)
+      ds = step(ds, **kwargs)
+    ds = preprocessors.blank_bad(ds, num_mel_bins=self.batch_config.num_mel_bins)
+    return _pad_and_batch(ds, self.per_host_batch_size(kind), lengths.get('features'),
+                          lengths.get('ids'), self.batch_config.num_mel_bins)
+
+  def _start(self) -> None:
+    streams = {kind: self._dataset(kind) for kind in self.parts}
+    dataset = tf.data.Dataset.zip(streams).prefetch(2)
+    options = tf.data.Options()
+    options.deterministic = True
+    self._iterator = iter(dataset.with_options(options))
 
   def paired_length_warning(self, records_per_task: int = 256) -> Optional[str]:
     """A start-up warning when the paired limits would skip a large share (else None).
@@ -241,18 +398,17 @@ class ThreeStreamSampler:
 
   def rates(self) -> Dict[str, Dict[str, float]]:
     """kind -> task -> mixing rate, normalised."""
-    out = {}
-    for kind, mix in self.mixtures.items():
-      rates = {t.name: mix.get_rate(t) for t in mix.tasks}
-      total = sum(rates.values())
-      out[kind] = {n: r / total for n, r in rates.items()}
-    return out
+    return {kind: dict(zip(plan.tasks, plan.rates)) for kind, plan in self._plans.items()}
 
   def __iter__(self):
     return self
 
   def __next__(self) -> Dict[str, Dict[str, Any]]:
+    if self._iterator is None:
+      self._start()
     batch = next(self._iterator)
+    for kind in self.parts:
+      self.examples[kind] += getattr(self.batch_config, f'{kind}_batch_size')
     out = {}
     for kind, part in batch.items():
       keep = {k: v.numpy() for k, v in part.items()
@@ -263,19 +419,50 @@ class ThreeStreamSampler:
       out[kind] = keep
     return out
 
-  def save(self, prefix: str) -> str:
-    """Writes the stream position (iterator checkpoint) under `prefix`; returns its path."""
-    tf.io.gfile.makedirs(os.path.dirname(prefix) or '.')
-    return self._checkpoint.write(prefix)
+  def state(self) -> Dict[str, Any]:
+    """The data position: examples consumed per kind, and what they index (JSON-able).
 
-  def restore(self, path: str) -> None:
-    """Continues from a position written by `save` (same seed, tasks and shapes)."""
-    self._checkpoint.read(path).assert_consumed()
+    The same on every host; `load_state` continues from it on any host count.
+    """
+    return {'format': STATE_FORMAT, 'split': self.data_config.split,
+            'examples': dict(self.examples),
+            'plans': {kind: plan.fingerprint() for kind, plan in self._plans.items()}}
+
+  def load_state(self, state: Dict[str, Any]) -> None:
+    """Continues from `state()` of a sampler over the same tasks, sizes and seed.
+
+    Raises DataPositionMismatchError naming what differs (the saved position
+    would index other examples).
+    """
+    if state.get('format') != STATE_FORMAT:
+      raise DataPositionMismatchError(
+          f'data position format {state.get("format")!r}, expected {STATE_FORMAT!r}')
+    problems = []
+    if state.get('split') != self.data_config.split:
+      problems.append(f'split {state.get("split")!r} vs {self.data_config.split!r}')
+    for kind in self.parts:
+      saved = state.get('plans', {}).get(kind)
+      now = self._plans[kind].fingerprint()
+      if saved is None:
+        problems.append(f'no saved position for {kind}')
+      elif saved != now:
+        problems.append(f'{kind}: saved seed/tasks/sizes/rates {saved} vs now {now}')
+    if problems:
+      raise DataPositionMismatchError('; '.join(problems))
+    self.close_iterator()
+    self.examples = {kind: int(state['examples'][kind]) for kind in self.parts}
+
+  def close_iterator(self) -> None:
+    """Stops the input threads; the next batch restarts them at the current position."""
+    self._iterator = None
+    gc.collect()
+    for pool in self._pools:
+      pool.shutdown(wait=False, cancel_futures=True)
+    self._pools = []
 
   def close(self) -> None:
-    """Stops the input threads (also done at exit); the sampler is unusable after."""
-    self._iterator = self._checkpoint = None
-    gc.collect()
+    """Stops the input threads (also done at exit)."""
+    self.close_iterator()
 
   @staticmethod
   def bad_input_report() -> str:

@@ -8,20 +8,33 @@ task's preprocessors (preprocessors.py), after the records are shuffled, so
 shuffle buffers (and the sampler state that saves them) hold compressed bytes,
 not log-mel frames.
 
-Sharding: with at least as many files as hosts each host reads its own files;
-otherwise every host reads every record in the same order and keeps every n-th.
-Shuffling: the file order and a record buffer, seeded, reshuffled each epoch.
+Two ways to read a source:
+  random_access(split): `len(reader)` and `reader[i]` -> record i, from an
+    index of record offsets built once per file. The pre-training sampler
+    reads this way (sampler.py): any host fetches exactly the records of its
+    rows of any global batch, so the data position is one number that does
+    not depend on the host count.
+  get_dataset(split): a seqio/tf.data stream (downstream tasks and tools).
+    Sharding: with at least as many files as hosts each host reads its own
+    files; otherwise every host reads every record and keeps every n-th.
+    Shuffling: the file order and a record buffer, seeded, per epoch.
+
+Paths go through mslam_jax.paths (etils.epath), so corpora may be on gs://.
 """
 
 import csv
-import glob
+import io
 import os
+import struct
+import threading
 import zlib
-from typing import Callable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from mslam_jax import paths
 
 SplitPatterns = Union[str, Mapping[str, Union[str, Sequence[str]]]]
 AUDIO_KEYS = ('id', 'language', 'audio', 'transcript')
@@ -34,10 +47,98 @@ def _as_splits(patterns: SplitPatterns) -> Mapping[str, List[str]]:
   return {split: [p] if isinstance(p, str) else list(p) for split, p in patterns.items()}
 
 
-class RecordSource(seqio.DataSource):
-  """A seqio DataSource over files, sharded per host, shuffled as raw records.
+class _OpenFiles(threading.local):
+  """Per-thread open file handles (readers are called from a thread pool)."""
 
-  Subclasses give `_read(files_ds) -> records_ds`.
+  def __init__(self):
+    super().__init__()
+    self.handles: Dict[str, object] = {}
+
+  def get(self, name: str):
+    handle = self.handles.get(name)
+    if handle is None:
+      if len(self.handles) >= 64:  # bound the descriptors of a many-file corpus
+        for old in self.handles.values():
+          old.close()
+        self.handles.clear()
+      handle = self.handles[name] = paths.path(name).open('rb')
+    return handle
+
+
+class RecordReader:
+  """Random access to one split's records: `len(reader)`, `reader[i]` -> raw record.
+
+  Files are indexed once, in order (`index_file(name) -> (starts, lengths)`,
+  byte offsets of each record's payload); `parse(name, ordinal, payload)`
+  turns one payload into the raw-record dict. Thread-safe.
+  """
+
+  def __init__(self, files: Sequence[str], index_file, parse):
+    self.files = list(files)
+    self._parse = parse
+    spans = [index_file(f) for f in self.files]
+    self._starts = [s for s, _ in spans]
+    self._lengths = [n for _, n in spans]
+    self._first = np.cumsum([0] + [len(s) for s in self._starts])
+    self._open = _OpenFiles()
+
+  def __len__(self) -> int:
+    return int(self._first[-1])
+
+  def locate(self, index: int) -> Tuple[int, int]:
+    """(file number, record number within the file) of global record `index`."""
+    if not 0 <= index < len(self):
+      raise IndexError(f'record {index} of {len(self)}')
+    f = int(np.searchsorted(self._first, index, side='right')) - 1
+    return f, int(index - self._first[f])
+
+  def __getitem__(self, index: int) -> Dict[str, bytes]:
+    f, j = self.locate(index)
+    name = self.files[f]
+    handle = self._open.get(name)
+    handle.seek(int(self._starts[f][j]))
+    return self._parse(name, j, handle.read(int(self._lengths[f][j])))
+
+
+def index_tfrecord(name: str) -> Tuple[np.ndarray, np.ndarray]:
+  """Payload offsets and lengths of a TFRecord file, from its record headers.
+
+  Each record is: length (uint64 LE), its CRC (4 bytes), payload, CRC (4 bytes).
+  """
+  starts, lengths = [], []
+  with paths.path(name).open('rb') as f:
+    data = f.read()
+  pos, end = 0, len(data)
+  while pos < end:
+    if pos + 12 > end:
+      raise ValueError(f'{name}: truncated TFRecord header at byte {pos}; rewrite the file')
+    (length,) = struct.unpack_from('<Q', data, pos)
+    starts.append(pos + 12)
+    lengths.append(length)
+    pos += 16 + length
+  if pos != end:
+    raise ValueError(f'{name}: the last TFRecord is truncated (file ends at byte {end}, '
+                     f'record needs {pos}); rewrite the file')
+  return np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+
+
+def index_lines(name: str) -> Tuple[np.ndarray, np.ndarray]:
+  """Offsets and lengths (without the newline) of every line of a text file."""
+  with paths.path(name).open('rb') as f:
+    data = np.frombuffer(f.read(), np.uint8)
+  ends = np.flatnonzero(data == ord('\n'))
+  if len(data) and (not len(ends) or ends[-1] != len(data) - 1):
+    ends = np.append(ends, len(data))  # a last line without a newline
+  starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if len(ends) else np.zeros(
+      0, np.int64)
+  return starts, (ends - starts).astype(np.int64)
+
+
+class RecordSource(seqio.DataSource):
+  """A seqio DataSource over files: random access (sampler) or a tf.data stream.
+
+  Subclasses give `_read(file) -> records_ds` (the stream) and
+  `random_access(split)`.
 
   Attributes:
     patterns: split -> glob patterns of the files.
@@ -67,8 +168,7 @@ class RecordSource(seqio.DataSource):
     if split not in self.patterns:
       raise ValueError(f'task {self.task_name}: no split {split!r} (it has '
                        f'{sorted(self.patterns)})')
-    files = sorted({f for p in self.patterns[split] for f in glob.glob(os.path.expanduser(p))})
-    return files
+    return sorted({f for p in self.patterns[split] for f in paths.glob(p)})
 
   def check(self, split: str) -> List[str]:
     """The files of `split`; raises a FileNotFoundError with the fix when there are none."""
@@ -76,7 +176,7 @@ class RecordSource(seqio.DataSource):
     if not files:
       raise FileNotFoundError(
           f'task {self.task_name}: no files match {self.patterns[split]} (split {split!r}). '
-          'Build the corpus (python -m mslam_jax.data.build_corpus --output=DIR) or fix '
+          'Build the corpus (python -m mslam_jax.corpus.build --output=DIR) or fix '
           'the path in the module that registers this task.')
     return files
 
@@ -88,9 +188,18 @@ class RecordSource(seqio.DataSource):
     return (seed + zlib.crc32(self.task_name.encode('utf-8'))) % 2**31
 
   def count_examples(self, split: str) -> int:
-    """Records in `split` (one pass over the files)."""
-    ds = self.get_dataset(split, shuffle=False)
-    return int(ds.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+    """Records in `split` (from the files' record index)."""
+    return len(self.random_access(split))
+
+  def random_access(self, split: str) -> RecordReader:
+    """A reader of `split`'s records by number (built once per split, then cached)."""
+    cache = self.__dict__.setdefault('_readers', {})
+    if split not in cache:
+      cache[split] = self._make_reader(split)
+    return cache[split]
+
+  def _make_reader(self, split: str) -> RecordReader:
+    raise NotImplementedError
 
   def _read(self, path: tf.Tensor) -> tf.data.Dataset:
     """The records of one file (a string scalar tensor)."""
@@ -122,7 +231,7 @@ class RecordSource(seqio.DataSource):
 class TFRecordSource(RecordSource):
   """tf.train.Example shards with bytes features id, language, audio, transcript.
 
-  The layout the corpus builder writes (build_corpus.py); for a text task the
+  The layout the corpus builder writes (mslam_jax/corpus/build.py); for a text task the
   transcript feature becomes 'text'. `extra_keys` reads more bytes features
   (empty where absent), e.g. ('english',) for speech translation.
   """
@@ -145,6 +254,21 @@ class TFRecordSource(RecordSource):
 
     return tf.data.TFRecordDataset(path).map(parse)
 
+  def _make_reader(self, split: str) -> RecordReader:
+    keys = AUDIO_KEYS + self.extra_keys
+
+    def parse(name, ordinal, payload):
+      del name, ordinal
+      feature = tf.train.Example.FromString(payload).features.feature
+      values = {k: feature[k].bytes_list.value[0] if k in feature and
+                feature[k].bytes_list.value else b'' for k in keys}
+      if self.text_only:
+        return {'id': values['id'], 'language': values['language'],
+                'text': values['transcript']}
+      return values
+
+    return RecordReader(self.check(split), index_tfrecord, parse)
+
 
 class TextLineSource(RecordSource):
   """UTF-8 text files, one example per line; ids are `file:line`.
@@ -164,13 +288,30 @@ class TextLineSource(RecordSource):
         'id': tf.strings.join([path, tf.strings.as_string(i)], separator=':'),
         'language': tf.constant(language), 'text': line})
 
+  def _make_reader(self, split: str) -> RecordReader:
+    language = self.language.encode('utf-8')
+
+    def parse(name, ordinal, payload):
+      # The same id and text as the tf.data stream (TextLineDataset drops '\r\n' too).
+      return {'id': f'{name}:{ordinal + 1}'.encode('utf-8'), 'language': language,
+              'text': payload[:-1] if payload.endswith(b'\r') else payload}
+
+    return RecordReader(self.check(split), index_lines, parse)
+
 
 def _read_file_bytes(path: bytes) -> bytes:
   try:
-    with open(path.decode('utf-8'), 'rb') as f:
-      return f.read()
-  except OSError:
+    return paths.path(path.decode('utf-8')).read_bytes()
+  except Exception:  # pylint: disable=broad-except (object stores raise their own errors)
     return b''  # decoding b'' reports UNREADABLE_AUDIO under the file's name
+
+
+class _RowReader(RecordReader):
+  """A RecordReader whose records are in-memory rows (no file reads by offset)."""
+
+  def __getitem__(self, index: int) -> Dict[str, bytes]:
+    f, j = self.locate(index)
+    return self._parse(self.files[f], j, b'')
 
 
 class ManifestSource(RecordSource):
@@ -187,23 +328,47 @@ class ManifestSource(RecordSource):
   @staticmethod
   def read_manifest(path: str):
     """Parses one manifest into (paths, languages, transcripts); bad rows raise with line no."""
-    paths, languages, transcripts = [], [], []
-    folder = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding='utf-8', newline='') as f:
-      for line_no, row in enumerate(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE), 1):
-        if not row or (line_no == 1 and row[:2] == ['path', 'language']):
-          continue
-        if len(row) not in (2, 3):
-          raise ValueError(f'{path}:{line_no}: expected "path<TAB>language<TAB>transcript", '
-                           f'got {len(row)} fields: {row!r}')
-        audio = row[0] if os.path.isabs(row[0]) else os.path.join(folder, row[0])
-        paths.append(audio)
-        languages.append(row[1])
-        transcripts.append(row[2] if len(row) == 3 else '')
-    return paths, languages, transcripts
+    audio_paths, languages, transcripts = [], [], []
+    folder = path.rsplit('/', 1)[0] if paths.is_uri(path) else os.path.dirname(
+        os.path.abspath(path))
+    raw = paths.path(path).read_bytes()
+    try:
+      text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+      line_no = raw.count(b'\n', 0, e.start) + 1
+      column = e.start - (raw.rfind(b'\n', 0, e.start) + 1) + 1
+      raise ValueError(
+          f'{path}:{line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column}). '
+          'Manifests are UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`.'
+      ) from None
+    rows = csv.reader(io.StringIO(text, newline=''), delimiter='\t', quoting=csv.QUOTE_NONE)
+    for line_no, row in enumerate(rows, 1):
+      if not row or (line_no == 1 and row[:2] == ['path', 'language']):
+        continue
+      if len(row) not in (2, 3):
+        raise ValueError(f'{path}:{line_no}: expected "path<TAB>language<TAB>transcript", '
+                         f'got {len(row)} fields: {row!r}')
+      absolute = paths.is_uri(row[0]) or os.path.isabs(row[0])
+      audio_paths.append(row[0] if absolute else f'{folder}/{row[0]}')
+      languages.append(row[1])
+      transcripts.append(row[2] if len(row) == 3 else '')
+    return audio_paths, languages, transcripts
 
-  def count_examples(self, split: str) -> int:
-    return sum(len(self.read_manifest(f)[0]) for f in self.check(split))
+  def _make_reader(self, split: str) -> RecordReader:
+    rows = {f: self.read_manifest(f) for f in self.check(split)}
+
+    def index(name):
+      n = len(rows[name][0])
+      return np.arange(n, dtype=np.int64), np.zeros(n, np.int64)
+
+    def parse(name, ordinal, payload):
+      del payload  # the index points at rows, not bytes: read the audio file itself
+      audio_path, language, transcript = (column[ordinal] for column in rows[name])
+      encoded = audio_path.encode('utf-8')
+      return {'id': encoded, 'language': language.encode('utf-8'),
+              'transcript': transcript.encode('utf-8'), 'audio': _read_file_bytes(encoded)}
+
+    return _RowReader(list(rows), index, parse)
 
   def _read(self, path: tf.Tensor) -> tf.data.Dataset:
     def read(manifest):
@@ -211,10 +376,11 @@ class ManifestSource(RecordSource):
       return (np.array(paths, dtype=object), np.array(languages, dtype=object),
               np.array(transcripts, dtype=object))
 
-    paths, languages, transcripts = tf.numpy_function(
+    audio_paths, languages, transcripts = tf.numpy_function(
         read, [path], (tf.string, tf.string, tf.string), stateful=False)
     rows = tf.data.Dataset.from_tensor_slices(
-        (tf.reshape(paths, [-1]), tf.reshape(languages, [-1]), tf.reshape(transcripts, [-1])))
+        (tf.reshape(audio_paths, [-1]), tf.reshape(languages, [-1]),
+         tf.reshape(transcripts, [-1])))
     return rows.map(lambda p, l, t: {
         'id': p, 'language': l, 'transcript': t,
         'audio': tf.reshape(tf.numpy_function(_read_file_bytes, [p], tf.string,
@@ -272,6 +438,18 @@ class TfdsSource(RecordSource):
       ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     return ds
 
+  def _make_reader(self, split: str) -> 'TfdsReader':
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.check(split)
+    try:
+      source = tfds.data_source(self.name, split=split, data_dir=self.data_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(
+          f'task {self.task_name}: TFDS dataset {self.name} has no random access ({e}). '
+          'The pre-training sampler reads records by number: prepare the dataset with '
+          "download_and_prepare(file_format='array_record').") from e
+    return TfdsReader(self, source)
+
   def _convert(self, index, ex):
     audio = tf.cast(ex[self.audio_key], tf.float32)
     if ex[self.audio_key].dtype.is_integer:
@@ -281,6 +459,34 @@ class TfdsSource(RecordSource):
     transcript = ex[self.transcript_key] if self.transcript_key else tf.constant('')
     return {'id': tf.strings.join([self.name, tf.strings.as_string(index)], separator=':'),
             'language': language, 'audio': wav, 'transcript': transcript}
+
+
+class TfdsReader:
+  """Random access to a TFDS split prepared as ArrayRecord, records as raw WAV bytes."""
+
+  def __init__(self, tfds_source: TfdsSource, data_source):
+    self._source, self._data = tfds_source, data_source
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def __getitem__(self, index: int) -> Dict[str, bytes]:
+    import soundfile as sf  # pylint: disable=g-import-not-at-top
+    src = self._source
+    ex = self._data[index]
+    audio = np.asarray(ex[src.audio_key])
+    samples = audio.astype(np.float32) / 32768.0 if audio.dtype.kind == 'i' else audio
+    wav = io.BytesIO()
+    sf.write(wav, samples.reshape(-1), src.sample_rate, format='WAV', subtype='FLOAT')
+
+    def text(value) -> bytes:
+      return value if isinstance(value, bytes) else str(value).encode('utf-8')
+
+    return {'id': f'{src.name}:{index}'.encode('utf-8'),
+            'language': text(ex[src.language_key]) if src.language_key
+                        else src.language.encode('utf-8'),
+            'audio': wav.getvalue(),
+            'transcript': text(ex[src.transcript_key]) if src.transcript_key else b''}
 
 
 # Short constructor names for task modules: `sources.tfrecords('.../*.tfrecord')`.

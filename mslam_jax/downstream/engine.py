@@ -17,7 +17,6 @@ non-finite loss or gradient is skipped as in pre-training (trainer.apply_gradien
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -30,6 +29,7 @@ import optax
 
 from mslam_jax import checkpoints
 from mslam_jax import partitioning
+from mslam_jax import paths
 from mslam_jax import trainer
 from mslam_jax.downstream import data as data_lib
 from mslam_jax.encoder import bucket_length
@@ -189,7 +189,7 @@ def fit(evaluation: Evaluation, backbone, config: FinetuneConfig,
     if int(state.step) < config.train_steps:
       print(f'{evaluation.name}: {evaluation.num_train} training items, {config.train_steps} '
             f'steps of {config.batch_size} ({"frozen" if not trains_encoder else "full"} '
-            f'{backbone.name}); compiling...', flush=True)
+            f'{backbone.name})', flush=True)
       state, _ = trainer.run(state, step_fn, batches_from(evaluation, config, int(state.step)),
                              jax.random.key(config.seed + 1), mesh=mesh,
                              num_steps=config.train_steps, log_every=config.log_every,
@@ -218,9 +218,9 @@ def run_and_score(evaluation: Evaluation, backbone, config: FinetuneConfig,
     print(f'{evaluation.name}: evaluating {split}...', flush=True)
     scores[split] = evaluation.evaluate(head, encoder_params, split)
   scores['wall_s'] = round(time.perf_counter() - start, 1)
-  os.makedirs(config.model_dir, exist_ok=True)
-  with open(os.path.join(config.model_dir, 'scores.json'), 'w', encoding='utf-8') as f:
-    json.dump(scores, f, indent=1)
+  out = paths.path(config.model_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'scores.json').write_text(json.dumps(scores, indent=1))
   return scores
 
 
