@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mslam_jax import export as export_lib
+from mslam_jax import paths
 from mslam_jax.data import audio
 from mslam_jax.data import vocabulary as vocabulary_lib
 from mslam_jax.models.config import ModelConfig
@@ -286,7 +287,7 @@ def load_encoder(path: str) -> Encoder:
   manifest agree, and restores the weights. Raises ExportMismatchError naming
   the disagreement otherwise.
   """
-  path = export_lib.absolute(path)
+  path = paths.path(path)
   manifest_path = path / export_lib.MANIFEST
   if not manifest_path.exists():
     raise FileNotFoundError(f'{manifest_path} not found: {path} is not an export; make one '

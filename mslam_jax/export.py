@@ -29,7 +29,6 @@ if __name__ == '__main__':
 import argparse
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Dict, Optional
 
@@ -39,6 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mslam_jax import gin_utils
+from mslam_jax import paths
 from mslam_jax.data import vocabulary
 
 FORMAT_VERSION = 1
@@ -51,11 +51,6 @@ MANIFEST = 'manifest.json'
 CONFIG = 'config.gin'
 VOCAB = 'vocab.txt'
 PARAMS = 'params'
-
-
-def absolute(path: str) -> epath.Path:
-  """A local path made absolute (orbax needs it); a URI (gs://...) as it is."""
-  return epath.Path(path if '://' in str(path) else os.path.abspath(os.path.expanduser(path)))
 
 
 def encoder_params(params: Dict[str, Any]) -> Dict[str, Any]:
@@ -101,7 +96,7 @@ def restore_params(model_dir: str, step: Optional[int] = None):
   from mslam_jax import pretrain_loss  # pylint: disable=g-import-not-at-top
   from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
   from mslam_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  directory = absolute(model_dir) / 'checkpoints'
+  directory = paths.path(model_dir) / 'checkpoints'
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   steps = manager.all_steps()
   if not steps:
@@ -141,7 +136,7 @@ def random_params(seed: int):
 def write_export(output: str, params: Dict[str, Any], *, model_config, feature_config,
                  vocabulary_path: str, config_text: str, step: int, source: str) -> epath.Path:
   """Writes OUTPUT/{params,config.gin,vocab.txt,manifest.json}; replaces an older export."""
-  out = absolute(output)
+  out = paths.path(output)
   if (out / PARAMS).exists():
     (out / PARAMS).rmtree()
   out.mkdir(parents=True, exist_ok=True)

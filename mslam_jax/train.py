@@ -57,7 +57,7 @@ def synthetic_batches(seed: int, batch_config: BatchConfig, parts):
 
 def make_batches(data_config: sampler_lib.DataConfig, batch_config: BatchConfig, parts,
                  *, seed: int, model_vocab_size: int, task_modules: Sequence[str] = ()):
-  """The batch iterator DataConfig.source names; prints each kind's mixing rates."""
+  """The batch iterator DataConfig.source names; prints the mixtures (with --verbose, every rate)."""
   if data_config.source == 'synthetic':
     return synthetic_batches(seed, batch_config, parts)
   if data_config.source != 'tasks':

@@ -330,3 +330,18 @@ def test_process_exits_promptly_after_sampling(corpus):
                        timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'sampled' in out.stdout
+
+
+@pytest.mark.parametrize('materialize_max', [2**24, 4])  # numpy permutations, grain's index_shuffle
+def test_each_epoch_of_a_task_is_a_fresh_permutation(monkeypatch, materialize_max):
+  monkeypatch.setattr(sampler_lib, '_MATERIALIZE_MAX', materialize_max)
+  n = 7
+  order = sampler_lib._shuffled_epochs(n, seed=11)  # pylint: disable=protected-access
+  epochs = [[order[e * n + i] for i in range(n)] for e in range(4)]
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(n))
+  assert len({tuple(e) for e in epochs}) > 1
+  again = sampler_lib._shuffled_epochs(n, seed=11)  # pylint: disable=protected-access
+  assert [again[i] for i in range(4 * n)] == sum(epochs, [])
+  other = sampler_lib._shuffled_epochs(n, seed=12)  # pylint: disable=protected-access
+  assert [other[i] for i in range(4 * n)] != sum(epochs, [])

@@ -39,6 +39,7 @@ import gc
 import inspect
 import os
 import re
+import threading
 import weakref
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -198,13 +199,19 @@ class _EpochPermutations:
   def __init__(self, n: int, seed: int):
     self.n, self.seed = n, seed
     self._cached: Dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()  # batches are fetched from several threads
 
   def permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._cached:
-      if len(self._cached) >= 2:  # draws move forward: keep this epoch and the last
+    with self._lock:
+      found = self._cached.get(epoch)
+    if found is not None:
+      return found
+    made = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    with self._lock:
+      self._cached[epoch] = made
+      while len(self._cached) > 2:  # draws move forward: keep the newest two epochs
         self._cached.pop(min(self._cached))
-      self._cached[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-    return self._cached[epoch]
+    return made
 
   def __call__(self, index: int, _) -> int:
     return int(self.permutation(index // self.n)[index % self.n])

@@ -3,10 +3,10 @@
 Every source yields raw records of one schema, whatever the storage:
   speech and paired: {'id', 'language', 'audio' (encoded WAV/FLAC/OGG bytes), 'transcript'}
   text:              {'id', 'language', 'text'}
-all tf.string scalars. Decoding, features and tokenisation happen later, in the
-task's preprocessors (preprocessors.py), after the records are shuffled, so
-shuffle buffers (and the sampler state that saves them) hold compressed bytes,
-not log-mel frames.
+all tf.string scalars (bytes from random access). Decoding, features and
+tokenisation happen later, in the task's preprocessors (preprocessors.py),
+after the records are ordered, so what is read ahead and buffered is
+compressed bytes, not log-mel frames.
 
 Two ways to read a source:
   random_access(split): `len(reader)` and `reader[i]` -> record i, from an

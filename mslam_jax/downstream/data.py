@@ -15,12 +15,11 @@ once into memory; a bad record is skipped, counted and reported, never fatal.
 """
 
 import dataclasses
-import glob
-import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from mslam_jax import paths
 from mslam_jax.data import audio
 from mslam_jax.data import bad_input
 from mslam_jax.data import sources as sources_lib
@@ -49,16 +48,16 @@ class TextPair:
 
 def corpus_speech_source(corpus_dir: str) -> sources_lib.RecordSource:
   """train = downstream/speech/train, dev/test = paired/{dev,test} of a built corpus."""
-  corpus_dir = os.path.expanduser(corpus_dir)
-  train = os.path.join(corpus_dir, 'downstream', 'speech', 'train', '*.tfrecord')
-  if not glob.glob(train):
+  train = paths.join(corpus_dir, 'downstream', 'speech', 'train', '*.tfrecord')
+  if not paths.glob(train):
     raise FileNotFoundError(
-        f'no downstream speech in {os.path.dirname(train)}: the corpus predates downstream '
-        f'splits; rebuild it with `python -m mslam_jax.corpus.build --output={corpus_dir}`')
+        f'no downstream speech in {paths.join(corpus_dir, "downstream", "speech", "train")}: '
+        'the corpus predates downstream splits; rebuild it with '
+        f'`python -m mslam_jax.corpus.build --output={corpus_dir}`')
   return sources_lib.tfrecords(
       {'train': train,
-       'dev': os.path.join(corpus_dir, 'paired', 'dev', '*.tfrecord'),
-       'test': os.path.join(corpus_dir, 'paired', 'test', '*.tfrecord')},
+       'dev': paths.join(corpus_dir, 'paired', 'dev', '*.tfrecord'),
+       'test': paths.join(corpus_dir, 'paired', 'test', '*.tfrecord')},
       extra_keys=('english',))
 
 
@@ -98,17 +97,17 @@ def corpus_text_pairs(corpus_dir: str, split: str, *,
                       languages: Optional[Sequence[str]] = None,
                       max_per_language: Optional[int] = None) -> List[TextPair]:
   """The xx -> English pairs of downstream/text/<split>/*.tsv (sorted by language)."""
-  folder = os.path.join(os.path.expanduser(corpus_dir), 'downstream', 'text', split)
-  paths = sorted(glob.glob(os.path.join(folder, '*.tsv')))
-  if not paths:
+  folder = paths.join(corpus_dir, 'downstream', 'text', split)
+  files = paths.glob(paths.join(folder, '*.tsv'))
+  if not files:
     raise FileNotFoundError(f'no text translation pairs in {folder}; rebuild the corpus '
                             'with `python -m mslam_jax.corpus.build`')
   pairs = []
-  for path in paths:
-    language = os.path.basename(path)[:-len('.tsv')]
+  for path in files:
+    language = path.rsplit('/', 1)[-1][:-len('.tsv')]
     if languages is not None and language not in languages:
       continue
-    with open(path, encoding='utf-8') as f:
+    with paths.path(path).open('r') as f:
       for line_no, line in enumerate(f, 1):
         if max_per_language is not None and line_no > max_per_language:
           break

@@ -14,8 +14,6 @@ Batch layout (every sequence right-padded; paddings float, 1 = pad):
   paired: all four of the above
 """
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
