@@ -38,5 +38,8 @@ setuptools.setup(
     extras_require={
         # importlib_resources: TFDS needs it to prepare a dataset (the TFDS source test does).
         'test': ['pytest>=8', 'pytest-xdist>=3', 'importlib_resources'],
+        # Compiling for a named TPU slice on any machine (mslam_jax.compile --topology);
+        # not in the default install: libtpu probes for a TPU at every jax start-up.
+        'tpu': ['libtpu'],
     },
 )

@@ -1,7 +1,12 @@
-"""Ahead-of-time compile of the sharded train step on fake CPU devices.
+"""Ahead-of-time compile of the sharded train step, for fake CPU devices or a TPU slice.
 
     python -m mslam_jax.compile --gin_file=gin/pretrain_2b.gin --num_devices=8 \
         --gin.MESH_SHAPE="(1, 8, 1)"
+    python -m mslam_jax.compile --gin_file=gin/pretrain_0.6b.gin --topology=v5litepod-256
+
+--topology (needs the `tpu` extra, libtpu) compiles with XLA:TPU for a named
+Cloud TPU slice on this machine, without a TPU (mslam_jax/tpu_topologies.py),
+and compares the per-device total with the chip's HBM.
 
 Answers "does this config fit, and how is it split?" before a pod slice is
 booked, on any machine:
@@ -39,6 +44,7 @@ from mslam_jax import gin_utils
 from mslam_jax import partitioning
 from mslam_jax import optimizer as optimizer_lib
 from mslam_jax import pretrain_loss
+from mslam_jax import tpu_topologies
 from mslam_jax import trainer
 from mslam_jax.data import batch_spec
 from mslam_jax.models.config import ModelConfig
@@ -60,6 +66,10 @@ class ConfigError(ValueError):
   """The gin config does not fit the devices (mesh shape, batch split)."""
 
 
+class DoesNotFitError(RuntimeError):
+  """XLA:TPU refused the step: it needs more HBM per chip than the chip has."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
   """What one ahead-of-time compile found; all sizes in bytes.
@@ -76,6 +86,8 @@ class CompileReport:
     state_bytes: params + optimizer state (+ step counters), whole.
     state_bytes_per_device: the same, one device's shards only.
     step_flops: analytical FLOPs of one step (mslam_jax.flops), all devices.
+    topology: the TPU slice compiled for (--topology), None for CPU devices.
+    hbm_bytes_per_device: that slice's HBM per chip, None for CPU devices.
   """
   mesh_description: str
   num_devices: int
@@ -87,6 +99,8 @@ class CompileReport:
   state_bytes: int
   state_bytes_per_device: int
   step_flops: float
+  topology: Optional[str] = None
+  hbm_bytes_per_device: Optional[int] = None
 
 
 def use_fake_cpu_devices(num_devices: int) -> None:
@@ -150,15 +164,18 @@ def memory_per_device(compiled):
 def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
                        batch_config: batch_spec.BatchConfig, train_config: TrainConfig,
                        mesh_config: partitioning.MeshConfig,
-                       optimizer=None):
-  """Lowers and compiles the train step on the current devices, all abstract.
+                       optimizer=None, devices=None, tpu_slice=None):
+  """Lowers and compiles the train step on the current (or given) devices, all abstract.
+
+  devices: compile-only devices of a TPU slice (tpu_topologies), described
+  by `tpu_slice`; None: jax's devices.
 
   Returns (compiled, CompileReport). Raises ConfigError with the fix when the
   mesh shape does not match the devices or a batch does not split over it.
   """
   optimizer = optimizer or optimizer_lib.make_optimizer()
   try:  # the messages of resolve_shape and check_batch_split already name the fix
-    mesh = partitioning.make_mesh(mesh_config)
+    mesh = partitioning.make_mesh(mesh_config, devices)
     partitioning.check_batch_split(batch_config, loss_config.parts, mesh)
   except ValueError as e:
     raise ConfigError(str(e)) from e
@@ -182,7 +199,16 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
   lowered = step.lower(abstract_state, batch, rng)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # XLA:TPU checks memory at compile time and names what is over (XLA:CPU never does).
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    raise DoesNotFitError(
+        f'{str(e).strip().splitlines()[0]} (compiled in {time.perf_counter() - start:.0f} s). '
+        'Accumulate gradients (--gin.TrainConfig.accumulate_steps=K), choose another '
+        'remat policy, or a larger slice.') from None
   compile_s = time.perf_counter() - start
 
   memory, per_device = memory_per_device(compiled)
@@ -194,7 +220,9 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
       state_bytes=tree_bytes(abstract_state),
       state_bytes_per_device=tree_bytes_per_device(abstract_state),
       step_flops=float(flops.train_step_flops(model_config, batch_config,
-                                              loss_config)['total']))
+                                              loss_config)['total']),
+      topology=tpu_slice.name if tpu_slice else None,
+      hbm_bytes_per_device=tpu_slice.hbm_bytes_per_device if tpu_slice else None)
   return compiled, report
 
 
@@ -223,6 +251,11 @@ def format_report(report: CompileReport) -> str:
     lines.append(f'  {label:<15s}{_size(n)}  {n:>16,d} bytes')
   lines.append(f'  {"total":<15s}{r.per_device_bytes / GIB:8.3f} GiB  '
                f'{r.per_device_bytes:>16,d} bytes  (argument + output - alias + temp + code)')
+  if r.hbm_bytes_per_device:
+    share = r.per_device_bytes / r.hbm_bytes_per_device
+    lines.append(f'{r.topology}: {r.per_device_bytes / GIB:.2f} of {r.hbm_bytes_per_device / GIB:.0f}'
+                 f' GiB HBM per chip ({100 * share:.0f}%): '
+                 f'{"fits" if share <= 1 else "does NOT fit"}')
   lines.append(f'state_bytes_per_device: {r.state_bytes_per_device}')
   lines.append(f'per_device_bytes: {r.per_device_bytes}')
   return '\n'.join(lines)
@@ -231,26 +264,48 @@ def format_report(report: CompileReport) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> CompileReport:
   parser = argparse.ArgumentParser(prog='python -m mslam_jax.compile',
                                    description=__doc__.splitlines()[0])
-  parser.add_argument('--num_devices', type=int, required=True,
-                      help='fake CPU devices to compile for (the mesh must hold them all)')
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument('--num_devices', type=int,
+                     help='fake CPU devices to compile for (the mesh must hold them all)')
+  where.add_argument('--topology', metavar='ACCELERATOR_TYPE',
+                     help='a Cloud TPU slice to compile for with XLA:TPU, e.g. v4-64, '
+                     "v5p-128, v5litepod-256, v6e-16 (needs pip install -e '.[tpu]')")
   parser.add_argument('--json', metavar='PATH',
                       help='also write the report as a JSON object to PATH')
   # Compiles only: nothing is written, so a pod file's REQUIRED MODEL_DIR need not be given.
   args = gin_utils.parse_command_line(parser.description, argv, parser,
                                       writes_model_dir=False)
-  if args.num_devices < 1:
-    parser.error('--num_devices must be at least 1')
-  use_fake_cpu_devices(args.num_devices)
-  require_devices(args.num_devices)
+  devices = tpu_slice = None
+  if args.topology:
+    try:
+      tpu_slice = tpu_topologies.parse_accelerator_type(args.topology)
+    except ValueError as e:
+      parser.error(str(e))
+    use_fake_cpu_devices(1)  # the host side stays on the CPU; the step compiles for the TPU
+    devices = tpu_topologies.compile_only_devices(tpu_slice)
+    target = f'--topology={args.topology}'
+  else:
+    if args.num_devices < 1:
+      parser.error('--num_devices must be at least 1')
+    use_fake_cpu_devices(args.num_devices)
+    require_devices(args.num_devices)
+    target = f'--num_devices={args.num_devices}'
   try:
     _, report = compile_train_step(ModelConfig(), pretrain_loss.LossConfig(),
                                    batch_spec.BatchConfig(), TrainConfig(),
-                                   partitioning.MeshConfig())
+                                   partitioning.MeshConfig(), devices=devices,
+                                   tpu_slice=tpu_slice)
   except ConfigError as e:
-    raise SystemExit(f'cannot compile for --num_devices={args.num_devices}: {e}') from e
+    raise SystemExit(f'cannot compile for {target}: {e}') from e
+  except DoesNotFitError as e:
+    if args.json:
+      with open(args.json, 'w', encoding='utf-8') as f:
+        json.dump({'topology': args.topology, 'fits': False, 'error': str(e)}, f, indent=1)
+    raise SystemExit(f'does not fit {target}: {e}') from None
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(dataclasses.asdict(report), f, indent=1)
+      json.dump({**dataclasses.asdict(report), 'fits': report.hbm_bytes_per_device is None or
+                 report.per_device_bytes <= report.hbm_bytes_per_device}, f, indent=1)
   print(format_report(report), flush=True)
   return report
 

@@ -158,3 +158,39 @@ def test_command_line_sets_up_its_own_devices():
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 1
   assert 'holds 3 devices, but there are 8' in result.stderr
+
+
+def test_accelerator_types_name_their_chips_grid_and_hbm():
+  from mslam_jax import tpu_topologies  # pylint: disable=g-import-not-at-top
+  gib = 1024 ** 3
+  cases = {  # name -> (chips, libtpu topology, HBM GiB per chip): Cloud TPU's own tables
+      'v4-8': (4, 'v4:2x2x1', 32), 'v4-64': (32, 'v4:2x4x4', 32),
+      'v5p-128': (64, 'v5p:4x4x4', 95), 'v5litepod-256': (256, 'v5e:16x16', 16),
+      'v5litepod-8': (8, 'v5e:2x4', 16), 'v6e-16': (16, 'v6e:4x4', 32)}
+  for name, (chips, topology, hbm) in cases.items():
+    s = tpu_topologies.parse_accelerator_type(name)
+    assert (s.chips, s.topology_name, s.hbm_bytes_per_device) == (chips, topology, hbm * gib)
+  with pytest.raises(ValueError, match='no standard slice of that size; choose one of v4-8'):
+    tpu_topologies.parse_accelerator_type('v4-12')
+  with pytest.raises(ValueError, match='expected a Cloud TPU accelerator type'):
+    tpu_topologies.parse_accelerator_type('tpu-64')
+
+
+def test_compiles_for_a_tpu_slice_without_a_tpu():
+  """--topology: XLA:TPU compiles the tiny step for 4 v5e chips; memory against their HBM."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip("needs the tpu extra (pip install -c constraints.txt -e '.[tpu]')")
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS',)}
+  result = subprocess.run(
+      [sys.executable, '-m', 'mslam_jax.compile', '--gin_file=gin/pretrain_tiny_cpu.gin',
+       '--topology=v5litepod-4', '--gin.MESH_SHAPE=(-1, 1, 1)'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('mesh: data=4, fsdp=1, model=1 (4 devices')
+  [fit] = [l for l in lines if l.startswith('v5litepod-4: ')]
+  total = int(lines[-1].split(': ')[1])
+  assert fit == f'v5litepod-4: {total / 1024 ** 3:.2f} of 16 GiB HBM per chip (0%): fits'
+  # TPU code, not CPU code: a batch shard of the tiny step on one v5e chip.
+  assert 0 < total < 1024 ** 3

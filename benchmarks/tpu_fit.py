@@ -1,0 +1,85 @@
+"""Do the paper's models fit named TPU slices at the paper's batch, and with what accumulation?
+
+For each (experiment gin file, Cloud TPU slice), compiles the real train step
+with XLA:TPU on this machine (`python -m mslam_jax.compile --topology=...`, the
+`tpu` extra; no TPU needed) at gradient accumulation K = 1, 2, 4, ... (only K
+whose micro-batches still split over the chips) until XLA:TPU accepts it, and
+prints one table row per compile: per-device HBM XLA needs, the chip's HBM,
+whether it fits, and the compile time.
+
+    python benchmarks/tpu_fit.py [--runs=0.6b:v5p-128,2b:v5p-256] [--max_accumulation=16]
+
+Each compile runs in its own process (a fresh libtpu). Batch sizes are those of
+the gin files (the paper's 2048 speech, 8192 text, 256 paired per step).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_FILES = {'0.6b': 'gin/pretrain_0.6b.gin', '2b': 'gin/pretrain_2b.gin'}
+BATCH = {'speech': 2048, 'text': 8192, 'paired': 256}  # gin/runs/pretrain.gin (paper)
+
+
+def accumulations(chips: int, most: int):
+  """K = 1, 2, 4, ... <= most whose micro-batches (B / K) still split over the chips."""
+  k = 1
+  while k <= most:
+    if all(b % k == 0 and (b // k) % chips == 0 for b in BATCH.values()):
+      yield k
+    k *= 2
+
+
+def compile_once(gin_file: str, topology: str, k: int) -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'report.json')
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, '-m', 'mslam_jax.compile', f'--gin_file={gin_file}',
+         f'--topology={topology}', f'--gin.TrainConfig.accumulate_steps={k}', f'--json={out}'],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - start
+    if not os.path.exists(out):
+      raise SystemExit(f'{gin_file} on {topology}, K={k}: no report\n{result.stderr[-3000:]}')
+    with open(out, encoding='utf-8') as f:
+      report = json.load(f)
+  report['wall_s'] = wall
+  return report
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--runs', default='0.6b:v5p-128,2b:v5p-256',
+                      help='comma-separated MODEL:ACCELERATOR_TYPE (MODEL: 0.6b or 2b)')
+  parser.add_argument('--max_accumulation', type=int, default=16)
+  args = parser.parse_args()
+  sys.path.insert(0, REPO_ROOT)
+  from mslam_jax import tpu_topologies  # pylint: disable=g-import-not-at-top
+  print('| topology | config | accumulation K | per-device HBM needed | chip HBM | fits? | '
+        'compile (wall) |')
+  print('|---|---|---|---|---|---|---|')
+  for run in args.runs.split(','):
+    model, topology = run.split(':')
+    tpu_slice = tpu_topologies.parse_accelerator_type(topology)
+    hbm = tpu_slice.hbm_bytes_per_device / 2 ** 30
+    for k in accumulations(tpu_slice.chips, args.max_accumulation):
+      r = compile_once(GIN_FILES[model], topology, k)
+      if r['fits']:
+        needed = f'{r["per_device_bytes"] / 2 ** 30:.1f} GiB'
+      else:  # XLA:TPU's own words: 'temporaries (105.28G) exceeds available HBM (95.74G)'
+        needed = 'over: ' + r['error'].split('Ran out of memory on HBM, ')[-1].split(
+            ' (compiled')[0]
+      print(f'| {topology} ({tpu_slice.chips} chips) | {model} | {k} | {needed} | '
+            f'{hbm:.0f} GiB | {"yes" if r["fits"] else "no"} | {r["wall_s"]:.0f} s |',
+            flush=True)
+      if r['fits']:
+        break
+
+
+if __name__ == '__main__':
+  main()
