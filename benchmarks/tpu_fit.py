@@ -23,14 +23,22 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = {'0.6b': 'gin/pretrain_0.6b.gin', '2b': 'gin/pretrain_2b.gin'}
-BATCH = {'speech': 2048, 'text': 8192, 'paired': 256}  # gin/runs/pretrain.gin (paper)
 
 
-def accumulations(chips: int, most: int):
+def batch_sizes(gin_file: str) -> list:
+  """The global batch size of each data kind, as the gin file sets them."""
+  from mslam_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
+  gin_utils.parse_gin([gin_file], writes_model_dir=False)
+  config = BatchConfig()
+  return [config.speech_batch_size, config.text_batch_size, config.paired_batch_size]
+
+
+def accumulations(batches: list, chips: int, most: int):
   """K = 1, 2, 4, ... <= most whose micro-batches (B / K) still split over the chips."""
   k = 1
   while k <= most:
-    if all(b % k == 0 and (b // k) % chips == 0 for b in BATCH.values()):
+    if all(b % k == 0 and (b // k) % chips == 0 for b in batches):
       yield k
     k *= 2
 
@@ -67,7 +75,8 @@ def main():
     model, topology = run.split(':')
     tpu_slice = tpu_topologies.parse_accelerator_type(topology)
     hbm = tpu_slice.hbm_bytes_per_device / 2 ** 30
-    for k in accumulations(tpu_slice.chips, args.max_accumulation):
+    batches = batch_sizes(GIN_FILES[model])
+    for k in accumulations(batches, tpu_slice.chips, args.max_accumulation):
       r = compile_once(GIN_FILES[model], topology, k)
       if r['fits']:
         needed = f'{r["per_device_bytes"] / 2 ** 30:.1f} GiB'

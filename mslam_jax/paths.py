@@ -8,7 +8,6 @@ local one; `os.path` is never applied to such a path (`os.path.abspath` would
 turn `gs://b/x` into a local `./gs:/b/x`).
 """
 
-import fnmatch
 import os
 from typing import List, Union
 
@@ -59,13 +58,9 @@ def glob(pattern: PathLike) -> List[str]:
   base = path(root)
   if not base.exists():
     return []
-  found = []
-  for match in base.glob(rest):
-    name = os.fspath(match)
-    if fnmatch.fnmatchcase(name.split('/')[-1], parts[-1]):
-      found.append(name if is_uri(pattern) or os.path.isabs(pattern) or root != '.'
-                   else os.path.relpath(name))
-  return sorted(found)
+  # Relative patterns give relative names, as glob.glob does.
+  relative = not (is_uri(pattern) or os.path.isabs(pattern))
+  return sorted(os.path.relpath(m) if relative else os.fspath(m) for m in base.glob(rest))
 
 
 class NotWritableError(OSError):

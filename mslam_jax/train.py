@@ -87,11 +87,13 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
           log_initial: bool = False):
   """Trains up to train_config.train_steps, resuming from MODEL_DIR's latest checkpoint.
 
+  Writes the parsed gin config to MODEL_DIR/config.gin first (export reads it).
   Returns (state, logged metric records of this call).
   task_modules: extra modules that register seqio tasks (--task_module).
   log_initial: also log the metrics of the initial parameters as step 0.
   """
   paths.ensure_writable(train_config.model_dir)
+  save_config(train_config.model_dir)
   data_config = data_config or sampler_lib.DataConfig()
   mesh_config = mesh_config or partitioning.MeshConfig()
   mesh = partitioning.make_mesh(mesh_config)
@@ -234,8 +236,6 @@ def main(argv=None):
         f'process {jax.process_index()}/{jax.process_count()}  '
         f'devices: {jax.device_count()} ({jax.devices()[0].platform})', flush=True)
   try:
-    paths.ensure_writable(train_config.model_dir)
-    save_config(train_config.model_dir)
     train(ModelConfig(), pretrain_loss.LossConfig(), BatchConfig(), train_config,
           sampler_lib.DataConfig(), partitioning.MeshConfig(), task_modules=args.task_module)
   except (paths.NotWritableError, checkpoints.CheckpointError) as e:

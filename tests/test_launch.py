@@ -109,7 +109,7 @@ def test_tpu_pod_dry_run_prints_create_copy_setup_and_train_on_all_workers():
   assert bash_words(train_words_of(script)) == train_argv
   # Detached, in the checkout, output appended to this worker's own log.
   assert 'cd mslam_jax || exit 1; nohup setsid bash -c ' in script
-  assert f'>> "$LOG" 2>&1 < /dev/null &' in script
+  assert '>> "$LOG" 2>&1 < /dev/null &' in script
   assert 'LOG="$L/worker_$W.log"' in script and 'agent-worker-number' in script
   assert 'L=$(mkdir -p mslam_jax_logs && cd mslam_jax_logs && pwd)' in script
   # How to watch and stop it is said, on stderr (stdout stays a script).
@@ -531,10 +531,15 @@ def error_line(stderr):
   return line
 
 
-def test_local_stops_a_job_that_hangs_and_names_the_silent_process(tmp_path):
-  env = with_module(tmp_path, 'watchdog_helper', WATCHDOG_HELPER)
+def watchdog_setup(tmp_path):
+  """(environment that imports the watchdog helper module, the folder its workers' pids go to)."""
   pid_dir = tmp_path / 'pids'
   pid_dir.mkdir()
+  return with_module(tmp_path, 'watchdog_helper', WATCHDOG_HELPER), pid_dir
+
+
+def test_local_stops_a_job_that_hangs_and_names_the_silent_process(tmp_path):
+  env, pid_dir = watchdog_setup(tmp_path)
   start = time.monotonic()
   result = launch('local_multiprocess.py', '--num_processes=2', '--module=watchdog_helper',
                   '--stall_timeout_s=3', '--', 'hang', str(pid_dir), env=env, timeout=600)
@@ -553,9 +558,7 @@ def test_local_stops_a_job_that_hangs_and_names_the_silent_process(tmp_path):
 
 
 def test_local_stops_the_others_when_one_dies_even_if_they_ignore_sigterm(tmp_path):
-  env = with_module(tmp_path, 'watchdog_helper', WATCHDOG_HELPER)
-  pid_dir = tmp_path / 'pids'
-  pid_dir.mkdir()
+  env, pid_dir = watchdog_setup(tmp_path)
   start = time.monotonic()
   result = launch('local_multiprocess.py', '--num_processes=2', '--module=watchdog_helper',
                   f'--log_dir={tmp_path / "logs"}', '--grace_s=2', '--', 'die', str(pid_dir),
@@ -572,9 +575,7 @@ def test_local_stops_the_others_when_one_dies_even_if_they_ignore_sigterm(tmp_pa
 
 
 def test_local_watchdog_lets_a_silent_but_busy_process_finish(tmp_path):
-  env = with_module(tmp_path, 'watchdog_helper', WATCHDOG_HELPER)
-  pid_dir = tmp_path / 'pids'
-  pid_dir.mkdir()
+  env, pid_dir = watchdog_setup(tmp_path)
   result = launch('local_multiprocess.py', '--num_processes=2', '--module=watchdog_helper',
                   '--stall_timeout_s=4', '--', 'busy', str(pid_dir), env=env, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr

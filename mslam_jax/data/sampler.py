@@ -305,7 +305,7 @@ class ThreeStreamSampler:
     tasks = [t.name for t in mix.tasks]
     readers = []
     for task in mix.tasks:
-      task.source.check(dc.split)  # a missing source fails here, before any step
+      # Indexes the files; a missing source fails here, before any step.
       readers.append(task.source.random_access(dc.split))
     rates = np.array([mix.get_rate(t) for t in mix.tasks], np.float64)
     rates = (rates / rates.sum()).tolist()
@@ -324,40 +324,32 @@ class ThreeStreamSampler:
     chars = {'text': cfg.text_length, 'paired': cfg.paired_text_length}.get(kind)
     return {k: v for k, v in (('features', frames), ('ids', chars)) if v is not None}
 
-  def _host_rows(self, kind: str, start: int, batch: int,
-                 pool: concurrent.futures.ThreadPoolExecutor) -> List[Dict[str, bytes]]:
-    """This host's raw records of the `batch`-th global batch from example `start`, in row order."""
+  def _dataset(self, kind: str) -> tf.data.Dataset:
+    """This host's batches of `kind` from the current position: fetch, decode, pad."""
     plan = self._plans[kind]
+    pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, f'mslam_{kind}_reader')
+    self._pools.append(pool)
+    keys = _RAW_KEYS[kind] + ('task',)
     global_size = getattr(self.batch_config, f'{kind}_batch_size')
     per_host = self.per_host_batch_size(kind)
-    keys = _RAW_KEYS[kind]
-
-    def fetch(g):
-      task, record = plan.order[g]
-      raw = plan.readers[task][int(record)]
-      row = {k: raw.get(k, b'') for k in keys}
-      row['task'] = plan.tasks[task].encode('utf-8')
-      return row
-
-    first = start + batch * global_size + self.shard_index * per_host
-    rows = range(first, first + per_host)
+    start = self.examples[kind]  # fixed for this iterator; `examples` counts on
     # Object stores answer in tens of milliseconds: fetch a batch's rows in
     # parallel there; local reads are faster one by one (no thread hand-offs).
     remote = any(paths.is_uri(f) for reader in plan.readers
                  for f in getattr(reader, 'files', ()))
-    return list(pool.map(fetch, rows) if remote else map(fetch, rows))
 
-  def _dataset(self, kind: str) -> tf.data.Dataset:
-    """This host's batches of `kind` from the current position: fetch, decode, pad."""
-    pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, f'mslam_{kind}_reader')
-    self._pools.append(pool)
-    keys = _RAW_KEYS[kind] + ('task',)
-    per_host = self.per_host_batch_size(kind)
-    start = self.examples[kind]  # fixed for this iterator; `examples` counts on
+    def fetch_row(g):
+      task, record = plan.order[g]
+      raw = plan.readers[task][int(record)]
+      return [plan.tasks[task].encode('utf-8') if k == 'task' else raw.get(k, b'')
+              for k in keys]
 
     def fetch_batch(batch):
-      rows = self._host_rows(kind, start, int(batch), pool)
-      return tuple(np.array([row[k] for row in rows], dtype=object) for k in keys)
+      """This host's raw records of the `batch`-th global batch from `start`, as columns."""
+      first = start + int(batch) * global_size + self.shard_index * per_host
+      rows = range(first, first + per_host)
+      rows = list(pool.map(fetch_row, rows) if remote else map(fetch_row, rows))
+      return tuple(np.array(column, dtype=object) for column in zip(*rows))
 
     def fetch(batch):
       # One Python call per batch, not per row (tf.data.Dataset.from_generator
@@ -379,7 +371,7 @@ class ThreeStreamSampler:
         kwargs['output_features'] = registry.output_features(kind)
       ds = step(ds, **kwargs)
     ds = preprocessors.blank_bad(ds, num_mel_bins=self.batch_config.num_mel_bins)
-    return _pad_and_batch(ds, self.per_host_batch_size(kind), lengths.get('features'),
+    return _pad_and_batch(ds, per_host, lengths.get('features'),
                           lengths.get('ids'), self.batch_config.num_mel_bins)
 
   def _start(self) -> None:
@@ -456,20 +448,17 @@ class ThreeStreamSampler:
         problems.append(f'{kind}: saved seed/tasks/sizes/rates {saved} vs now {now}')
     if problems:
       raise DataPositionMismatchError('; '.join(problems))
-    self.close_iterator()
+    self.close()
     self.examples = {kind: int(state['examples'][kind]) for kind in self.parts}
 
-  def close_iterator(self) -> None:
-    """Stops the input threads; the next batch restarts them at the current position."""
+  def close(self) -> None:
+    """Stops the input threads (also done at exit); the next batch restarts them at the
+    current position."""
     self._iterator = None
     gc.collect()
     for pool in self._pools:
       pool.shutdown(wait=False, cancel_futures=True)
     self._pools = []
-
-  def close(self) -> None:
-    """Stops the input threads (also done at exit)."""
-    self.close_iterator()
 
   @staticmethod
   def bad_input_report() -> str:

@@ -149,6 +149,7 @@ class RecordSource(seqio.DataSource):
     self.patterns = _as_splits(patterns)
     self.shuffle_buffer = shuffle_buffer
     self.task_name = '?'  # set by registry.add_task, for error messages
+    self._readers = {}  # split -> RecordReader, built on first use
     super().__init__(splits=tuple(self.patterns), num_input_examples=None)
 
   @property
@@ -193,10 +194,9 @@ class RecordSource(seqio.DataSource):
 
   def random_access(self, split: str) -> RecordReader:
     """A reader of `split`'s records by number (built once per split, then cached)."""
-    cache = self.__dict__.setdefault('_readers', {})
-    if split not in cache:
-      cache[split] = self._make_reader(split)
-    return cache[split]
+    if split not in self._readers:
+      self._readers[split] = self._make_reader(split)
+    return self._readers[split]
 
   def _make_reader(self, split: str) -> RecordReader:
     raise NotImplementedError
