@@ -41,5 +41,8 @@ setuptools.setup(
         # Compiling for a named TPU slice on any machine (mslam_jax.compile --topology);
         # not in the default install: libtpu probes for a TPU at every jax start-up.
         'tpu': ['libtpu'],
+        # The side-by-side benchmark's peer (benchmarks/side_by_side.py): Hugging Face's
+        # Wav2Vec2-BERT on PyTorch. Never needed to train, test or export.
+        'bench': ['torch>=2.9', 'transformers>=5'],
     },
 )

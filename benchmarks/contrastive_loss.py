@@ -26,6 +26,8 @@ import sys
 import time
 import types
 
+import machine  # benchmarks/machine.py, beside this script
+
 BEFORE_COMMIT = '2b369fa'
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024 ** 3
@@ -100,14 +102,8 @@ def main():
     negatives = contrastive.sample_negative_indices(keys[4], mask, args.negatives)
     return tuple(jax.device_put(x, rows) for x in (context, codebook[ids], ids, mask, negatives))
 
-  lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-  flags = next((l.split(':', 1)[1].split() for l in lscpu.splitlines() if l.startswith('Flags')),
-               [])
-  model = next((l.split(':', 1)[1].strip() for l in lscpu.splitlines()
-                if l.startswith('Model name')), '?')
-  print(f'jax {jax.__version__}; {args.devices} fake CPU devices on {os.cpu_count()} cores; '
-        f'{model}; avx512f={"avx512f" in flags} avx512_bf16={"avx512_bf16" in flags} '
-        f'avx2={"avx2" in flags}', flush=True)
+  print(f'jax {jax.__version__}; {args.devices} fake CPU devices; {machine.cpu_summary()}',
+        flush=True)
   print(f'memory: global batch {args.batch} x {args.frames} frames x {args.code_dim}, '
         f'K = {args.negatives}, {args.batch // args.devices} utterances per device', flush=True)
   results = {}

@@ -60,3 +60,61 @@ def test_zero_padded_and_lengths():
   np.testing.assert_array_equal(layers.zero_padded(x, paddings)[..., 0],
                                 [[1, 1, 0], [1, 0, 0]])
   np.testing.assert_array_equal(layers.lengths_from_paddings(paddings), [2, 1])
+
+
+def _numpy_attention(q, k, v, paddings):
+  """Per example and head, with a Python loop over keys that skips padded ones."""
+  batch, time, heads, dim = q.shape
+  out = np.zeros_like(q)
+  for b in range(batch):
+    valid = [s for s in range(k.shape[1]) if paddings[b, s] < 0.5]
+    for n in range(heads):
+      for t in range(time):
+        logits = np.array([q[b, t, n] @ k[b, s, n] / math.sqrt(dim) for s in valid])
+        weights = np.exp(logits - logits.max())
+        weights /= weights.sum()
+        out[b, t, n] = sum(w * v[b, s, n] for w, s in zip(weights, valid))
+  return out
+
+
+def test_dot_product_attention_equals_numpy_and_ignores_padded_keys():
+  rng = np.random.default_rng(2)
+  q, k, v = (rng.normal(size=(2, 5, 3, 4)).astype(np.float32) for _ in range(3))
+  paddings = np.array([[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]], np.float32)
+  ours = layers.dot_product_attention(q, k, v, layers.attention_bias(jnp.asarray(paddings)))
+  np.testing.assert_allclose(ours, _numpy_attention(q, k, v, paddings), rtol=1e-5, atol=1e-5)
+  # Padded keys' values do not leak into any output.
+  k2, v2 = k.copy(), v.copy()
+  k2[1, 3:], v2[1, 3:] = 100.0, -100.0
+  again = layers.dot_product_attention(q, k2, v2, layers.attention_bias(jnp.asarray(paddings)))
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(ours))
+  # An all-pad example gets uniform weights (the mean of the values), not NaN.
+  all_pad = layers.dot_product_attention(q[:1], k[:1], v[:1],
+                                         layers.attention_bias(jnp.ones((1, 5))))
+  np.testing.assert_allclose(all_pad, np.broadcast_to(v[:1].mean(axis=1, keepdims=True),
+                                                      all_pad.shape), rtol=1e-5, atol=1e-6)
+
+
+def _vjp(fn, x, cotangent):
+  out, pullback = jax.vjp(fn, x)
+  return out, pullback(cotangent)[0]
+
+
+def test_softmax_swish_glu_values_and_gradients_equal_jax_nn():
+  """Custom backward passes against jax's own differentiation of the plain formulas."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(3, 4, 8)).astype(np.float32) * 3)
+  pairs = [
+      (layers.softmax, lambda a: jax.nn.softmax(a, axis=-1), x),
+      (layers.swish, lambda a: a * (1 / (1 + jnp.exp(-a))), x),
+      (layers.glu, lambda a: a[..., :4] * (1 / (1 + jnp.exp(-a[..., 4:]))), x),
+  ]
+  for ours, reference, arg in pairs:
+    cotangent = jnp.asarray(rng.normal(size=reference(arg).shape).astype(np.float32))
+    out, grad = _vjp(ours, arg, cotangent)
+    ref_out, ref_grad = _vjp(reference, arg, cotangent)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5)
+    # Second use: jit and a sum of outputs, as inside a training step.
+    g = jax.jit(jax.grad(lambda a, fn=ours: jnp.sum(fn(a) * cotangent)))(arg)
+    np.testing.assert_allclose(g, ref_grad, rtol=1e-4, atol=1e-5)

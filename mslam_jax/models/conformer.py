@@ -32,7 +32,7 @@ class FeedForward(nn.Module):
     dtype = cfg.compute_dtype
     h = layers.layer_norm(name='ln', dtype=dtype)(x)
     h = layers.dense(cfg.ffn_dim, ('embed', 'mlp'), name='wi', dtype=dtype)(h)
-    h = nn.with_logical_constraint(nn.swish(h), ('batch', 'length', 'mlp'))
+    h = nn.with_logical_constraint(layers.swish(h), ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='wo', dtype=dtype)(h)
     return nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
@@ -56,10 +56,8 @@ class SelfAttention(nn.Module):
                                    axes=('embed', 'heads', 'kv'), dtype=dtype, name=name)
 
     q, k, v = (projection(n)(h) for n in ('query', 'key', 'value'))  # [B, T, N, H]
-    # Keys at padded positions are masked; a row with no valid key (an all-pad
-    # example) gets uniform weights over zeros rather than NaN.
-    mask = (paddings < 0.5)[:, None, None, :]  # [B, 1, 1, T]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    # Keys at padded positions get PAD_LOGIT; an all-pad example gets uniform weights.
+    out = layers.dot_product_attention(q, k, v, layers.attention_bias(paddings))
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
     out = layers.MultiAxisDense((cfg.d_model,), num_in_axes=2, axes=('heads', 'kv', 'embed'),
                                 dtype=dtype, name='out')(out)
@@ -78,7 +76,7 @@ class ConvolutionModule(nn.Module):
     dtype = cfg.compute_dtype
     h = layers.layer_norm(name='ln', dtype=dtype)(x)
     h = layers.dense(2 * cfg.d_model, ('embed', 'mlp'), name='pointwise_in', dtype=dtype)(h)
-    h = nn.glu(h, axis=-1)
+    h = layers.glu(h)
     h = layers.zero_padded(h, paddings)
     kernel = self.param(
         'depthwise_kernel',
@@ -88,7 +86,7 @@ class ConvolutionModule(nn.Module):
     h = layers.depthwise_conv1d(h, kernel.astype(dtype))
     h = layers.MaskedGroupNorm(cfg.conv_groups, dtype=dtype, axis_name='mlp',
                                name='group_norm')(h, paddings)
-    h = nn.swish(h)
+    h = layers.swish(h)
     h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='pointwise_out', dtype=dtype)(h)
     return nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
@@ -121,7 +119,9 @@ class ConformerStack(nn.Module):
 
   Parameters get a leading 'layers' axis of size `num_layers`. Each block is
   rematerialised with the policy `config.remat_policy` names in
-  `config.REMAT_POLICIES` (none for 'none').
+  `config.REMAT_POLICIES` (none for 'none'). `config.scan_unroll` layers run
+  per loop iteration: the parameters and checkpoints are the same whatever
+  its value, only the compiled program changes.
   """
   config: ModelConfig
   num_layers: int
@@ -140,6 +140,7 @@ class ConformerStack(nn.Module):
         split_rngs={'params': True, 'dropout': True},
         in_axes=nn.broadcast,
         length=self.num_layers,
+        unroll=min(self.config.scan_unroll, self.num_layers),
         metadata_params={nn.PARTITION_NAME: 'layers'})
     x, _ = scanned(self.config, self.deterministic, name='layers')(x, paddings)
     return x

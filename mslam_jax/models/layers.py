@@ -86,6 +86,109 @@ def zero_padded(x: jax.Array, paddings: jax.Array) -> jax.Array:
   return x * valid.reshape(valid.shape + (1,) * (x.ndim - 2))
 
 
+@jax.custom_vjp
+def swish(x: jax.Array) -> jax.Array:
+  """x * sigmoid(x) (= `jax.nn.silu`) whose backward recomputes the sigmoid from x.
+
+  Under plain differentiation the forward stores sigmoid(x) as well as its
+  output, which XLA:CPU writes in a pass of its own; here the forward is one
+  fused pass and the backward one more, and only x (which the producing
+  matmul's output already is) is kept for the backward.
+  """
+  return x * jax.nn.sigmoid(x)
+
+
+def _swish_fwd(x):
+  return swish(x), x
+
+
+def _swish_bwd(x, grad):
+  sig = jax.nn.sigmoid(x)
+  return (grad * sig * (1 + x * (1 - sig)),)
+
+
+swish.defvjp(_swish_fwd, _swish_bwd)
+
+
+@jax.custom_vjp
+def glu(x: jax.Array) -> jax.Array:
+  """Gated linear unit over the last axis, a * sigmoid(b) for [a, b] = x (= `nn.glu`).
+
+  Written like `swish`: only x is kept for the backward, which recomputes the gate.
+  """
+  a, b = jnp.split(x, 2, axis=-1)
+  return a * jax.nn.sigmoid(b)
+
+
+def _glu_fwd(x):
+  return glu(x), x
+
+
+def _glu_bwd(x, grad):
+  a, b = jnp.split(x, 2, axis=-1)
+  sig = jax.nn.sigmoid(b)
+  return (jnp.concatenate([grad * sig, grad * a * sig * (1 - sig)], axis=-1),)
+
+
+glu.defvjp(_glu_fwd, _glu_bwd)
+
+
+# Added to the attention logits of padded keys. Finite, so that a row whose keys
+# are all padded (an all-pad example) gets uniform weights instead of NaN; large
+# enough that exp() of it underflows to exactly 0 next to any real logit, so
+# valid outputs never depend on padded keys.
+PAD_LOGIT = -1e9
+
+
+def attention_bias(paddings: jax.Array) -> jax.Array:
+  """Additive key mask for `dot_product_attention`: paddings [B, S] -> [B, 1, 1, S] float32."""
+  return jnp.where(paddings > 0.5, PAD_LOGIT, 0.0).astype(jnp.float32)[:, None, None, :]
+
+
+@jax.custom_vjp
+def softmax(logits: jax.Array) -> jax.Array:
+  """Softmax over the last axis whose backward keeps only its output.
+
+  Same values as `jax.nn.softmax`; the gradient is the textbook
+  p * (g - sum(g * p)), computed from the saved probabilities alone. Under
+  `jax.nn.softmax`'s own differentiation XLA:CPU kept more intermediates and
+  split the backward into slower passes (attention's softmax was the largest
+  non-matmul cost of the step: benchmarks/RESULTS.md, "Where the step's time goes").
+  """
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+  probs = jax.nn.softmax(logits, axis=-1)
+  return probs, probs
+
+
+def _softmax_bwd(probs, grad):
+  return ((grad - jnp.sum(grad * probs, axis=-1, keepdims=True)) * probs,)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          bias: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(H) + bias) v, per head, with float32 logits and softmax.
+
+  Args:
+    query: [B, T, N, H].
+    key, value: [B, S, N, H].
+    bias: broadcastable to [B, N, T, S] (`attention_bias` for key padding).
+
+  Returns:
+    [B, T, N, H] in the query's dtype.
+  """
+  scale = query.shape[-1] ** -0.5
+  logits = jnp.einsum('btnh,bsnh->bnts', query * jnp.asarray(scale, query.dtype), key,
+                      preferred_element_type=jnp.float32)
+  probs = softmax(logits + bias).astype(value.dtype)
+  return jnp.einsum('bnts,bsnh->btnh', probs, value)
+
+
 def depthwise_conv1d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Centred depthwise 1-D convolution written as K shifted multiply-adds.
 

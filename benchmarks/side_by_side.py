@@ -1,0 +1,326 @@
+"""The Conformer stack's training step, mslam_jax against Hugging Face's Wav2Vec2-BERT.
+
+One training step of an encoder stack, forward + backward + Adam, on random
+[batch, frames, d] inputs with a mean-square loss on the output:
+
+  mslam_jax: `ConformerStack` (ConformerBlocks under nn.scan, fully unrolled as
+             on CPU, padding-aware, all frames valid), jitted with
+             `optax.adam`, the old state donated.
+  peer:      transformers' `Wav2Vec2BertModel(...).encoder` (the w2v-BERT 2.0
+             Conformer: `position_embeddings_type=None`, `layerdrop=0`, no
+             SpecAugment, dropouts 0, depthwise kernel 5, SDPA attention),
+             `torch.optim.Adam`, `torch.set_num_threads(cores)`.
+
+Both have the same layer structure (half-step FFN, self-attention, convolution
+module, half-step FFN, LayerNorm; GroupNorm against LayerNorm after the
+depthwise convolution) and the same parameter count within 0.3% (checked).
+FLOPs are the analytical count of `mslam_jax.flops.conformer_layer_flops`
+(matmuls, 2mnk) times 3 for forward + backward; recomputation under remat is
+not counted, as in MFU.
+
+Each framework runs in its own worker process; the parent asks them for one
+step at a time, alternating the order every pair (ABBA), so both see the same
+machine load and never compete for the cores. The matmul peak is measured in
+the same run, by both frameworks, at several sizes, and again by every worker in
+each shape's alternation; each shape's MFU divides by the best of these.
+
+With --baseline=REV the mslam_jax stack of git revision REV runs as a third
+worker in the same alternation (a temporary git worktree), so a speed-up is
+measured before and after in one run.
+
+    pip install -c constraints.txt -e '.[bench]'   # torch + transformers
+    python benchmarks/side_by_side.py                      # fp32, all shapes
+    python benchmarks/side_by_side.py --dtype bfloat16 --shapes d256
+    python benchmarks/side_by_side.py --baseline 66f4a35 --output /tmp/sbs.json
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Dict, Optional
+
+import machine  # benchmarks/machine.py, beside this script
+from workers import Worker, alternate, reply, worktree  # benchmarks/workers.py
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """One encoder stack and batch. remat applies to mslam_jax only (the peer keeps all)."""
+  d_model: int
+  num_heads: int
+  ffn_dim: int
+  num_layers: int
+  batch: int
+  frames: int
+  remat: str = 'none'
+
+  def label(self) -> str:
+    return (f'{self.d_model} / {self.num_heads} / {self.ffn_dim} / {self.num_layers}, '
+            f'{self.batch} x {self.frames}, remat {self.remat}')
+
+
+# d256: a small width where non-matmul work weighs most. d1024: the 0.6B model's
+# width (d 1024, 8 heads, ffn 4096), with the 0.6B gin file's remat policy and
+# without remat. long: d256 at 1600 frames (16 s), attention-dominated.
+SHAPES = {
+    'd256': Shape(256, 4, 1024, 4, 8, 400),
+    'd1024': Shape(1024, 8, 4096, 2, 4, 400, 'dots_no_batch'),
+    'd1024_noremat': Shape(1024, 8, 4096, 2, 4, 400),
+    'long': Shape(256, 4, 1024, 4, 2, 1600),
+}
+MATMUL_SIZES = (1024, 2048, 3072)
+# Measured again by every worker in each shape's alternation, so that each MFU
+# divides by a peak taken under the same load as its steps.
+PEAK_CHECK_SIZE = 2048
+
+
+# ----------------------------------------------------------------------------
+# Workers: one process per framework, commands on stdin, JSON replies on stdout.
+
+
+def _jax_worker(shape: Optional[Shape], dtype: str):
+  """Builds the mslam_jax step; returns (params, step(), matmul(n) -> seconds)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  def matmul(n: int) -> float:
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    return time.perf_counter() - start
+
+  if shape is None:
+    return 0, None, matmul
+  from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from mslam_jax.models.conformer import ConformerStack  # pylint: disable=import-outside-toplevel
+  # Unrolled layers, the CPU setting of the gin files (ModelConfig.scan_unroll), where the
+  # revision has the field (a --baseline may predate it).
+  unroll = ({'scan_unroll': shape.num_layers}
+            if 'scan_unroll' in {f.name for f in dataclasses.fields(ModelConfig)} else {})
+  config = ModelConfig(d_model=shape.d_model, num_heads=shape.num_heads, ffn_dim=shape.ffn_dim,
+                       dropout_rate=0.0, remat_policy=shape.remat, dtype=dtype,
+                       conv_kernel_size=5, **unroll)
+  model = ConformerStack(config, shape.num_layers, deterministic=True)
+  x = jax.random.normal(jax.random.key(0), (shape.batch, shape.frames, shape.d_model))
+  paddings = jnp.zeros((shape.batch, shape.frames))
+  params = model.init(jax.random.key(1), x, paddings)
+  optimizer = optax.adam(1e-4)
+  state = (params, optimizer.init(params))
+
+  def loss_fn(p):
+    return jnp.mean(jnp.square(model.apply(p, x, paddings).astype(jnp.float32)))
+
+  def train_step(state):
+    p, opt_state = state
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, opt_state = optimizer.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), loss
+
+  train_step = jax.jit(train_step, donate_argnums=0)
+  holder = [state]
+
+  def step():
+    holder[0], loss = train_step(holder[0])
+    loss.block_until_ready()
+
+  import mslam_jax  # pylint: disable=import-outside-toplevel
+  print(f'mslam_jax from {os.path.dirname(mslam_jax.__file__)}', file=sys.stderr)
+  num_params = sum(a.size for a in jax.tree.leaves(params))
+  return num_params, step, matmul
+
+
+def _torch_worker(shape: Optional[Shape], dtype: str):
+  """Builds the Wav2Vec2-BERT step; returns (params, step(), matmul(n) -> seconds)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  reduced = dtype == 'bfloat16'
+  autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if reduced else (
+      contextlib.nullcontext)
+
+  def matmul(n: int) -> float:
+    a = torch.ones((n, n), dtype=torch.bfloat16 if reduced else torch.float32)
+    with torch.no_grad():
+      a @ a
+      start = time.perf_counter()
+      a @ a
+    return time.perf_counter() - start
+
+  if shape is None:
+    return 0, None, matmul
+  import transformers  # pylint: disable=import-outside-toplevel
+  config = transformers.Wav2Vec2BertConfig(
+      hidden_size=shape.d_model, num_attention_heads=shape.num_heads,
+      intermediate_size=shape.ffn_dim, num_hidden_layers=shape.num_layers,
+      position_embeddings_type=None, layerdrop=0.0, apply_spec_augment=False,
+      mask_time_prob=0.0, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+      feat_proj_dropout=0.0, final_dropout=0.0, conv_depthwise_kernel_size=5)
+  encoder = transformers.Wav2Vec2BertModel._from_config(  # pylint: disable=protected-access
+      config, attn_implementation='sdpa').encoder
+  encoder.train()
+  optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-4)
+  x = torch.randn(shape.batch, shape.frames, shape.d_model)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+      out = encoder(x).last_hidden_state
+    loss = out.float().square().mean()
+    loss.backward()
+    optimizer.step()
+
+  return sum(p.numel() for p in encoder.parameters()), step, matmul
+
+
+def worker_main(framework: str, shape_name: str, dtype: str) -> None:
+  shape = SHAPES.get(shape_name)
+  build = {'jax': _jax_worker, 'torch': _torch_worker}[framework]
+  start = time.perf_counter()
+  num_params, step, matmul = build(shape, dtype)
+  if step is not None:
+    step()  # compilation, first-touch allocation
+    step()
+  reply(ready=True, params=num_params, warmup_s=time.perf_counter() - start)
+  for line in sys.stdin:
+    command = line.split()
+    if command[0] == 'step':
+      begin = time.perf_counter()
+      step()
+      reply(seconds=time.perf_counter() - begin)
+    elif command[0] == 'matmul':
+      reply(seconds=matmul(int(command[1])))
+    elif command[0] == 'quit':
+      return
+
+
+# ----------------------------------------------------------------------------
+# The parent: starts workers, alternates them, prints the tables.
+
+
+def _worker(name: str, framework: str, shape: str, dtype: str, root: str = REPO_ROOT) -> Worker:
+  return Worker(name, [os.path.abspath(__file__), '--worker', framework, '--shapes', shape,
+                       '--dtype', dtype], root=root)
+
+
+def measure_peak(dtype: str, rounds: int) -> Dict:
+  """Matmul FLOP/s of both frameworks at MATMUL_SIZES; the best median is the peak."""
+  workers = [_worker('mslam_jax', 'jax', 'none', dtype), _worker('torch', 'torch', 'none', dtype)]
+  rates = {}
+  try:
+    for n in MATMUL_SIZES:
+      times = alternate(workers, f'matmul {n}', rounds)
+      for name, ts in times.items():
+        rates[f'{name} {n}'] = 2 * n ** 3 / statistics.median(ts)
+  finally:
+    for w in workers:
+      w.close()
+  best = max(rates, key=rates.get)
+  return {'rates': rates, 'peak': rates[best], 'peak_from': best}
+
+
+def shape_flops(shape: Shape) -> int:
+  from mslam_jax import flops  # pylint: disable=import-outside-toplevel
+  from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  config = ModelConfig(d_model=shape.d_model, num_heads=shape.num_heads, ffn_dim=shape.ffn_dim,
+                       conv_kernel_size=5)
+  return 3 * shape.num_layers * flops.conformer_layer_flops(
+      config, shape.batch, shape.frames)['total']
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--shapes', default='d256,d1024,d1024_noremat,long',
+                      help=f'comma-separated keys of {sorted(SHAPES)}')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='compute dtype (params stay fp32): jax dtype, torch autocast')
+  parser.add_argument('--pairs', type=int, default=7, help='alternated steps per worker')
+  parser.add_argument('--baseline', default=None,
+                      help='git revision whose mslam_jax stack runs as a third worker')
+  parser.add_argument('--output', default=None, help='JSON file for the figures')
+  parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    worker_main(args.worker, args.shapes, args.dtype)
+    return
+
+  print(f'side_by_side {args.dtype}: {machine.cpu_summary()}', flush=True)
+  peak = measure_peak(args.dtype, rounds=5)
+  print('matmul GFLOP/s (median of 5): ' + ', '.join(
+      f'{k} {v / 1e9:.0f}' for k, v in peak['rates'].items()), flush=True)
+  print(f'peak at start: {peak["peak"] / 1e9:.0f} GFLOP/s ({peak["peak_from"]})', flush=True)
+  results = {'machine': machine.cpu_summary(), 'dtype': args.dtype, 'peak': peak,
+             'baseline': args.baseline, 'shapes': {}}
+  with contextlib.ExitStack() as stack:
+    baseline_root = stack.enter_context(worktree(args.baseline)) if args.baseline else None
+    for name in args.shapes.split(','):
+      shape = SHAPES[name]
+      workers = [_worker('mslam_jax', 'jax', name, args.dtype)]
+      if baseline_root:
+        workers.append(_worker(f'mslam_jax@{args.baseline}', 'jax', name, args.dtype,
+                               root=baseline_root))
+      workers.append(_worker('peer', 'torch', name, args.dtype))
+      try:
+        params = {w.name: w.ready['params'] for w in workers}
+        mismatch = abs(params['mslam_jax'] - params['peer']) / params['peer']
+        if mismatch > 0.003:
+          raise RuntimeError(f'side_by_side: parameter counts differ by {mismatch:.2%}: '
+                             f'{params}; the shapes no longer match.')
+        times = alternate(workers, 'step', args.pairs)
+        # The peak again, in the same minutes as the steps: load on a shared machine moves.
+        mm = alternate(workers, f'matmul {PEAK_CHECK_SIZE}', args.pairs)
+      finally:
+        for w in workers:
+          w.close()
+      total_flops = shape_flops(shape)
+      rates = {name: 2 * PEAK_CHECK_SIZE ** 3 / statistics.median(ts) for name, ts in mm.items()}
+      shape_peak = max(max(rates.values()), peak['peak'])
+      row = {'label': shape.label(), 'flops': total_flops, 'params': params, 'workers': {},
+             'matmul_during_steps': rates, 'peak': shape_peak}
+      for w in workers:
+        ts = times[w.name]
+        med = statistics.median(ts)
+        row['workers'][w.name] = {
+            'median_s': med, 'min_s': min(ts), 'max_s': max(ts), 'times': ts,
+            'gflops': total_flops / med / 1e9, 'mfu': total_flops / med / shape_peak,
+            'warmup_s': w.ready['warmup_s']}
+      results['shapes'][name] = row
+      print(f'\n{name}: {row["label"]}, {total_flops / 1e9:.1f} GFLOP per step, '
+            f'params {params}', flush=True)
+      print(f'  matmul {PEAK_CHECK_SIZE}^3 between the steps: ' + ', '.join(
+          f'{k} {v / 1e9:.0f}' for k, v in rates.items()) +
+            f' GFLOP/s; MFU below is against {shape_peak / 1e9:.0f} GFLOP/s', flush=True)
+      for wname, r in row['workers'].items():
+        print(f'  {wname:24s} {r["median_s"]:.3f} s (min {r["min_s"]:.3f}, max {r["max_s"]:.3f})'
+              f'  {r["gflops"]:.0f} GFLOP/s  MFU {r["mfu"]:.0%}  warm-up {r["warmup_s"]:.0f} s',
+              flush=True)
+      peer_s = row['workers']['peer']['median_s']
+      for wname, r in row['workers'].items():
+        if wname != 'peer':
+          print(f'  peer / {wname}: {peer_s / r["median_s"]:.2f}', flush=True)
+
+  print('\n| shape (d / heads / ffn / layers, batch x frames) | GFLOP | ' +
+        ' | '.join(next(iter(results['shapes'].values()))['workers']) +
+        ' | peer / mslam_jax |')
+  for name, row in results['shapes'].items():
+    cells = [f'{r["median_s"]:.2f} s ({r["min_s"]:.2f}-{r["max_s"]:.2f}), '
+             f'{r["gflops"]:.0f} GFLOP/s, MFU {r["mfu"]:.0%}' for r in row['workers'].values()]
+    ratio = row['workers']['peer']['median_s'] / row['workers']['mslam_jax']['median_s']
+    print(f'| {row["label"]} | {row["flops"] / 1e9:.0f} | ' + ' | '.join(cells) +
+          f' | {ratio:.2f} |')
+  if args.output:
+    with open(args.output, 'w', encoding='utf-8') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,152 @@
+"""Where a training step's time goes: XLA:CPU ops from a jax.profiler trace, by model part.
+
+Runs a jitted step under `jax.profiler` (a perfetto trace with one event per
+executed XLA op), reads each op's source from the compiled HLO's metadata
+(`op_name`: the flax module path, `jvp(...)` for the forward pass,
+`transpose(jvp(...))` for the backward pass), and sums the op time per step:
+
+  * by kind: matmul (dot fusions) or other, forward or backward;
+  * by part: the module that emitted the op (attention, conv, ffn_start, ...)
+    and the primitive (reduce_sum, div, dot_general, ...), largest first.
+
+Op times are summed over threads, so with ops running side by side they can
+exceed the step's wall time; the wall time is printed for comparison.
+
+    python benchmarks/step_profile.py --what stack:d256   # side_by_side.py's stack step
+    python benchmarks/step_profile.py --what tiny         # the demo's full pre-training step
+    git worktree add /tmp/old REV && PYTHONPATH=/tmp/old python benchmarks/step_profile.py
+                                                          # the same for revision REV
+"""
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+
+import machine  # benchmarks/machine.py, beside this script
+
+
+def build_stack_step(shape_name: str):
+  """(jitted step, args) of side_by_side.py's mslam_jax stack at `shape_name`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  import side_by_side  # pylint: disable=import-outside-toplevel
+  from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from mslam_jax.models.conformer import ConformerStack  # pylint: disable=import-outside-toplevel
+  shape = side_by_side.SHAPES[shape_name]
+  # Unrolled as on CPU, where the checkout has the field (an older one on PYTHONPATH may not).
+  unroll = ({'scan_unroll': shape.num_layers}
+            if 'scan_unroll' in {f.name for f in dataclasses.fields(ModelConfig)} else {})
+  config = ModelConfig(d_model=shape.d_model, num_heads=shape.num_heads, ffn_dim=shape.ffn_dim,
+                       dropout_rate=0.0, remat_policy=shape.remat, conv_kernel_size=5, **unroll)
+  model = ConformerStack(config, shape.num_layers, deterministic=True)
+  x = jax.random.normal(jax.random.key(0), (shape.batch, shape.frames, shape.d_model))
+  paddings = jnp.zeros((shape.batch, shape.frames))
+  params = model.init(jax.random.key(1), x, paddings)
+  optimizer = optax.adam(1e-4)
+
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(
+        lambda p: jnp.mean(jnp.square(model.apply(p, x, paddings))))(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step), (params, optimizer.init(params))
+
+
+def build_tiny_step():
+  """(compiled step, args) of the demo's full step (tiny_step.py's build, synthetic batch)."""
+  import tiny_step  # pylint: disable=import-outside-toplevel
+  lowered, state, batch, rng, _ = tiny_step.build_step()
+  return lowered.compile(), (state, batch, rng)
+
+
+def op_sources(hlo_text: str):
+  """{HLO instruction name: op_name metadata ('' when absent)}."""
+  sources = {}
+  for line in hlo_text.splitlines():
+    match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
+    if match:
+      name = re.search(r'op_name="([^"]*)"', line)
+      if name or match.group(1) not in sources:
+        sources[match.group(1)] = name.group(1) if name else ''
+  return sources
+
+
+def classify(op: str, source: str):
+  """(kind, pass, part) of one executed op."""
+  backward = 'transpose(' in source
+  is_dot = 'dot_general' in source and ('ynn' in op or op.startswith('dot'))
+  kind = 'matmul' if is_dot else 'other'
+  path = re.sub(r'^jit\([^)]*\)/', '', source)
+  path = re.sub(r'(transpose\()?jvp\([^/]*\)\)?/', '', path)
+  path = re.sub(r'.*?closed_call/', '', path)
+  path = path or f'({op.rsplit(".", 1)[0]})'
+  return kind, 'backward' if backward else 'forward', path
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--what', default='stack:d256', help="'stack:SHAPE' or 'tiny'")
+  parser.add_argument('--steps', type=int, default=3, help='profiled steps')
+  parser.add_argument('--top', type=int, default=25, help='parts listed')
+  args = parser.parse_args()
+  import jax  # pylint: disable=import-outside-toplevel
+  if args.what == 'tiny':
+    step, state = build_tiny_step()
+    run = lambda s: step(*s)[:1] + s[1:]
+  else:
+    step, state = build_stack_step(args.what.split(':', 1)[1])
+    run = lambda s: step(*s)[:2]
+  for _ in range(2):  # compile, warm up
+    state = run(state)
+    jax.block_until_ready(state)
+  hlo = (step.as_text() if hasattr(step, 'as_text') else
+         step.lower(*state).compile().as_text())
+  sources = op_sources(hlo)
+  walls = []
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(args.steps):
+      begin = time.perf_counter()
+      state = run(state)
+      jax.block_until_ready(state)
+      walls.append(time.perf_counter() - begin)
+    jax.profiler.stop_trace()
+    trace_file = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                           recursive=True)[0]
+    with gzip.open(trace_file) as f:
+      events = json.load(f)['traceEvents']
+  by_kind, by_part = collections.Counter(), collections.Counter()
+  for event in events:
+    name = event.get('name')
+    if event.get('ph') != 'X' or name not in sources or name.startswith('while'):
+      continue  # a while loop's own event spans its body's ops
+    kind, pass_, part = classify(name, sources[name])
+    ms = event['dur'] / 1e3 / args.steps
+    by_kind[(kind, pass_)] += ms
+    if kind == 'other':
+      by_part[(pass_, part)] += ms
+  total = sum(by_kind.values())
+  print(f'step_profile {args.what}: {machine.cpu_summary()}; jax {jax.__version__}')
+  print(f'wall time per step (median of {args.steps}, under the profiler): '
+        f'{statistics.median(walls) * 1e3:.0f} ms; XLA op time summed: {total:.0f} ms\n')
+  print('| kind | pass | ms per step | share |\n|---|---|---|---|')
+  for (kind, pass_), ms in by_kind.most_common():
+    print(f'| {kind} | {pass_} | {ms:.0f} | {ms / total:.0%} |')
+  print(f'\nlargest non-matmul parts (of {sum(by_part.values()):.0f} ms):\n'
+        '| pass | module / primitive | ms per step |\n|---|---|---|')
+  for (pass_, part), ms in by_part.most_common(args.top):
+    print(f'| {pass_} | {part} | {ms:.1f} |')
+
+
+if __name__ == '__main__':
+  main()

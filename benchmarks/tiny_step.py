@@ -1,0 +1,152 @@
+"""The tiny CPU demo's full pre-training step, this checkout against earlier revisions.
+
+Each revision runs as a worker in a temporary git worktree (this checkout as
+it is, uncommitted changes included, plus every --baseline): it reads
+gin/pretrain_tiny_cpu.gin from its own tree, builds the sharded train step the
+trainer builds (all three data kinds, synthetic batches, one CPU device), and
+reports its cold compile time (trace + lower, XLA compile; no persistent
+cache). The parent then asks the workers for one step each in alternation
+(ABBA), `--rounds` times, and prints medians, min-max, GFLOP/s (the analytical
+step FLOPs of this checkout's mslam_jax.flops) and the ratios.
+
+    python benchmarks/tiny_step.py --baseline 2b369fa
+"""
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import time
+
+import machine  # benchmarks/machine.py, beside this script
+from workers import REPO_ROOT, Worker, alternate, reply, worktree  # benchmarks/workers.py
+
+GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
+
+
+def build_step():
+  """The trainer's sharded step for GIN_FILE of the checkout in the working directory.
+
+  Returns (lowered step, state, batch, rng, lower seconds): the step as
+  jax.stages.Lowered for (state, batch, rng), on one device, batch synthetic.
+  Uses only APIs that 2b369fa already had.
+  """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import gin  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from mslam_jax import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
+  from mslam_jax import partitioning, pretrain_loss, trainer  # pylint: disable=import-outside-toplevel
+  from mslam_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=import-outside-toplevel
+  from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+
+  gin.parse_config_files_and_bindings([GIN_FILE], ["MODEL_DIR = '/tmp/unused'"])
+  model_config, loss_config = ModelConfig(), pretrain_loss.LossConfig()
+  batch_config, mesh_config = BatchConfig(), partitioning.MeshConfig()
+  mesh = partitioning.make_mesh(mesh_config)
+  optimizer = optimizer_lib.make_optimizer()
+  kwargs = dict(model_config=model_config, loss_config=loss_config, batch_config=batch_config)
+  _, shardings = trainer.state_shardings(optimizer, mesh, mesh_config.rules, **kwargs)
+  state = trainer.create_train_state(jax.random.key(0), optimizer, shardings, **kwargs)
+  step = trainer.jit_train_step(
+      trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
+      shardings, mesh, mesh_config.rules)
+  batch = next(train_lib.synthetic_batches(0, batch_config, loss_config.parts))
+  rng = jax.random.key(1)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_config.rules):
+    lowered = step.jitted.lower(state, batch, rng)
+  return lowered, state, batch, rng, time.perf_counter() - start
+
+
+def worker_main() -> None:
+  """Runs in a revision's tree (cwd and PYTHONPATH): build, compile, then step on demand."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  lowered, state, batch, rng, lower_s = build_step()
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  holder = [state]
+
+  def one_step():
+    holder[0], metrics = compiled(holder[0], batch, rng)
+    jax.block_until_ready(metrics)
+
+  one_step()
+  reply(ready=True, lower_s=lower_s, compile_s=compile_s,
+        params=int(sum(x.size for x in jax.tree.leaves(holder[0].params))))
+  for line in sys.stdin:
+    if line.startswith('step'):
+      begin = time.perf_counter()
+      one_step()
+      reply(seconds=time.perf_counter() - begin)
+    elif line.startswith('quit'):
+      return
+
+
+def step_flops() -> float:
+  import gin  # pylint: disable=import-outside-toplevel
+  from mslam_jax import flops, pretrain_loss  # pylint: disable=import-outside-toplevel
+  from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=import-outside-toplevel
+  from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  gin.add_config_file_search_path(REPO_ROOT)
+  gin.parse_config_files_and_bindings([os.path.join(REPO_ROOT, GIN_FILE)],
+                                      ["MODEL_DIR = '/tmp/unused'"], skip_unknown=True)
+  return flops.train_step_flops(ModelConfig(), BatchConfig(), pretrain_loss.LossConfig())['total']
+
+
+@contextlib.contextmanager
+def current_tree():
+  """This checkout with its uncommitted changes to tracked files, in a worktree like the others."""
+  with worktree('HEAD') as path:
+    diff = subprocess.run(['git', 'diff', 'HEAD', '--binary'], cwd=REPO_ROOT,
+                          capture_output=True, check=True).stdout
+    if diff:
+      subprocess.run(['git', 'apply', '--whitespace=nowarn'], input=diff, cwd=path, check=True)
+    yield path
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--baseline', action='append', default=[],
+                      help='git revision to compare (repeatable), e.g. 2b369fa')
+  parser.add_argument('--rounds', type=int, default=15, help='alternated steps per worker')
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    worker_main()
+    return
+  print(f'tiny_step: {machine.cpu_summary()}', flush=True)
+  total = step_flops()
+  print(f'{GIN_FILE}: {total / 1e9:.3f} GFLOP per step (analytical, this checkout)', flush=True)
+  env = {'XLA_FLAGS': ''}  # one device, as the demo; no fake devices from the caller
+  with contextlib.ExitStack() as stack:
+    roots = {'this checkout': stack.enter_context(current_tree())}
+    for rev in args.baseline:
+      roots[rev] = stack.enter_context(worktree(rev))
+    workers = []
+    try:
+      for name, root in roots.items():  # started one at a time: compile times stay clean
+        workers.append(Worker(name, [os.path.abspath(__file__), '--worker'], root=root,
+                              env=env))
+        print(f'{name}: trace + lower {workers[-1].ready["lower_s"]:.1f} s, XLA compile '
+              f'{workers[-1].ready["compile_s"]:.1f} s (cold)', flush=True)
+      times = alternate(workers, 'step', args.rounds)
+    finally:
+      for w in workers:
+        w.close()
+  ours = statistics.median(times['this checkout'])
+  print('\n| revision | step (median, min-max) | GFLOP/s | trace + lower | XLA compile '
+        '| time / this checkout\'s |')
+  print('|---|---|---|---|---|---|')
+  for w in workers:
+    ts = times[w.name]
+    med = statistics.median(ts)
+    print(f'| {w.name} | {med:.3f} s ({min(ts):.3f}-{max(ts):.3f}) | {total / med / 1e9:.1f} | '
+          f'{w.ready["lower_s"]:.1f} s | {w.ready["compile_s"]:.1f} s | {med / ours:.2f}x |')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,81 @@
+"""Benchmark workers: one subprocess per contender, stepped in alternation by the parent.
+
+A worker prints one JSON line when ready and one per command it is sent on
+stdin. Running each contender in its own process keeps their thread pools and
+allocators apart; asking them for one measurement at a time, with the order
+reversed every round (ABBA), gives all of them the same machine load, which on a
+shared machine moves by tens of per cent within minutes.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reply(**fields) -> None:
+  """Worker side: one JSON line to the parent."""
+  sys.stdout.write(json.dumps(fields) + '\n')
+  sys.stdout.flush()
+
+
+class Worker:
+  """Parent side: `python argv...` in `root` (a checkout; its mslam_jax is the one imported).
+
+  `ready` holds the worker's first reply.
+  """
+
+  def __init__(self, name: str, argv: Sequence[str], root: str = REPO_ROOT, env=None):
+    self.name = name
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu', **(env or {}))
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
+    self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    self.ready = self._read()
+
+  def _read(self) -> Dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'worker {self.name} exited (code {self.proc.wait()}); '
+                         'its stderr is above.')
+    return json.loads(line)
+
+  def ask(self, command: str) -> Dict:
+    self.proc.stdin.write(command + '\n')
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    with contextlib.suppress(BrokenPipeError):
+      self.proc.stdin.write('quit\n')
+      self.proc.stdin.flush()
+    self.proc.wait()
+
+
+def alternate(workers: List[Worker], command: str, rounds: int) -> Dict[str, List[float]]:
+  """`rounds` replies' 'seconds' per worker; the order is reversed every round (ABBA)."""
+  times = {w.name: [] for w in workers}
+  for r in range(rounds):
+    for w in (workers if r % 2 == 0 else workers[::-1]):
+      times[w.name].append(w.ask(command)['seconds'])
+  return times
+
+
+@contextlib.contextmanager
+def worktree(rev: str):
+  """A temporary checkout of git revision `rev` (git worktree), removed afterwards."""
+  path = tempfile.mkdtemp(prefix=f'mslam_{rev}_')
+  subprocess.run(['git', 'worktree', 'add', '--detach', path, rev], cwd=REPO_ROOT, check=True,
+                 capture_output=True)
+  try:
+    yield path
+  finally:
+    subprocess.run(['git', 'worktree', 'remove', '--force', path], cwd=REPO_ROOT, check=False,
+                   capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
