@@ -85,22 +85,15 @@ PEAK_CHECK_SIZE = 2048
 # Workers: one process per framework, commands on stdin, JSON replies on stdout.
 
 
-def _jax_worker(shape: Optional[Shape], dtype: str):
-  """Builds the mslam_jax step; returns (params, step(), matmul(n) -> seconds)."""
+def build_jax_step(shape: Shape, dtype: str = 'float32'):
+  """mslam_jax's stack step at `shape`: (jitted step(state) -> (state, loss), state, params).
+
+  The one builder of the measured step, shared with step_profile.py. The old
+  state is donated, as in training.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-
-  def matmul(n: int) -> float:
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    start = time.perf_counter()
-    f(a, a).block_until_ready()
-    return time.perf_counter() - start
-
-  if shape is None:
-    return 0, None, matmul
   from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from mslam_jax.models.conformer import ConformerStack  # pylint: disable=import-outside-toplevel
   # Unrolled layers, the CPU setting of the gin files (ModelConfig.scan_unroll), where the
@@ -115,7 +108,6 @@ def _jax_worker(shape: Optional[Shape], dtype: str):
   paddings = jnp.zeros((shape.batch, shape.frames))
   params = model.init(jax.random.key(1), x, paddings)
   optimizer = optax.adam(1e-4)
-  state = (params, optimizer.init(params))
 
   def loss_fn(p):
     return jnp.mean(jnp.square(model.apply(p, x, paddings).astype(jnp.float32)))
@@ -126,7 +118,21 @@ def _jax_worker(shape: Optional[Shape], dtype: str):
     updates, opt_state = optimizer.update(grads, opt_state, p)
     return (optax.apply_updates(p, updates), opt_state), loss
 
-  train_step = jax.jit(train_step, donate_argnums=0)
+  num_params = sum(a.size for a in jax.tree.leaves(params))
+  return jax.jit(train_step, donate_argnums=0), (params, optimizer.init(params)), num_params
+
+
+def _jax_worker(shape: Optional[Shape], dtype: str):
+  """Builds the mslam_jax step; returns (params, step(), matmul(n) -> seconds)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from mslam_jax import flops  # pylint: disable=import-outside-toplevel
+
+  def matmul(n: int) -> float:
+    return 2 * n ** 3 / flops.measure_peak_flops(jnp.dtype(dtype), n, repeats=1)
+
+  if shape is None:
+    return 0, None, matmul
+  train_step, state, num_params = build_jax_step(shape, dtype)
   holder = [state]
 
   def step():
@@ -135,7 +141,6 @@ def _jax_worker(shape: Optional[Shape], dtype: str):
 
   import mslam_jax  # pylint: disable=import-outside-toplevel
   print(f'mslam_jax from {os.path.dirname(mslam_jax.__file__)}', file=sys.stderr)
-  num_params = sum(a.size for a in jax.tree.leaves(params))
   return num_params, step, matmul
 
 

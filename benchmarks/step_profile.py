@@ -20,7 +20,6 @@ exceed the step's wall time; the wall time is printed for comparison.
 
 import argparse
 import collections
-import dataclasses
 import glob
 import gzip
 import json
@@ -34,32 +33,10 @@ import machine  # benchmarks/machine.py, beside this script
 
 
 def build_stack_step(shape_name: str):
-  """(jitted step, args) of side_by_side.py's mslam_jax stack at `shape_name`."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
+  """(jitted step, state) of side_by_side.py's mslam_jax stack at `shape_name`."""
   import side_by_side  # pylint: disable=import-outside-toplevel
-  from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  from mslam_jax.models.conformer import ConformerStack  # pylint: disable=import-outside-toplevel
-  shape = side_by_side.SHAPES[shape_name]
-  # Unrolled as on CPU, where the checkout has the field (an older one on PYTHONPATH may not).
-  unroll = ({'scan_unroll': shape.num_layers}
-            if 'scan_unroll' in {f.name for f in dataclasses.fields(ModelConfig)} else {})
-  config = ModelConfig(d_model=shape.d_model, num_heads=shape.num_heads, ffn_dim=shape.ffn_dim,
-                       dropout_rate=0.0, remat_policy=shape.remat, conv_kernel_size=5, **unroll)
-  model = ConformerStack(config, shape.num_layers, deterministic=True)
-  x = jax.random.normal(jax.random.key(0), (shape.batch, shape.frames, shape.d_model))
-  paddings = jnp.zeros((shape.batch, shape.frames))
-  params = model.init(jax.random.key(1), x, paddings)
-  optimizer = optax.adam(1e-4)
-
-  def step(params, opt_state):
-    loss, grads = jax.value_and_grad(
-        lambda p: jnp.mean(jnp.square(model.apply(p, x, paddings))))(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step), (params, optimizer.init(params))
+  step, state, _ = side_by_side.build_jax_step(side_by_side.SHAPES[shape_name])
+  return step, state
 
 
 def build_tiny_step():
@@ -105,12 +82,12 @@ def main():
     run = lambda s: step(*s)[:1] + s[1:]
   else:
     step, state = build_stack_step(args.what.split(':', 1)[1])
-    run = lambda s: step(*s)[:2]
+    run = lambda s: step(s)[0]
   for _ in range(2):  # compile, warm up
     state = run(state)
     jax.block_until_ready(state)
   hlo = (step.as_text() if hasattr(step, 'as_text') else
-         step.lower(*state).compile().as_text())
+         step.lower(state).compile().as_text())
   sources = op_sources(hlo)
   walls = []
   with tempfile.TemporaryDirectory() as trace_dir:
