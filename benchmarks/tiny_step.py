@@ -10,11 +10,15 @@ cache). The parent then asks the workers for one step each in alternation
 step FLOPs of this checkout's mslam_jax.flops) and the ratios.
 
     python benchmarks/tiny_step.py --baseline 2b369fa
+    python benchmarks/tiny_step.py --variant 'ModelConfig.merge_passes = False'
+
+A --variant runs this checkout with extra gin bindings as one more worker.
 """
 
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -25,12 +29,13 @@ from workers import REPO_ROOT, Worker, alternate, reply, worktree  # benchmarks/
 GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
 
 
-def build_step():
-  """The trainer's sharded step for GIN_FILE of the checkout in the working directory.
+def build_step(bindings=()):
+  """The trainer's sharded step for GIN_FILE (+ gin `bindings`) of the checkout in the working directory.
 
   Returns (lowered step, state, batch, rng, lower seconds): the step as
   jax.stages.Lowered for (state, batch, rng), on one device, batch synthetic.
-  Uses only APIs that 2b369fa already had.
+  Uses only APIs that 2b369fa already had, and TrainConfig.compiler_options
+  where the revision has them.
   """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import gin  # pylint: disable=import-outside-toplevel
@@ -41,7 +46,7 @@ def build_step():
   from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=import-outside-toplevel
   from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
 
-  gin.parse_config_files_and_bindings([GIN_FILE], ["MODEL_DIR = '/tmp/unused'"])
+  gin.parse_config_files_and_bindings([GIN_FILE], ["MODEL_DIR = '/tmp/unused'", *bindings])
   model_config, loss_config = ModelConfig(), pretrain_loss.LossConfig()
   batch_config, mesh_config = BatchConfig(), partitioning.MeshConfig()
   mesh = partitioning.make_mesh(mesh_config)
@@ -49,9 +54,12 @@ def build_step():
   kwargs = dict(model_config=model_config, loss_config=loss_config, batch_config=batch_config)
   _, shardings = trainer.state_shardings(optimizer, mesh, mesh_config.rules, **kwargs)
   state = trainer.create_train_state(jax.random.key(0), optimizer, shardings, **kwargs)
+  # TrainConfig.compiler_options where the revision has them (not at 2b369fa).
+  train_config = getattr(train_lib, 'TrainConfig', None)
+  options = getattr(train_config(), 'compiler_options', None) if train_config else None
   step = trainer.jit_train_step(
       trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
-      shardings, mesh, mesh_config.rules)
+      shardings, mesh, mesh_config.rules, *([options] if options else []))
   batch = next(train_lib.synthetic_batches(0, batch_config, loss_config.parts))
   rng = jax.random.key(1)
   start = time.perf_counter()
@@ -60,11 +68,11 @@ def build_step():
   return lowered, state, batch, rng, time.perf_counter() - start
 
 
-def worker_main() -> None:
+def worker_main(bindings) -> None:
   """Runs in a revision's tree (cwd and PYTHONPATH): build, compile, then step on demand."""
   import sys  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  lowered, state, batch, rng, lower_s = build_step()
+  lowered, state, batch, rng, lower_s = build_step(bindings)
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
@@ -99,12 +107,21 @@ def step_flops() -> float:
 
 @contextlib.contextmanager
 def current_tree():
-  """This checkout with its uncommitted changes to tracked files, in a worktree like the others."""
+  """This checkout as it is, in a worktree like the others.
+
+  HEAD, then the uncommitted changes to tracked files, then the untracked
+  files git does not ignore (new modules not yet added).
+  """
   with worktree('HEAD') as path:
     diff = subprocess.run(['git', 'diff', 'HEAD', '--binary'], cwd=REPO_ROOT,
                           capture_output=True, check=True).stdout
     if diff:
       subprocess.run(['git', 'apply', '--whitespace=nowarn'], input=diff, cwd=path, check=True)
+    untracked = subprocess.run(['git', 'ls-files', '--others', '--exclude-standard', '-z'],
+                               cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, untracked.decode().split('\0')):
+      os.makedirs(os.path.dirname(os.path.join(path, name)) or path, exist_ok=True)
+      shutil.copy2(os.path.join(REPO_ROOT, name), os.path.join(path, name))
     yield path
 
 
@@ -112,25 +129,33 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--baseline', action='append', default=[],
                       help='git revision to compare (repeatable), e.g. 2b369fa')
+  parser.add_argument('--variant', action='append', default=[],
+                      help="this checkout with gin bindings (repeatable; ';' between "
+                           "bindings), e.g. 'ModelConfig.scan_unroll = 1'")
   parser.add_argument('--rounds', type=int, default=15, help='alternated steps per worker')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--binding', action='append', default=[], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker_main()
+    worker_main(args.binding)
     return
   print(f'tiny_step: {machine.cpu_summary()}', flush=True)
   total = step_flops()
   print(f'{GIN_FILE}: {total / 1e9:.3f} GFLOP per step (analytical, this checkout)', flush=True)
   env = {'XLA_FLAGS': ''}  # one device, as the demo; no fake devices from the caller
   with contextlib.ExitStack() as stack:
-    roots = {'this checkout': stack.enter_context(current_tree())}
+    current = stack.enter_context(current_tree())
+    roots = {'this checkout': (current, [])}
+    for variant in args.variant:
+      roots[f'this checkout, {variant}'] = (current, [b.strip() for b in variant.split(';')])
     for rev in args.baseline:
-      roots[rev] = stack.enter_context(worktree(rev))
+      roots[rev] = (stack.enter_context(worktree(rev)), [])
     workers = []
     try:
-      for name, root in roots.items():  # started one at a time: compile times stay clean
-        workers.append(Worker(name, [os.path.abspath(__file__), '--worker'], root=root,
-                              env=env))
+      for name, (root, bindings) in roots.items():  # one at a time: compile times stay clean
+        command = [os.path.abspath(__file__), '--worker']
+        command += [f'--binding={b}' for b in bindings]
+        workers.append(Worker(name, command, root=root, env=env))
         print(f'{name}: trace + lower {workers[-1].ready["lower_s"]:.1f} s, XLA compile '
               f'{workers[-1].ready["compile_s"]:.1f} s (cold)', flush=True)
       times = alternate(workers, 'step', args.rounds)

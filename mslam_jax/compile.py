@@ -195,7 +195,7 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
   step = trainer.jit_train_step(
       trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config,
                               accumulate_steps=train_config.accumulate_steps),
-      shardings, mesh, rules)
+      shardings, mesh, rules, train_config.compiler_options)
   lowered = step.lower(abstract_state, batch, rng)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()

@@ -125,7 +125,7 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
   step_fn = trainer.jit_train_step(
       trainer.make_train_step(optimizer, accumulate_steps=train_config.accumulate_steps,
                               model_config=model_config, loss_config=loss_config),
-      shardings, mesh, rules)
+      shardings, mesh, rules, train_config.compiler_options)
   eval_step = (trainer.make_eval_step(model_config=model_config, loss_config=loss_config)
                if log_initial and latest is None else None)
   writer = trainer.MetricsWriter(train_config.model_dir)

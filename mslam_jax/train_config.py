@@ -1,7 +1,7 @@
 """Run-level settings of a pre-training job, bound from gin macros."""
 
 import dataclasses
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import gin
 
@@ -31,6 +31,10 @@ class TrainConfig:
       missing or written for other data, starting the input stream from its
       first example (repeats data; off by default, so that never happens
       silently).
+    compiler_options: XLA options for compiling the train step (`jax.jit`'s
+      `compiler_options`, part of the persistent cache's key), e.g.
+      {'xla_backend_optimization_level': 1} on a CPU: a shorter compile for a
+      slower step (benchmarks/RESULTS.md). None keeps XLA's defaults.
   """
   model_dir: str = 'runs/default'
   train_steps: int = 100
@@ -44,3 +48,4 @@ class TrainConfig:
   peak_flops_per_device: Optional[float] = None
   fallback_to_intact_checkpoint: bool = True
   restart_data_stream: bool = False
+  compiler_options: Optional[Dict[str, Any]] = None

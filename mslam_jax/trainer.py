@@ -62,13 +62,37 @@ def _init_fn(optimizer, model_config, loss_config, batch_config):
 def state_shardings(optimizer, mesh, rules, *, model_config: ModelConfig,
                     loss_config: pretrain_loss.LossConfig,
                     batch_config: batch_spec.BatchConfig):
-  """(abstract unboxed state with shardings, shardings tree); allocates nothing."""
+  """(abstract unboxed state with shardings, shardings tree); allocates nothing.
+
+  Raises ValueError when the optimizer state holds an unsplit array larger
+  than any unsplit parameter on a mesh that splits parameters: state that
+  lost its parameters' logical axes (`make_optimizer.flatten = True` with
+  FSDP or model parallelism) would be whole on every device.
+  """
   init = _init_fn(optimizer, model_config, loss_config, batch_config)
   boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = partitioning.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
+  _check_optimizer_state_is_split(abstract)
   return abstract, shardings
+
+
+def _check_optimizer_state_is_split(abstract) -> None:
+  def whole(leaves):
+    return [a.size for a in leaves if a.sharding.is_fully_replicated]
+  params = jax.tree.leaves(abstract.params)
+  if all(a.sharding.is_fully_replicated for a in params):
+    return  # nothing is split (one device or pure data parallelism)
+  largest_param = max(whole(params), default=0)
+  largest_state = max(whole(jax.tree.leaves(abstract.opt_state)), default=0)
+  if largest_state > largest_param:
+    raise ValueError(
+        f'The optimizer state has an array of {largest_state:,} values that no mesh axis '
+        f'splits, larger than any unsplit parameter ({largest_param:,}), while the mesh '
+        'splits the parameters: it would be whole on every device. With a flattened '
+        'optimizer (make_optimizer.flatten = True, the tiny CPU gin file) use one device '
+        "or pure data parallelism, or set --gin.make_optimizer.flatten=False.")
 
 
 def create_train_state(rng, optimizer, shardings, *, model_config: ModelConfig,
@@ -138,7 +162,8 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, 
           {'grad_norm': grad_norm, 'skipped': 1.0 - finite.astype(jnp.float32)})
 
 
-def jit_train_step(train_step: Callable, state_sh, mesh, rules) -> Callable:
+def jit_train_step(train_step: Callable, state_sh, mesh, rules,
+                   compiler_options: Optional[Dict[str, Any]] = None) -> Callable:
   """The step under jit with explicit shardings (pjit); donates the old state.
 
   The one builder of the sharded step, for training (mslam_jax/train.py) and
@@ -152,11 +177,12 @@ def jit_train_step(train_step: Callable, state_sh, mesh, rules) -> Callable:
     step.jitted: the bare jax.jit function (no mesh or rules entered).
   state is sharded as `state_sh`, the batch over (data, fsdp)
   (`partitioning.batch_sharding`), rng and metrics replicated.
+  `compiler_options` go to XLA (TrainConfig.compiler_options).
   """
   jitted = jax.jit(train_step, in_shardings=(state_sh, partitioning.batch_sharding(mesh),
                                              partitioning.replicated(mesh)),
                    out_shardings=(state_sh, partitioning.replicated(mesh)),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=compiler_options)
 
   def in_context(fn: Callable) -> Callable:
     def call(state, batch, rng):

@@ -206,3 +206,53 @@ def test_frontend_shape_arithmetic_matches_the_layer(tiny):
     assert time_len == -(-frames // 4)  # two stride-2 convs, counted by hand
     kernel = nn.unbox(variables)['params']['projection']['kernel']
     assert kernel.shape == (freq * channels, mc.d_model)
+
+
+def test_merged_passes_give_the_same_loss_and_gradients_with_one_pass_per_length(tiny):
+  """ModelConfig.merge_passes against separate passes, on a batch whose lengths line up.
+
+  Speech and paired speech have the same frames, and the packed TLM sequence
+  (12 frames + 12 characters) is as long as the text, so merged, the speech
+  layers run once (speech, TLM, CTC) and the shared layers twice (12 frames:
+  speech and CTC; 24: text and TLM) instead of three and four times.
+  """
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from mslam_jax.models.conformer import ConformerStack  # pylint: disable=g-import-not-at-top
+  mc, lc = tiny
+  config = dataclasses.replace(SMALL_BATCH, paired_text_length=12)
+  batch = small_batch(config=config)
+  params = _init(mc, lc, batch)
+  results, calls = {}, {}
+  for merge in (False, True):
+    model_config = dataclasses.replace(mc, merge_passes=merge)
+    stacks = []
+
+    def count_stacks(next_fun, args, kwargs, context, stacks=stacks):
+      if isinstance(context.module, ConformerStack) and context.method_name == '__call__':
+        stacks.append((context.module.name, args[0].shape))
+      return next_fun(*args, **kwargs)
+
+    def loss(p, model_config=model_config, stacks=stacks):
+      with nn.intercept_methods(count_stacks):
+        return pretrain_loss.pretrain_loss(p, batch, jax.random.key(2), 3,
+                                           model_config=model_config, loss_config=lc)
+    results[merge] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    calls[merge] = sorted(stacks)
+  frames, rows = 12, SMALL_BATCH.speech_batch_size
+  assert calls[False] == sorted([('speech_layers', (rows, frames, mc.d_model))] * 3
+                                + [('shared_layers', (rows, frames, mc.d_model))] * 2
+                                + [('shared_layers', (rows, 24, mc.d_model))] * 2)
+  assert calls[True] == [('shared_layers', (2 * rows, frames, mc.d_model)),
+                         ('shared_layers', (2 * rows, 24, mc.d_model)),
+                         ('speech_layers', (3 * rows, frames, mc.d_model))]
+  (loss_sep, metrics_sep), grads_sep = results[False]
+  (loss_merged, metrics_merged), grads_merged = results[True]
+  np.testing.assert_allclose(loss_merged, loss_sep, rtol=1e-5)
+  for key in metrics_sep:
+    np.testing.assert_allclose(metrics_merged[key], metrics_sep[key], rtol=1e-4, atol=1e-6,
+                               err_msg=key)
+  # Gradients to within float rounding of the largest: some (the attention key
+  # bias's, which softmax cancels) are rounding noise around zero either way.
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_sep))
+  for a, b in zip(jax.tree.leaves(grads_merged), jax.tree.leaves(grads_sep)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)

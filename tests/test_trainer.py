@@ -147,6 +147,67 @@ def test_skipped_steps_advance_the_learning_rate_and_gumbel_temperature_together
   np.testing.assert_allclose(np.median(moved), lr_at_2, rtol=1e-3)
 
 
+def test_flattened_optimizer_makes_the_same_updates():
+  """make_optimizer(flatten=True) (one vector) against the per-array chain, three steps."""
+  model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  mesh = _mesh((1, 1, 1), 1)
+  batch = partitioning.global_batch(
+      jax.device_get(small_batch(config=BATCH, parts=('speech',))), mesh)
+  params = {}
+  for flatten in (False, True):
+    gin_utils.parse_gin([], ['warmup_rsqrt_schedule.warmup_steps = 2',
+                             'make_optimizer.clip_norm = 0.5',  # clipping is exercised
+                             f'make_optimizer.flatten = {flatten}'])
+    optimizer = optimizer_lib.make_optimizer()
+    gin.clear_config()
+    _, shardings = trainer.state_shardings(optimizer, mesh, RULES, model_config=model_config,
+                                           loss_config=loss_config, batch_config=BATCH)
+    state = trainer.create_train_state(jax.random.key(0), optimizer, shardings,
+                                       model_config=model_config, loss_config=loss_config,
+                                       batch_config=BATCH)
+    step = trainer.jit_train_step(
+        trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
+        shardings, mesh, RULES)
+    for i in range(3):
+      state, metrics = step(state, batch, jax.random.key(i))
+    assert float(metrics['learning_rate']) > 0
+    params[flatten] = jax.device_get(state.params)
+  # atol: a parameter whose gradient is rounding noise (the attention key bias,
+  # which softmax cancels: |g| ~ 1e-9) moves by about lr * |g| / eps < 1e-6,
+  # differently for each summation order.
+  assert_trees_close(params[True], params[False], rtol=1e-5, atol=1e-6)
+
+
+@needs_8
+def test_flattened_optimizer_is_refused_where_the_mesh_splits_parameters():
+  model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  gin_utils.parse_gin([], ['make_optimizer.flatten = True'])
+  optimizer = optimizer_lib.make_optimizer()
+  gin.clear_config()
+  kwargs = dict(model_config=model_config, loss_config=loss_config, batch_config=BATCH)
+  trainer.state_shardings(optimizer, _mesh((8, 1, 1), 8), RULES, **kwargs)  # data parallel: fine
+  with pytest.raises(ValueError, match='make_optimizer.flatten=False'):
+    trainer.state_shardings(optimizer, _mesh((1, 8, 1), 8), RULES, **kwargs)  # FSDP
+  trainer.state_shardings(optimizer_lib.make_optimizer(), _mesh((1, 8, 1), 8), RULES, **kwargs)
+
+
+def test_compiler_options_reach_xla():
+  """TrainConfig.compiler_options go to XLA: a known option compiles, an unknown one is refused."""
+  model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  mesh = _mesh((1, 1, 1), 1)
+  optimizer, state, shardings = _setup(mesh, model_config, loss_config)
+  batch = partitioning.global_batch(
+      jax.device_get(small_batch(config=BATCH, parts=('speech',))), mesh)
+  train_step = trainer.make_train_step(optimizer, model_config=model_config,
+                                       loss_config=loss_config)
+  step = trainer.jit_train_step(train_step, shardings, mesh, RULES,
+                                {'xla_backend_optimization_level': 1})
+  step.lower(state, batch, jax.random.key(0)).compile()
+  step = trainer.jit_train_step(train_step, shardings, mesh, RULES, {'xla_no_such_option': 1})
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    step.lower(state, batch, jax.random.key(0)).compile()
+
+
 @needs_8
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   model_config, loss_config = tiny_configs('LossConfig.num_negatives = 4')

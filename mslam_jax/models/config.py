@@ -90,6 +90,13 @@ class ModelConfig:
       of saved activations and parameters: on the 2-core CPU the
       d=256 step was about 20% faster fully unrolled (benchmarks/RESULTS.md),
       so the CPU gin files unroll.
+    merge_passes: run the inputs of a stack (or frontend, text embedding,
+      head) that have the same shape as one batch (ours; `mslam_jax.models.passes`):
+      the TLM and CTC passes of the paired speech always share the speech
+      layers, and parts of equal length share more (in the tiny CPU demo,
+      every stack runs once per length). Same outputs and FLOPs, fewer
+      compiled programs; False runs every pass on its own (the reference
+      the tests compare with).
   """
   num_mel_bins: int = NUM_MEL_BINS
   frontend_channels: int = 128
@@ -108,6 +115,7 @@ class ModelConfig:
   remat_policy: str = 'none'
   dtype: str = 'float32'
   scan_unroll: int = 1
+  merge_passes: bool = True
 
   def __post_init__(self):
     if self.d_model % self.num_heads:

@@ -14,12 +14,15 @@ Batch layout (every sequence right-padded; paddings float, 1 = pad):
   paired: all four of the above
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mslam_jax import special_ids
 from mslam_jax.models import layers
+from mslam_jax.models import passes
 from mslam_jax.models.config import ModelConfig
 from mslam_jax.models.conformer import ConformerStack
 from mslam_jax.models.frontend import ConvSubsampling
@@ -110,92 +113,97 @@ class MSLAM(nn.Module):
 
   # ---- pre-training -----------------------------------------------------------
 
-  def speech_outputs(self, features, feature_paddings, mask, temperature, gumbel_keys=None):
-    """w2v-BERT pass. mask bool [B, T'] over encoder frames; gumbel_keys [B] in training.
-
-    Returns a dict: paddings [B, T']; quantized [B, T', code_dim], code_ids
-    [B, T'] (the step's one speech target) and code_logits [B, T', V] from the
-    unmasked features; context [B, T', code_dim] from the N-layer output;
-    code_pred_logits [B, T', V] from the top.
-    """
-    x, paddings = self.frontend(features, feature_paddings)
-    quantized, code_ids, code_logits = self.quantizer(x, temperature, gumbel_keys)
-    h = self.speech_layers(self._masked_speech(x, mask), paddings)
-    top = self.shared_layers(h, paddings)
-    return dict(
-        paddings=paddings,
-        quantized=quantized,
-        code_ids=code_ids,
-        code_logits=code_logits,
-        context=self.context_projection(h),
-        code_pred_logits=self.code_head(top))
-
   def speech_codes(self, features, feature_paddings, temperature, gumbel_keys=None):
     """Frontend and quantizer only: (code_ids [B, T'], code_logits [B, T', V], paddings [B, T']).
 
-    The same codes as `speech_outputs` for the same keys, at a fraction of its
-    cost: gradient accumulation reads the whole batch's code statistics with it.
+    The same codes as the speech part of `__call__` for the same keys, at a
+    fraction of its cost: gradient accumulation reads the whole batch's code
+    statistics with it.
     """
     x, paddings = self.frontend(features, feature_paddings)
     _, code_ids, code_logits = self.quantizer(x, temperature, gumbel_keys)
     return code_ids, code_logits, paddings
 
-  def text_outputs(self, ids, id_paddings, mask):
-    """SpanBERT pass. mask bool [B, L] -> dict(char_logits [B, L, vocab])."""
-    masked_ids = jnp.where(mask, special_ids.MASK_ID, ids)
-    top, _ = self.encode_text(masked_ids, id_paddings)
-    return dict(char_logits=self.char_head(top))
-
-  def paired_outputs(self, features, feature_paddings, ids, id_paddings,
-                     speech_mask, text_mask, temperature=1.0, gumbel_keys=None, *,
-                     tlm: bool = True, ctc: bool = True):
-    """TLM pass on packed [masked speech ; masked text] and a CTC pass on clean speech.
-
-    Returns a dict with paddings [B, T'], code_ids [B, T'] (TLM speech targets:
-    the quantizer's codes of the unmasked features, chosen as for unpaired
-    speech), and when enabled tlm_code_logits [B, T', V], tlm_char_logits
-    [B, L, vocab], ctc_logits [B, T', vocab].
-    """
-    x, paddings = self.frontend(features, feature_paddings)
-    out = dict(paddings=paddings)
-    if tlm:
-      _, code_ids, _ = self.quantizer(jax.lax.stop_gradient(x), temperature, gumbel_keys)
-      h = self.speech_layers(self._masked_speech(x, speech_mask), paddings)
-      masked_ids = jnp.where(text_mask, special_ids.MASK_ID, ids)
-      t = self.text_embedding(masked_ids, id_paddings)
-      joint, joint_paddings, text_positions = pack_speech_text(h, paddings, t, id_paddings)
-      top = self.shared_layers(joint, joint_paddings)
-      speech_top = top[:, :h.shape[1]]
-      text_top = jnp.take_along_axis(top, text_positions[..., None], axis=1)
-      out.update(code_ids=code_ids,
-                 tlm_code_logits=self.code_head(speech_top),
-                 tlm_char_logits=self.char_head(text_top))
-    if ctc:
-      top = self.shared_layers(self.speech_layers(x, paddings), paddings)
-      out.update(ctc_logits=self.ctc_head(top))
-    return out
 
   def __call__(self, batch, masks, temperature, *, tlm: bool = True, ctc: bool = True):
-    """Every enabled path: batch/masks are dicts keyed by 'speech', 'text', 'paired'.
+    """Every enabled path; batch and masks are dicts keyed by 'speech', 'text', 'paired'.
 
     A part missing from `batch` is skipped (that is how gin switches it off).
     masks (from `pretrain_loss.make_masks`): bool 'speech' [B, T'], 'text'
     [B, L], 'paired_speech', 'paired_text'; PRNG keys 'speech_gumbel' and
     'paired_gumbel' [B] for the quantizer in training.
+
+    The paths run stage by stage (frontend, quantizer, speech layers, text
+    embedding, shared layers, heads), and the inputs of a stage that have the
+    same shape go through it as one batch (`passes.apply_merged`,
+    `ModelConfig.merge_passes`; not the quantizer, see below).
+
+    Returns a dict per part:
+      speech (w2v-BERT): paddings [B, T']; quantized [B, T', code_dim],
+        code_ids [B, T'] (the step's one speech target) and code_logits
+        [B, T', V] from the unmasked features; context [B, T', code_dim] from
+        the N-layer output of the masked input; code_pred_logits [B, T', V]
+        from the top.
+      text (SpanBERT): char_logits [B, L, vocab] from the masked characters.
+      paired: paddings [B, T']; with `tlm` (packed [masked speech ; masked
+        text] through the shared layers) code_ids [B, T'] (the quantizer's
+        codes of the unmasked features, chosen as for unpaired speech),
+        tlm_code_logits [B, T', V] and tlm_char_logits [B, L, vocab]; with
+        `ctc` (clean speech through all layers) ctc_logits [B, T', vocab].
     """
+    merged = functools.partial(passes.apply_merged, merge=self.config.merge_passes)
+    speech, text, paired = (batch.get(part) for part in ('speech', 'text', 'paired'))
+    has_speech, has_text = speech is not None, text is not None
+    tlm, ctc = paired is not None and tlm, paired is not None and ctc
+
+    def only(condition, make):  # the arguments of a pass that runs, None otherwise
+      return make() if condition else None
+
+    (x_s, pad_s), (x_p, pad_p) = (out or (None, None) for out in merged(self.frontend, [
+        only(has_speech, lambda: (speech['features'], speech['feature_paddings'])),
+        only(paired is not None, lambda: (paired['features'], paired['feature_paddings']))]))
+    # Two quantizer calls: the TLM targets come from the same quantizer but do
+    # not train it, and in one merged pass its backward would still run over
+    # their rows (zero cotangents, real FLOPs).
+    codes_s = only(has_speech, lambda: self.quantizer(x_s, temperature,
+                                                       masks.get('speech_gumbel')))
+    codes_p = only(tlm, lambda: self.quantizer(jax.lax.stop_gradient(x_p), temperature,
+                                               masks.get('paired_gumbel')))
+    h_s, h_tlm, h_ctc = merged(self.speech_layers, [
+        only(has_speech, lambda: (self._masked_speech(x_s, masks.get('speech')), pad_s)),
+        only(tlm, lambda: (self._masked_speech(x_p, masks.get('paired_speech')), pad_p)),
+        only(ctc, lambda: (x_p, pad_p))])
+    t_text, t_tlm = merged(self.text_embedding, [
+        only(has_text, lambda: (jnp.where(masks['text'], special_ids.MASK_ID, text['ids']),
+                                text['id_paddings'])),
+        only(tlm, lambda: (jnp.where(masks['paired_text'], special_ids.MASK_ID, paired['ids']),
+                           paired['id_paddings']))])
+    joint = only(tlm, lambda: pack_speech_text(h_tlm, pad_p, t_tlm, paired['id_paddings']))
+    top_s, top_text, top_tlm, top_ctc = merged(self.shared_layers, [
+        only(has_speech, lambda: (h_s, pad_s)),
+        only(has_text, lambda: (t_text, text['id_paddings'])),
+        only(tlm, lambda: joint[:2]),
+        only(ctc, lambda: (h_ctc, pad_p))])
+    code_pred, tlm_code = merged(self.code_head, [
+        only(has_speech, lambda: (top_s,)),
+        only(tlm, lambda: (top_tlm[:, :h_tlm.shape[1]],))])
+    chars, tlm_chars = merged(self.char_head, [
+        only(has_text, lambda: (top_text,)),
+        only(tlm, lambda: (jnp.take_along_axis(top_tlm, joint[2][..., None], axis=1),))])
+
     outputs = {}
-    if 'speech' in batch:
-      s = batch['speech']
-      outputs['speech'] = self.speech_outputs(
-          s['features'], s['feature_paddings'], masks['speech'], temperature,
-          masks.get('speech_gumbel'))
-    if 'text' in batch:
-      t = batch['text']
-      outputs['text'] = self.text_outputs(t['ids'], t['id_paddings'], masks['text'])
-    if 'paired' in batch:
-      p = batch['paired']
-      outputs['paired'] = self.paired_outputs(
-          p['features'], p['feature_paddings'], p['ids'], p['id_paddings'],
-          masks.get('paired_speech'), masks.get('paired_text'), temperature,
-          masks.get('paired_gumbel'), tlm=tlm, ctc=ctc)
+    if has_speech:
+      quantized, code_ids, code_logits = codes_s
+      outputs['speech'] = dict(
+          paddings=pad_s, quantized=quantized, code_ids=code_ids, code_logits=code_logits,
+          context=self.context_projection(h_s), code_pred_logits=code_pred)
+    if has_text:
+      outputs['text'] = dict(char_logits=chars)
+    if paired is not None:
+      outputs['paired'] = dict(paddings=pad_p)
+      if tlm:
+        outputs['paired'].update(code_ids=codes_p[1], tlm_code_logits=tlm_code,
+                                 tlm_char_logits=tlm_chars)
+      if ctc:
+        outputs['paired']['ctc_logits'] = self.ctc_head(top_ctc)
     return outputs
