@@ -33,15 +33,22 @@ def _mesh(shape, n):
   return partitioning.make_mesh(partitioning.MeshConfig(shape=shape), jax.devices()[:n])
 
 
-def _setup(mesh, model_config, loss_config):
+def _setup(mesh, model_config, loss_config, optimizer=None):
+  """(optimizer, fresh state, shardings); optax.adam(1e-3) unless `optimizer` is given."""
   import optax  # pylint: disable=g-import-not-at-top
-  optimizer = optax.adam(1e-3)
+  optimizer = optimizer or optax.adam(1e-3)
   _, shardings = trainer.state_shardings(optimizer, mesh, RULES, model_config=model_config,
                                          loss_config=loss_config, batch_config=BATCH)
   state = trainer.create_train_state(jax.random.key(0), optimizer, shardings,
                                      model_config=model_config, loss_config=loss_config,
                                      batch_config=BATCH)
   return optimizer, state, shardings
+
+
+def _jitted_step(optimizer, shardings, mesh, model_config, loss_config):
+  return trainer.jit_train_step(
+      trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
+      shardings, mesh, RULES)
 
 
 def _loss_and_grads(mesh, state, shardings, batch, model_config, loss_config):
@@ -84,9 +91,7 @@ def test_nonfinite_step_is_skipped_and_counted():
   model_config, loss_config = tiny_configs(*SPEECH_ONLY)
   mesh = _mesh((1, 1, 1), 1)
   optimizer, state, shardings = _setup(mesh, model_config, loss_config)
-  step = trainer.jit_train_step(
-      trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
-      shardings, mesh, RULES)
+  step = _jitted_step(optimizer, shardings, mesh, model_config, loss_config)
   batch = jax.tree.map(np.array, small_batch(config=BATCH, parts=('speech',)))  # writable
   batch['speech']['features'][0, 3, 5] = np.nan
   before = jax.device_get(state.params)
@@ -117,15 +122,9 @@ def test_skipped_steps_advance_the_learning_rate_and_gumbel_temperature_together
                            'make_optimizer.clip_norm = 1e9', 'make_optimizer.eps = 1e-12',
                            'gumbel_temperature.train_steps = 10'])
   mesh = _mesh((1, 1, 1), 1)
-  optimizer = optimizer_lib.make_optimizer()
-  _, shardings = trainer.state_shardings(optimizer, mesh, RULES, model_config=model_config,
-                                         loss_config=loss_config, batch_config=BATCH)
-  state = trainer.create_train_state(jax.random.key(0), optimizer, shardings,
-                                     model_config=model_config, loss_config=loss_config,
-                                     batch_config=BATCH)
-  step = trainer.jit_train_step(
-      trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
-      shardings, mesh, RULES)
+  optimizer, state, shardings = _setup(mesh, model_config, loss_config,
+                                       optimizer_lib.make_optimizer())
+  step = _jitted_step(optimizer, shardings, mesh, model_config, loss_config)
   good = jax.device_get(small_batch(config=BATCH, parts=('speech',)))
   bad = jax.tree.map(np.array, good)
   bad['speech']['features'][0, 3, 5] = np.nan
@@ -158,16 +157,10 @@ def test_flattened_optimizer_makes_the_same_updates():
     gin_utils.parse_gin([], ['warmup_rsqrt_schedule.warmup_steps = 2',
                              'make_optimizer.clip_norm = 0.5',  # clipping is exercised
                              f'make_optimizer.flatten = {flatten}'])
-    optimizer = optimizer_lib.make_optimizer()
+    optimizer, state, shardings = _setup(mesh, model_config, loss_config,
+                                         optimizer_lib.make_optimizer())
     gin.clear_config()
-    _, shardings = trainer.state_shardings(optimizer, mesh, RULES, model_config=model_config,
-                                           loss_config=loss_config, batch_config=BATCH)
-    state = trainer.create_train_state(jax.random.key(0), optimizer, shardings,
-                                       model_config=model_config, loss_config=loss_config,
-                                       batch_config=BATCH)
-    step = trainer.jit_train_step(
-        trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
-        shardings, mesh, RULES)
+    step = _jitted_step(optimizer, shardings, mesh, model_config, loss_config)
     for i in range(3):
       state, metrics = step(state, batch, jax.random.key(i))
     assert float(metrics['learning_rate']) > 0
