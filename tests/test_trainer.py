@@ -5,7 +5,6 @@ import dataclasses
 import flax.linen as nn
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -124,7 +124,6 @@ class MSLAM(nn.Module):
     _, code_ids, code_logits = self.quantizer(x, temperature, gumbel_keys)
     return code_ids, code_logits, paddings
 
-
   def __call__(self, batch, masks, temperature, *, tlm: bool = True, ctc: bool = True):
     """Every enabled path; batch and masks are dicts keyed by 'speech', 'text', 'paired'.
 
