@@ -104,7 +104,9 @@ def build_jax_step(shape: Shape, dtype: str = 'float32'):
                        dropout_rate=0.0, remat_policy=shape.remat, dtype=dtype,
                        conv_kernel_size=5, **unroll)
   model = ConformerStack(config, shape.num_layers, deterministic=True)
-  x = jax.random.normal(jax.random.key(0), (shape.batch, shape.frames, shape.d_model))
+  # The stack's input in the compute dtype, as the frontend hands it over in the model.
+  x = jax.random.normal(jax.random.key(0), (shape.batch, shape.frames, shape.d_model),
+                        jnp.dtype(dtype))
   paddings = jnp.zeros((shape.batch, shape.frames))
   params = model.init(jax.random.key(1), x, paddings)
   optimizer = optax.adam(1e-4)

@@ -67,8 +67,9 @@ def make_optimizer(*, b1: float = 0.9, b2: float = 0.98, eps: float = 1e-6,
 
   flatten=True (ours) runs the same update on all parameters as one vector
   (`optax.flatten`): a handful of fused loops instead of several per
-  parameter array, which shortens the compile of a small model's step by
-  about a quarter on a CPU (benchmarks/RESULTS.md). The optimizer state is
+  parameter array: the tiny demo's step compiled about 3 s faster (of 18-21
+  s) in repeated cold compiles on a CPU, within the noise in one alternated
+  run (benchmarks/RESULTS.md). The optimizer state is
   then one unsharded vector, so sharded (FSDP) runs keep False; a
   checkpoint's optimizer state is only readable with the same setting.
   """
