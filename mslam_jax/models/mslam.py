@@ -177,18 +177,19 @@ class MSLAM(nn.Module):
                                 text['id_paddings'])),
         only(tlm, lambda: (jnp.where(masks['paired_text'], special_ids.MASK_ID, paired['ids']),
                            paired['id_paddings']))])
-    joint = only(tlm, lambda: pack_speech_text(h_tlm, pad_p, t_tlm, paired['id_paddings']))
+    joint, joint_paddings, text_positions = (
+        pack_speech_text(h_tlm, pad_p, t_tlm, paired['id_paddings']) if tlm else (None,) * 3)
     top_s, top_text, top_tlm, top_ctc = merged(self.shared_layers, [
         only(has_speech, lambda: (h_s, pad_s)),
         only(has_text, lambda: (t_text, text['id_paddings'])),
-        only(tlm, lambda: joint[:2]),
+        only(tlm, lambda: (joint, joint_paddings)),
         only(ctc, lambda: (h_ctc, pad_p))])
     code_pred, tlm_code = merged(self.code_head, [
         only(has_speech, lambda: (top_s,)),
         only(tlm, lambda: (top_tlm[:, :h_tlm.shape[1]],))])
     chars, tlm_chars = merged(self.char_head, [
         only(has_text, lambda: (top_text,)),
-        only(tlm, lambda: (jnp.take_along_axis(top_tlm, joint[2][..., None], axis=1),))])
+        only(tlm, lambda: (jnp.take_along_axis(top_tlm, text_positions[..., None], axis=1),))])
 
     outputs = {}
     if has_speech:

@@ -45,8 +45,6 @@ def join(arrays: Sequence[jax.Array], shards: int) -> jax.Array:
 
   With shards = 1 this is `jnp.concatenate(arrays)`; every B_i must divide by `shards`.
   """
-  if shards == 1:
-    return jnp.concatenate(arrays, axis=0)
   parts = [a.reshape((shards, a.shape[0] // shards) + a.shape[1:]) for a in arrays]
   joined = jnp.concatenate(parts, axis=1)
   return joined.reshape((-1,) + joined.shape[2:])
@@ -54,9 +52,6 @@ def join(arrays: Sequence[jax.Array], shards: int) -> jax.Array:
 
 def split(joined: jax.Array, sizes: Sequence[int], shards: int) -> List[jax.Array]:
   """Inverse of `join`: [sum sizes, ...] -> arrays [sizes[i], ...]."""
-  if shards == 1:
-    bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
-    return list(jnp.split(joined, bounds, axis=0))
   per_shard = joined.reshape((shards, -1) + joined.shape[1:])
   out, start = [], 0
   for size in sizes:
