@@ -26,7 +26,9 @@ each shape's alternation; each shape's MFU divides by the best of these.
 
 With --baseline=REV the mslam_jax stack of git revision REV runs as a third
 worker in the same alternation (a temporary git worktree), so a speed-up is
-measured before and after in one run.
+measured before and after in one run. Every worker keeps freed memory for
+reuse (glibc malloc settings of `mslam_jax.host_memory`, as the entry points
+do); --malloc_defaults adds the mslam_jax stack with glibc's defaults.
 
     pip install -c constraints.txt -e '.[bench]'   # torch + transformers
     python benchmarks/side_by_side.py                      # fp32, all shapes
@@ -214,9 +216,10 @@ def worker_main(framework: str, shape_name: str, dtype: str) -> None:
 # The parent: starts workers, alternates them, prints the tables.
 
 
-def _worker(name: str, framework: str, shape: str, dtype: str, root: str = REPO_ROOT) -> Worker:
+def _worker(name: str, framework: str, shape: str, dtype: str, root: str = REPO_ROOT,
+            malloc_defaults: bool = False) -> Worker:
   return Worker(name, [os.path.abspath(__file__), '--worker', framework, '--shapes', shape,
-                       '--dtype', dtype], root=root)
+                       '--dtype', dtype], root=root, malloc_defaults=malloc_defaults)
 
 
 def measure_peak(dtype: str, rounds: int) -> Dict:
@@ -253,6 +256,9 @@ def main():
   parser.add_argument('--pairs', type=int, default=7, help='alternated steps per worker')
   parser.add_argument('--baseline', default=None,
                       help='git revision whose mslam_jax stack runs as a third worker')
+  parser.add_argument('--malloc_defaults', action='store_true',
+                      help='one more worker: the mslam_jax stack with glibc\'s malloc defaults '
+                      '(every other worker keeps freed memory: mslam_jax/host_memory.py)')
   parser.add_argument('--output', default=None, help='JSON file for the figures')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -275,6 +281,9 @@ def main():
       if baseline_root:
         workers.append(_worker(f'mslam_jax@{args.baseline}', 'jax', name, args.dtype,
                                root=baseline_root))
+      if args.malloc_defaults:
+        workers.append(_worker('mslam_jax, glibc malloc defaults', 'jax', name, args.dtype,
+                               malloc_defaults=True))
       workers.append(_worker('peer', 'torch', name, args.dtype))
       try:
         params = {w.name: w.ready['params'] for w in workers}

@@ -30,6 +30,9 @@ import tempfile
 import time
 
 import machine  # benchmarks/machine.py, beside this script
+from mslam_jax import host_memory
+
+host_memory.keep_freed_memory_on_cpu()  # as the entry points; before jax starts its threads
 
 
 def build_stack_step(shape_name: str):

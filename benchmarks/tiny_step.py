@@ -12,7 +12,10 @@ step FLOPs of this checkout's mslam_jax.flops) and the ratios.
     python benchmarks/tiny_step.py --baseline 2b369fa
     python benchmarks/tiny_step.py --variant 'ModelConfig.merge_passes = False'
 
-A --variant runs this checkout with extra gin bindings as one more worker.
+A --variant runs this checkout with extra gin bindings as one more worker;
+--malloc_defaults adds this checkout with glibc's malloc defaults (every other
+worker keeps freed memory for reuse, as the entry points do:
+mslam_jax/host_memory.py).
 """
 
 import argparse
@@ -132,6 +135,10 @@ def main():
   parser.add_argument('--variant', action='append', default=[],
                       help="this checkout with gin bindings (repeatable; ';' between "
                            "bindings), e.g. 'ModelConfig.scan_unroll = 1'")
+  parser.add_argument('--malloc_defaults', action='store_true',
+                      help='one more worker: this checkout with glibc\'s malloc defaults '
+                      '(the others keep freed memory, as the entry points do: '
+                      'mslam_jax/host_memory.py)')
   parser.add_argument('--rounds', type=int, default=15, help='alternated steps per worker')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--binding', action='append', default=[], help=argparse.SUPPRESS)
@@ -145,17 +152,21 @@ def main():
   env = {'XLA_FLAGS': ''}  # one device, as the demo; no fake devices from the caller
   with contextlib.ExitStack() as stack:
     current = stack.enter_context(current_tree())
-    roots = {'this checkout': (current, [])}
+    roots = {'this checkout': (current, [], False)}
     for variant in args.variant:
-      roots[f'this checkout, {variant}'] = (current, [b.strip() for b in variant.split(';')])
+      roots[f'this checkout, {variant}'] = (current, [b.strip() for b in variant.split(';')],
+                                            False)
+    if args.malloc_defaults:
+      roots['this checkout, glibc malloc defaults'] = (current, [], True)
     for rev in args.baseline:
-      roots[rev] = (stack.enter_context(worktree(rev)), [])
+      roots[rev] = (stack.enter_context(worktree(rev)), [], False)
     workers = []
     try:
-      for name, (root, bindings) in roots.items():  # one at a time: compile times stay clean
+      for name, (root, bindings, malloc_defaults) in roots.items():  # one at a time: clean compiles
         command = [os.path.abspath(__file__), '--worker']
         command += [f'--binding={b}' for b in bindings]
-        workers.append(Worker(name, command, root=root, env=env))
+        workers.append(Worker(name, command, root=root, env=env,
+                              malloc_defaults=malloc_defaults))
         print(f'{name}: trace + lower {workers[-1].ready["lower_s"]:.1f} s, XLA compile '
               f'{workers[-1].ready["compile_s"]:.1f} s (cold)', flush=True)
       times = alternate(workers, 'step', args.rounds)

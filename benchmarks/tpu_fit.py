@@ -1,13 +1,15 @@
-"""Do the paper's models fit named TPU slices at the paper's batch, and with what accumulation?
+"""Do the paper's models fit named TPU slices at the paper's batch, with what accumulation and remat?
 
 For each (experiment gin file, Cloud TPU slice), compiles the real train step
 with XLA:TPU on this machine (`python -m mslam_jax.compile --topology=...`, the
 `tpu` extra; no TPU needed) at gradient accumulation K = 1, 2, 4, ... (only K
-whose micro-batches still split over the chips) until XLA:TPU accepts it, and
-prints one table row per compile: per-device HBM XLA needs, the chip's HBM,
-whether it fits, and the compile time.
+whose micro-batches still split over the chips) until XLA:TPU accepts it, first
+with the gin file's remat policy and, if no K fits, with each `--fallback_remat`
+policy in turn; it prints one table row per compile: per-device HBM XLA needs,
+the chip's HBM, whether it fits, and the compile time.
 
-    python benchmarks/tpu_fit.py [--runs=0.6b:v5p-128,2b:v5p-256] [--max_accumulation=16]
+    python benchmarks/tpu_fit.py [--runs=0.6b:v5p-128,2b:v5p-256] [--max_accumulation=16] \
+        [--fallback_remat=full]
 
 Each compile runs in its own process (a fresh libtpu). Batch sizes are those of
 the gin files (the paper's 2048 speech, 8192 text, 256 paired per step).
@@ -25,13 +27,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = {'0.6b': 'gin/pretrain_0.6b.gin', '2b': 'gin/pretrain_2b.gin'}
 
 
-def batch_sizes(gin_file: str) -> list:
-  """The global batch size of each data kind, as the gin file sets them."""
+def gin_settings(gin_file: str):
+  """(global batch size of each data kind, remat policy), as the gin file sets them."""
   from mslam_jax import gin_utils  # pylint: disable=g-import-not-at-top
   from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
+  from mslam_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
   gin_utils.parse_gin([gin_file], writes_model_dir=False)
   config = BatchConfig()
-  return [config.speech_batch_size, config.text_batch_size, config.paired_batch_size]
+  batches = [config.speech_batch_size, config.text_batch_size, config.paired_batch_size]
+  return batches, ModelConfig().remat_policy
 
 
 def accumulations(batches: list, chips: int, most: int):
@@ -43,17 +47,19 @@ def accumulations(batches: list, chips: int, most: int):
     k *= 2
 
 
-def compile_once(gin_file: str, topology: str, k: int) -> dict:
+def compile_once(gin_file: str, topology: str, k: int, remat: str) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'report.json')
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, '-m', 'mslam_jax.compile', f'--gin_file={gin_file}',
-         f'--topology={topology}', f'--gin.TrainConfig.accumulate_steps={k}', f'--json={out}'],
+         f'--topology={topology}', f'--gin.TrainConfig.accumulate_steps={k}',
+         f"--gin.ModelConfig.remat_policy='{remat}'", f'--json={out}'],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
     if not os.path.exists(out):
-      raise SystemExit(f'{gin_file} on {topology}, K={k}: no report\n{result.stderr[-3000:]}')
+      raise SystemExit(f'{gin_file} on {topology}, K={k}, remat {remat}: no report\n'
+                       f'{result.stderr[-3000:]}')
     with open(out, encoding='utf-8') as f:
       report = json.load(f)
   report['wall_s'] = wall
@@ -65,30 +71,37 @@ def main():
   parser.add_argument('--runs', default='0.6b:v5p-128,2b:v5p-256',
                       help='comma-separated MODEL:ACCELERATOR_TYPE (MODEL: 0.6b or 2b)')
   parser.add_argument('--max_accumulation', type=int, default=16)
+  parser.add_argument('--fallback_remat', default='full',
+                      help='comma-separated remat policies (ModelConfig.remat_policy keys) to '
+                      'try, in order, where no K fits with the gin file\'s; empty: none')
   args = parser.parse_args()
   sys.path.insert(0, REPO_ROOT)
   from mslam_jax import tpu_topologies  # pylint: disable=g-import-not-at-top
-  print('| topology | config | accumulation K | per-device HBM needed | chip HBM | fits? | '
-        'compile (wall) |')
-  print('|---|---|---|---|---|---|---|')
+  print('| topology | config | remat | accumulation K | per-device HBM needed | chip HBM | '
+        'fits? | compile (wall) |')
+  print('|---|---|---|---|---|---|---|---|')
   for run in args.runs.split(','):
     model, topology = run.split(':')
     tpu_slice = tpu_topologies.parse_accelerator_type(topology)
     hbm = tpu_slice.hbm_bytes_per_device / 2 ** 30
-    batches = batch_sizes(GIN_FILES[model])
-    for k in accumulations(batches, tpu_slice.chips, args.max_accumulation):
-      r = compile_once(GIN_FILES[model], topology, k)
-      if r['fits']:
-        needed = f'{r["per_device_bytes"] / 2 ** 30:.1f} GiB'
-      else:  # XLA:TPU's own words: 'temporaries (105.28G) exceeds available HBM (95.74G)'
-        needed = 'over: ' + r['error'].split('Ran out of memory on HBM, ')[-1].split(
-            ' (compiled')[0]
-      print(f'| {topology} ({tpu_slice.chips} chips) | {model} | {k} | {needed} | '
-            f'{hbm:.0f} GiB | {"yes" if r["fits"] else "no"} | {r["wall_s"]:.0f} s |',
-            flush=True)
-      if r['fits']:
+    batches, gin_remat = gin_settings(GIN_FILES[model])
+    policies = [gin_remat] + [p for p in args.fallback_remat.split(',') if p and p != gin_remat]
+    for remat in policies:
+      fits = False
+      for k in accumulations(batches, tpu_slice.chips, args.max_accumulation):
+        r = compile_once(GIN_FILES[model], topology, k, remat)
+        fits = r['fits']
+        if fits:
+          needed = f'{r["per_device_bytes"] / 2 ** 30:.1f} GiB'
+        else:  # XLA:TPU's own words: 'temporaries (105.28G) exceeds available HBM (95.74G)'
+          needed = 'over: ' + r['error'].split('Ran out of memory on HBM, ')[-1].split(
+              ' (compiled')[0]
+        print(f'| {topology} ({tpu_slice.chips} chips) | {model} | {remat} | {k} | {needed} | '
+              f'{hbm:.0f} GiB | {"yes" if fits else "no"} | {r["wall_s"]:.0f} s |', flush=True)
+        if fits:
+          break
+      if fits:
         break
-
 
 if __name__ == '__main__':
   main()

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from typing import Dict, List, Sequence
 
+from mslam_jax import host_memory
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,12 +30,20 @@ def reply(**fields) -> None:
 class Worker:
   """Parent side: `python argv...` in `root` (a checkout; its mslam_jax is the one imported).
 
-  `ready` holds the worker's first reply.
+  Every worker, whatever its framework or revision, runs with the malloc
+  settings of this checkout's entry points (`mslam_jax.host_memory`: freed
+  memory kept for reuse) unless `malloc_defaults`, which gives it glibc's
+  defaults. `ready` holds the worker's first reply.
   """
 
-  def __init__(self, name: str, argv: Sequence[str], root: str = REPO_ROOT, env=None):
+  def __init__(self, name: str, argv: Sequence[str], root: str = REPO_ROOT, env=None,
+               malloc_defaults: bool = False):
     self.name = name
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu', **(env or {}))
+    for key in host_memory.environment():
+      env.pop(key, None)
+    if not malloc_defaults:
+      env.update(host_memory.environment())
     env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
     self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, env=env, cwd=root)

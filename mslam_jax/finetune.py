@@ -13,8 +13,10 @@ resumes) and MODEL_DIR/scores.json, and prints a summary.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mslam_jax import console
+from mslam_jax import host_memory
 
 if __name__ == '__main__':
+  host_memory.keep_freed_memory_on_cpu()  # before any thread allocates (host_memory.py)
   console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
 
 import jax

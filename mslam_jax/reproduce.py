@@ -27,6 +27,12 @@ Debian mirrors) when --corpus_dir names it or it is at the default place;
 --quick uses the committed embedded corpus.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mslam_jax import host_memory
+
+if __name__ == '__main__':
+  host_memory.keep_freed_memory_on_cpu()  # before any thread allocates (host_memory.py)
+
 import argparse
 import contextlib
 import dataclasses

@@ -12,8 +12,10 @@ the run ends with a summary. MODEL_DIR may be local or gs://.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from mslam_jax import console
+from mslam_jax import host_memory
 
 if __name__ == '__main__':
+  host_memory.keep_freed_memory_on_cpu()  # before any thread allocates (host_memory.py)
   console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
 
 import argparse
