@@ -26,9 +26,11 @@ each shape's alternation; each shape's MFU divides by the best of these.
 
 With --baseline=REV the mslam_jax stack of git revision REV runs as a third
 worker in the same alternation (a temporary git worktree), so a speed-up is
-measured before and after in one run. Every worker keeps freed memory for
-reuse (glibc malloc settings of `mslam_jax.host_memory`, as the entry points
-do); --malloc_defaults adds the mslam_jax stack with glibc's defaults.
+measured before and after in one run. Every worker gets huge pages for large
+malloc blocks (`mslam_jax.host_memory`, as the entry points do), except a
+baseline from before that setting, which runs with glibc's defaults as its
+entry points did; --malloc_defaults adds this checkout's stack with glibc's
+defaults.
 
     pip install -c constraints.txt -e '.[bench]'   # torch + transformers
     python benchmarks/side_by_side.py                      # fp32, all shapes
@@ -41,13 +43,15 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import sys
 import time
 from typing import Dict, Optional
 
 import machine  # benchmarks/machine.py, beside this script
-from workers import Worker, alternate, reply, worktree  # benchmarks/workers.py
+from workers import (  # benchmarks/workers.py
+    Worker, alternate, predates_host_memory, reply, worktree)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,12 +204,17 @@ def worker_main(framework: str, shape_name: str, dtype: str) -> None:
     step()  # compilation, first-touch allocation
     step()
   reply(ready=True, params=num_params, warmup_s=time.perf_counter() - start)
+  faults = []  # minor page faults per step: memory mapped afresh is faulted in page by page
   for line in sys.stdin:
     command = line.split()
     if command[0] == 'step':
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       begin = time.perf_counter()
       step()
       reply(seconds=time.perf_counter() - begin)
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    elif command[0] == 'faults':
+      reply(faults=statistics.median(faults))
     elif command[0] == 'matmul':
       reply(seconds=matmul(int(command[1])))
     elif command[0] == 'quit':
@@ -258,7 +267,7 @@ def main():
                       help='git revision whose mslam_jax stack runs as a third worker')
   parser.add_argument('--malloc_defaults', action='store_true',
                       help='one more worker: the mslam_jax stack with glibc\'s malloc defaults '
-                      '(every other worker keeps freed memory: mslam_jax/host_memory.py)')
+                      '(every other worker: huge pages, mslam_jax/host_memory.py)')
   parser.add_argument('--output', default=None, help='JSON file for the figures')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -280,7 +289,8 @@ def main():
       workers = [_worker('mslam_jax', 'jax', name, args.dtype)]
       if baseline_root:
         workers.append(_worker(f'mslam_jax@{args.baseline}', 'jax', name, args.dtype,
-                               root=baseline_root))
+                               root=baseline_root,
+                               malloc_defaults=predates_host_memory(baseline_root)))
       if args.malloc_defaults:
         workers.append(_worker('mslam_jax, glibc malloc defaults', 'jax', name, args.dtype,
                                malloc_defaults=True))
@@ -292,6 +302,7 @@ def main():
           raise RuntimeError(f'side_by_side: parameter counts differ by {mismatch:.2%}: '
                              f'{params}; the shapes no longer match.')
         times = alternate(workers, 'step', args.pairs)
+        faults = {w.name: w.ask('faults')['faults'] for w in workers}
         # The peak again, in the same minutes as the steps: load on a shared machine moves.
         mm = alternate(workers, f'matmul {PEAK_CHECK_SIZE}', args.pairs)
       finally:
@@ -308,7 +319,7 @@ def main():
         row['workers'][w.name] = {
             'median_s': med, 'min_s': min(ts), 'max_s': max(ts), 'times': ts,
             'gflops': total_flops / med / 1e9, 'mfu': total_flops / med / shape_peak,
-            'warmup_s': w.ready['warmup_s']}
+            'warmup_s': w.ready['warmup_s'], 'page_faults': faults[w.name]}
       results['shapes'][name] = row
       print(f'\n{name}: {row["label"]}, {total_flops / 1e9:.1f} GFLOP per step, '
             f'params {params}', flush=True)
@@ -317,8 +328,8 @@ def main():
             f' GFLOP/s; MFU below is against {shape_peak / 1e9:.0f} GFLOP/s', flush=True)
       for wname, r in row['workers'].items():
         print(f'  {wname:24s} {r["median_s"]:.3f} s (min {r["min_s"]:.3f}, max {r["max_s"]:.3f})'
-              f'  {r["gflops"]:.0f} GFLOP/s  MFU {r["mfu"]:.0%}  warm-up {r["warmup_s"]:.0f} s',
-              flush=True)
+              f'  {r["gflops"]:.0f} GFLOP/s  MFU {r["mfu"]:.0%}  warm-up {r["warmup_s"]:.0f} s'
+              f'  page faults per step {r["page_faults"]:,.0f}', flush=True)
       peer_s = row['workers']['peer']['median_s']
       for wname, r in row['workers'].items():
         if wname != 'peer':

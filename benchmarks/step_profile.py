@@ -32,7 +32,7 @@ import time
 import machine  # benchmarks/machine.py, beside this script
 from mslam_jax import host_memory
 
-host_memory.keep_freed_memory_on_cpu()  # as the entry points; before jax starts its threads
+host_memory.use_huge_pages_on_cpu()  # as the entry points do (it may re-execute this script)
 
 
 def build_stack_step(shape_name: str):

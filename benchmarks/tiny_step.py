@@ -13,9 +13,10 @@ step FLOPs of this checkout's mslam_jax.flops) and the ratios.
     python benchmarks/tiny_step.py --variant 'ModelConfig.merge_passes = False'
 
 A --variant runs this checkout with extra gin bindings as one more worker;
---malloc_defaults adds this checkout with glibc's malloc defaults (every other
-worker keeps freed memory for reuse, as the entry points do:
-mslam_jax/host_memory.py).
+--malloc_defaults adds this checkout with glibc's malloc defaults. Each worker
+runs with the malloc setting its revision's entry points use: huge pages for
+large blocks (mslam_jax/host_memory.py), or glibc's defaults for a revision
+from before that file.
 """
 
 import argparse
@@ -27,7 +28,8 @@ import subprocess
 import time
 
 import machine  # benchmarks/machine.py, beside this script
-from workers import REPO_ROOT, Worker, alternate, reply, worktree  # benchmarks/workers.py
+from workers import (  # benchmarks/workers.py
+    REPO_ROOT, Worker, alternate, predates_host_memory, reply, worktree)
 
 GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
 
@@ -73,6 +75,7 @@ def build_step(bindings=()):
 
 def worker_main(bindings) -> None:
   """Runs in a revision's tree (cwd and PYTHONPATH): build, compile, then step on demand."""
+  import resource  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   lowered, state, batch, rng, lower_s = build_step(bindings)
@@ -88,11 +91,16 @@ def worker_main(bindings) -> None:
   one_step()
   reply(ready=True, lower_s=lower_s, compile_s=compile_s,
         params=int(sum(x.size for x in jax.tree.leaves(holder[0].params))))
+  faults = []  # minor page faults per step (a fresh temporary buffer faults in every page)
   for line in sys.stdin:
     if line.startswith('step'):
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       begin = time.perf_counter()
       one_step()
       reply(seconds=time.perf_counter() - begin)
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    elif line.startswith('faults'):
+      reply(faults=statistics.median(faults))
     elif line.startswith('quit'):
       return
 
@@ -137,7 +145,7 @@ def main():
                            "bindings), e.g. 'ModelConfig.scan_unroll = 1'")
   parser.add_argument('--malloc_defaults', action='store_true',
                       help='one more worker: this checkout with glibc\'s malloc defaults '
-                      '(the others keep freed memory, as the entry points do: '
+                      '(the others get huge pages, as the entry points do: '
                       'mslam_jax/host_memory.py)')
   parser.add_argument('--rounds', type=int, default=15, help='alternated steps per worker')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
@@ -159,7 +167,8 @@ def main():
     if args.malloc_defaults:
       roots['this checkout, glibc malloc defaults'] = (current, [], True)
     for rev in args.baseline:
-      roots[rev] = (stack.enter_context(worktree(rev)), [], False)
+      root = stack.enter_context(worktree(rev))
+      roots[rev] = (root, [], predates_host_memory(root))
     workers = []
     try:
       for name, (root, bindings, malloc_defaults) in roots.items():  # one at a time: clean compiles
@@ -170,18 +179,20 @@ def main():
         print(f'{name}: trace + lower {workers[-1].ready["lower_s"]:.1f} s, XLA compile '
               f'{workers[-1].ready["compile_s"]:.1f} s (cold)', flush=True)
       times = alternate(workers, 'step', args.rounds)
+      faults = {w.name: w.ask('faults')['faults'] for w in workers}
     finally:
       for w in workers:
         w.close()
   ours = statistics.median(times['this checkout'])
-  print('\n| revision | step (median, min-max) | GFLOP/s | trace + lower | XLA compile '
-        '| time / this checkout\'s |')
-  print('|---|---|---|---|---|---|')
+  print('\n| revision | step (median, min-max) | GFLOP/s | page faults per step | trace + lower '
+        '| XLA compile | time / this checkout\'s |')
+  print('|---|---|---|---|---|---|---|')
   for w in workers:
     ts = times[w.name]
     med = statistics.median(ts)
     print(f'| {w.name} | {med:.3f} s ({min(ts):.3f}-{max(ts):.3f}) | {total / med / 1e9:.1f} | '
-          f'{w.ready["lower_s"]:.1f} s | {w.ready["compile_s"]:.1f} s | {med / ours:.2f}x |')
+          f'{faults[w.name]:,.0f} | {w.ready["lower_s"]:.1f} s | {w.ready["compile_s"]:.1f} s | '
+          f'{med / ours:.2f}x |')
 
 
 if __name__ == '__main__':

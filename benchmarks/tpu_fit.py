@@ -1,15 +1,15 @@
-"""Do the paper's models fit named TPU slices at the paper's batch, with what accumulation and remat?
+"""Do the paper's models fit named TPU slices at the paper's batch, with what accumulation, remat?
 
 For each (experiment gin file, Cloud TPU slice), compiles the real train step
 with XLA:TPU on this machine (`python -m mslam_jax.compile --topology=...`, the
 `tpu` extra; no TPU needed) at gradient accumulation K = 1, 2, 4, ... (only K
-whose micro-batches still split over the chips) until XLA:TPU accepts it, first
+whose micro-batches still split over the batch shards, data x fsdp) until XLA:TPU accepts it, first
 with the gin file's remat policy and, if no K fits, with each `--fallback_remat`
 policy in turn; it prints one table row per compile: per-device HBM XLA needs,
 the chip's HBM, whether it fits, and the compile time.
 
     python benchmarks/tpu_fit.py [--runs=0.6b:v5p-128,2b:v5p-256] [--max_accumulation=16] \
-        [--fallback_remat=full]
+        [--fallback_remat=full] [--binding='MESH_SHAPE = (1, -1, 4)']
 
 Each compile runs in its own process (a fresh libtpu). Batch sizes are those of
 the gin files (the paper's 2048 speech, 8192 text, 256 paired per step).
@@ -27,34 +27,41 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = {'0.6b': 'gin/pretrain_0.6b.gin', '2b': 'gin/pretrain_2b.gin'}
 
 
-def gin_settings(gin_file: str):
-  """(global batch size of each data kind, remat policy), as the gin file sets them."""
+def gin_settings(gin_file: str, bindings, chips: int):
+  """(global batch size of each data kind, remat policy, batch shards) of gin file + bindings.
+
+  Batch shards: data x fsdp of the mesh on `chips` devices (the batch is split
+  over those two axes, not over 'model').
+  """
   from mslam_jax import gin_utils  # pylint: disable=g-import-not-at-top
+  from mslam_jax import partitioning  # pylint: disable=g-import-not-at-top
   from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
   from mslam_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  gin_utils.parse_gin([gin_file], writes_model_dir=False)
+  gin_utils.parse_gin([gin_file], bindings, writes_model_dir=False)
   config = BatchConfig()
   batches = [config.speech_batch_size, config.text_batch_size, config.paired_batch_size]
-  return batches, ModelConfig().remat_policy
+  data, fsdp, _ = partitioning.resolve_shape(partitioning.MeshConfig().shape, chips)
+  return batches, ModelConfig().remat_policy, data * fsdp
 
 
-def accumulations(batches: list, chips: int, most: int):
-  """K = 1, 2, 4, ... <= most whose micro-batches (B / K) still split over the chips."""
+def accumulations(batches: list, shards: int, most: int):
+  """K = 1, 2, 4, ... <= most whose micro-batches (B / K) still split over the batch shards."""
   k = 1
   while k <= most:
-    if all(b % k == 0 and (b // k) % chips == 0 for b in batches):
+    if all(b % k == 0 and (b // k) % shards == 0 for b in batches):
       yield k
     k *= 2
 
 
-def compile_once(gin_file: str, topology: str, k: int, remat: str) -> dict:
+def compile_once(gin_file: str, topology: str, k: int, remat: str, bindings=()) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'report.json')
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, '-m', 'mslam_jax.compile', f'--gin_file={gin_file}',
          f'--topology={topology}', f'--gin.TrainConfig.accumulate_steps={k}',
-         f"--gin.ModelConfig.remat_policy='{remat}'", f'--json={out}'],
+         f"--gin.ModelConfig.remat_policy='{remat}'", f'--json={out}',
+         *[f'--gin.{b.replace(" ", "")}' for b in bindings]],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
     if not os.path.exists(out):
@@ -74,6 +81,9 @@ def main():
   parser.add_argument('--fallback_remat', default='full',
                       help='comma-separated remat policies (ModelConfig.remat_policy keys) to '
                       'try, in order, where no K fits with the gin file\'s; empty: none')
+  parser.add_argument('--binding', action='append', default=[],
+                      help="a gin binding for every compile (repeatable), e.g. "
+                      "'MESH_SHAPE = (1, -1, 4)'")
   args = parser.parse_args()
   sys.path.insert(0, REPO_ROOT)
   from mslam_jax import tpu_topologies  # pylint: disable=g-import-not-at-top
@@ -84,24 +94,26 @@ def main():
     model, topology = run.split(':')
     tpu_slice = tpu_topologies.parse_accelerator_type(topology)
     hbm = tpu_slice.hbm_bytes_per_device / 2 ** 30
-    batches, gin_remat = gin_settings(GIN_FILES[model])
+    batches, gin_remat, shards = gin_settings(GIN_FILES[model], args.binding, tpu_slice.chips)
     policies = [gin_remat] + [p for p in args.fallback_remat.split(',') if p and p != gin_remat]
     for remat in policies:
       fits = False
-      for k in accumulations(batches, tpu_slice.chips, args.max_accumulation):
-        r = compile_once(GIN_FILES[model], topology, k, remat)
+      for k in accumulations(batches, shards, args.max_accumulation):
+        r = compile_once(GIN_FILES[model], topology, k, remat, args.binding)
         fits = r['fits']
         if fits:
           needed = f'{r["per_device_bytes"] / 2 ** 30:.1f} GiB'
         else:  # XLA:TPU's own words: 'temporaries (105.28G) exceeds available HBM (95.74G)'
           needed = 'over: ' + r['error'].split('Ran out of memory on HBM, ')[-1].split(
               ' (compiled')[0]
-        print(f'| {topology} ({tpu_slice.chips} chips) | {model} | {remat} | {k} | {needed} | '
+        config = ', '.join([model, *args.binding])
+        print(f'| {topology} ({tpu_slice.chips} chips) | {config} | {remat} | {k} | {needed} | '
               f'{hbm:.0f} GiB | {"yes" if fits else "no"} | {r["wall_s"]:.0f} s |', flush=True)
         if fits:
           break
       if fits:
         break
+
 
 if __name__ == '__main__':
   main()

@@ -30,19 +30,18 @@ def reply(**fields) -> None:
 class Worker:
   """Parent side: `python argv...` in `root` (a checkout; its mslam_jax is the one imported).
 
-  Every worker, whatever its framework or revision, runs with the malloc
-  settings of this checkout's entry points (`mslam_jax.host_memory`: freed
-  memory kept for reuse) unless `malloc_defaults`, which gives it glibc's
-  defaults. `ready` holds the worker's first reply.
+  Every worker, whatever its framework, runs with the malloc setting of this
+  checkout's entry points (`mslam_jax.host_memory`: huge pages for large
+  blocks) unless `malloc_defaults`, which gives it glibc's defaults. `ready`
+  holds the worker's first reply.
   """
 
   def __init__(self, name: str, argv: Sequence[str], root: str = REPO_ROOT, env=None,
                malloc_defaults: bool = False):
     self.name = name
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu', **(env or {}))
-    for key in host_memory.environment():
-      env.pop(key, None)
-    if not malloc_defaults:
+    env.pop('GLIBC_TUNABLES', None)
+    if not malloc_defaults and host_memory.supported():
       env.update(host_memory.environment())
     env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
     self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
@@ -75,6 +74,14 @@ def alternate(workers: List[Worker], command: str, rounds: int) -> Dict[str, Lis
     for w in (workers if r % 2 == 0 else workers[::-1]):
       times[w.name].append(w.ask(command)['seconds'])
   return times
+
+
+def predates_host_memory(root: str) -> bool:
+  """Whether the checkout at `root` ran with glibc's malloc defaults (no mslam_jax/host_memory.py).
+
+  A revision from before the malloc settings is measured as its entry points ran it.
+  """
+  return not os.path.exists(os.path.join(root, 'mslam_jax', 'host_memory.py'))
 
 
 @contextlib.contextmanager

@@ -63,7 +63,7 @@ _MEMORY_FIELDS = (
 
 
 class ConfigError(ValueError):
-  """The gin config does not fit the devices (mesh shape, batch split)."""
+  """The gin config does not fit the devices (mesh shape, batch split, parameter split)."""
 
 
 class DoesNotFitError(RuntimeError):
@@ -174,16 +174,16 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
   mesh shape does not match the devices or a batch does not split over it.
   """
   optimizer = optimizer or optimizer_lib.make_optimizer()
-  try:  # the messages of resolve_shape and check_batch_split already name the fix
-    mesh = partitioning.make_mesh(mesh_config, devices)
-    partitioning.check_batch_split(batch_config, loss_config.parts, mesh)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   rules = mesh_config.rules
   start = time.perf_counter()
-  abstract_state, shardings = trainer.state_shardings(
-      optimizer, mesh, rules, model_config=model_config, loss_config=loss_config,
-      batch_config=batch_config)
+  try:  # the messages of the mesh, batch split and state checks already name the fix
+    mesh = partitioning.make_mesh(mesh_config, devices)
+    partitioning.check_batch_split(batch_config, loss_config.parts, mesh)
+    abstract_state, shardings = trainer.state_shardings(
+        optimizer, mesh, rules, model_config=model_config, loss_config=loss_config,
+        batch_config=batch_config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   batch = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                      sharding=partitioning.batch_sharding(mesh)),

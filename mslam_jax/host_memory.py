@@ -1,61 +1,62 @@
-"""Let XLA:CPU reuse its temporary buffer from one step to the next (glibc malloc settings).
+"""Huge pages for XLA:CPU's temporary buffer (glibc's `glibc.malloc.hugetlb` tunable).
 
 XLA:CPU allocates one block for all of a program's temporaries at every
-execution and frees it when the execution ends: 117 MB for the tiny demo's
-train step, 890 MB for benchmarks/side_by_side.py's d256 stack step. With
-glibc's default settings malloc serves a block that large with a fresh mmap
-and returns it with munmap, so every step page-faults its whole temporary
-buffer again (28,500 faults per demo step, about a third of its CPU time on a
-2-core machine; benchmarks/RESULTS.md, "Host memory"). glibc keeps freed memory
-for reuse only in its heaps, and only the main heap grows past 64 MB, so
-three settings are needed:
+execution and frees it when the execution ends: 116 MB for the tiny demo's
+train step. glibc serves a block that large with a fresh mmap, so every step
+faults its whole temporary buffer in again, one 4 KiB page at a time (28,700
+page faults per demo step; a third of the step's CPU time went to the kernel).
+With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks the kernel for
+transparent huge pages on its mappings (madvise): the same buffer comes in
+2 MiB at a time (a few hundred faults per step), and the demo step ran about
+1.4x faster (benchmarks/RESULTS.md, "Host memory").
 
-  * M_ARENA_MAX = 1: every thread allocates from the main heap (XLA executes on
-    its own threads, which otherwise get per-thread heaps capped at 64 MB);
-  * M_MMAP_MAX = 0: no allocation is served by mmap;
-  * M_TRIM_THRESHOLD = 2**31 - 1: free memory at the top of the heap is not
-    handed back to the kernel.
+glibc reads tunables only when a process starts. `use_huge_pages_on_cpu()`
+therefore re-executes the process once, with the same command line
+(`sys.orig_argv`) and GLIBC_TUNABLES set; the entry points (train, finetune,
+reproduce) call it before anything else. Subprocesses get it through their
+environment (`environment()`): launch/run_tests.sh and the benchmark workers.
 
-The cost: the process keeps its peak heap, and all threads share one malloc
-lock. Neither matters for a training process on a CPU; on TPU and GPU hosts
-the temporaries live in device memory, so `keep_freed_memory_on_cpu` leaves
-those processes alone (the input pipeline's threads keep their own heaps).
+Nothing happens where it cannot help: malloc other than glibc >= 2.35 on
+Linux, transparent huge pages off (`never`), GLIBC_TUNABLES already naming
+the tunable, or jax running on a TPU or GPU (the temporaries then live in
+device memory).
 
-The settings must be made before a second thread allocates (before numpy,
-jax or tensorflow are imported): a thread that already has a heap keeps it.
-Entry points call `keep_freed_memory_on_cpu()` first; subprocesses get the
-same settings through the environment (`environment()`, which glibc reads at
-start-up), as launch/run_tests.sh and the benchmark workers do.
+Tried and not kept: glibc's arena settings (M_ARENA_MAX=1, M_MMAP_MAX=0,
+M_TRIM_THRESHOLD) keep the buffer's pages for reuse, but one malloc lock for
+all threads made the demo's compile about 40% slower.
 """
 
-import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
 import platform
+import sys
 from typing import Dict
 
-# (mallopt parameter number from glibc's malloc.h, environment variable glibc
-# reads at start-up, value). The one copy of the settings.
-_SETTINGS = (
-    (-8, 'MALLOC_ARENA_MAX', 1),                # M_ARENA_MAX
-    (-4, 'MALLOC_MMAP_MAX_', 0),                # M_MMAP_MAX
-    (-1, 'MALLOC_TRIM_THRESHOLD_', 2**31 - 1),  # M_TRIM_THRESHOLD (mallopt takes an int)
-)
+_NAME = 'glibc.malloc.hugetlb'
+_TUNABLE = f'{_NAME}=1'
 
 
 def environment() -> Dict[str, str]:
-  """The settings as environment variables, for a subprocess's environment."""
-  return {name: str(value) for _, name, value in _SETTINGS}
+  """GLIBC_TUNABLES with the huge-page tunable added, for a subprocess's environment."""
+  current = os.environ.get('GLIBC_TUNABLES', '')
+  if _NAME in current:
+    return {'GLIBC_TUNABLES': current}
+  return {'GLIBC_TUNABLES': ':'.join(filter(None, [current, _TUNABLE]))}
 
 
-def keep_freed_memory() -> bool:
-  """Applies the settings to this process with mallopt; False where malloc is not glibc's."""
-  if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+def supported() -> bool:
+  """glibc >= 2.35 on Linux (the tunable's first release) with transparent huge pages on."""
+  if platform.system() != 'Linux':
     return False
-  libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-  return all(libc.mallopt(param, value) == 1 for param, _, value in _SETTINGS)
+  libc, version = platform.libc_ver()
+  try:
+    if libc != 'glibc' or tuple(int(v) for v in version.split('.')[:2]) < (2, 35):
+      return False
+    with open('/sys/kernel/mm/transparent_hugepage/enabled', encoding='utf-8') as f:
+      return '[never]' not in f.read()
+  except (OSError, ValueError):
+    return False
 
 
 def xla_runs_on_cpu() -> bool:
@@ -75,11 +76,20 @@ def xla_runs_on_cpu() -> bool:
   return importlib.util.find_spec('jax_plugins') is None
 
 
-def keep_freed_memory_on_cpu() -> bool:
-  """`keep_freed_memory()` when jax will run on the CPU; returns whether it was applied."""
-  return xla_runs_on_cpu() and keep_freed_memory()
+def use_huge_pages_on_cpu() -> None:
+  """Re-executes this process with the tunable set, once, when jax will run on the CPU.
+
+  Call it first thing in a `__main__` block: whatever ran before it runs again.
+  """
+  if _NAME in os.environ.get('GLIBC_TUNABLES', '') or not getattr(sys, 'orig_argv', None):
+    return
+  if not (supported() and xla_runs_on_cpu()):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, sys.orig_argv, {**os.environ, **environment()})
 
 
 if __name__ == '__main__':
-  # `eval "$(python -m mslam_jax.host_memory)"` exports the settings in a shell.
-  print(' '.join(f'export {name}={value};' for name, value in environment().items()))
+  # `eval "$(python -m mslam_jax.host_memory)"` exports the setting in a shell.
+  print(' '.join(f'export {k}={v};' for k, v in environment().items()) if supported() else '')

@@ -13,6 +13,7 @@
 import dataclasses
 import itertools
 import json
+import math
 import signal
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -64,18 +65,36 @@ def state_shardings(optimizer, mesh, rules, *, model_config: ModelConfig,
                     batch_config: batch_spec.BatchConfig):
   """(abstract unboxed state with shardings, shardings tree); allocates nothing.
 
-  Raises ValueError when the optimizer state holds an unsplit array larger
-  than any unsplit parameter on a mesh that splits parameters: state that
-  lost its parameters' logical axes (`make_optimizer.flatten = True` with
-  FSDP or model parallelism) would be whole on every device.
+  Raises ValueError when a parameter dimension is split over mesh axes whose
+  device count does not divide it (the mesh does not fit the model), and when
+  the optimizer state holds an unsplit array larger than any unsplit
+  parameter on a mesh that splits parameters: state that lost its
+  parameters' logical axes (`make_optimizer.flatten = True` with FSDP or
+  model parallelism) would be whole on every device.
   """
   init = _init_fn(optimizer, model_config, loss_config, batch_config)
   boxed = jax.eval_shape(init, jax.random.key(0))
   shardings = partitioning.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
+  _check_parameters_split_evenly(abstract, mesh)
   _check_optimizer_state_is_split(abstract)
   return abstract, shardings
+
+
+def _check_parameters_split_evenly(abstract, mesh) -> None:
+  for path, a in jax.tree_util.tree_leaves_with_path(abstract.params):
+    for dim, (size, axes) in enumerate(zip(a.shape, a.sharding.spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      devices = math.prod(mesh.shape[axis] for axis in axes)
+      if size % devices:
+        name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        raise ValueError(
+            f'Parameter {name} of shape {a.shape}: dimension {dim} ({size}) is split over '
+            f'mesh axes {axes} ({devices} devices), which does not divide it. Choose a '
+            'MESH_SHAPE whose axes divide the model\'s dimensions, e.g. FSDP x 4-way model '
+            'parallelism for 2B on 256 chips (--gin.MESH_SHAPE="(1, -1, 4)", '
+            'gin/meshes/fsdp.gin), or fewer devices.')
 
 
 def _check_optimizer_state_is_split(abstract) -> None:

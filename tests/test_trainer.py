@@ -183,6 +183,17 @@ def test_flattened_optimizer_is_refused_where_the_mesh_splits_parameters():
   trainer.state_shardings(optimizer_lib.make_optimizer(), _mesh((1, 8, 1), 8), RULES, **kwargs)
 
 
+@needs_8
+def test_a_mesh_that_does_not_divide_a_parameter_is_refused_with_the_fix():
+  model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  model_config = dataclasses.replace(model_config, d_model=36, conv_groups=4)  # 36 over 8 devices
+  kwargs = dict(model_config=model_config, loss_config=loss_config, batch_config=BATCH)
+  import optax  # pylint: disable=g-import-not-at-top
+  trainer.state_shardings(optax.adam(1e-3), _mesh((8, 1, 1), 8), RULES, **kwargs)  # unsplit
+  with pytest.raises(ValueError, match=r'\(36\) is split over mesh axes .*fsdp.*MESH_SHAPE'):
+    trainer.state_shardings(optax.adam(1e-3), _mesh((1, 8, 1), 8), RULES, **kwargs)
+
+
 def test_compiler_options_reach_xla():
   """TrainConfig.compiler_options go to XLA: a known option compiles, an unknown one is refused."""
   model_config, loss_config = tiny_configs(*SPEECH_ONLY)
