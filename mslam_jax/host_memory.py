@@ -7,8 +7,10 @@ faults its whole temporary buffer in again, one 4 KiB page at a time (28,700
 page faults per demo step; a third of the step's CPU time went to the kernel).
 With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks the kernel for
 transparent huge pages on its mappings (madvise): the same buffer comes in
-2 MiB at a time (a few hundred faults per step), and the demo step ran about
-1.4x faster (benchmarks/RESULTS.md, "Host memory").
+2 MiB at a time (a few hundred faults per step), and the demo step ran 1.21x
+faster in an alternated run (benchmarks/RESULTS.md, "Host memory"; there too:
+for buffers of a gigabyte or more the kernel's compaction made the median step
+slower; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns it off).
 
 glibc reads tunables only when a process starts. `use_huge_pages_on_cpu()`
 therefore re-executes the process once, with the same command line
