@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ from typing import Dict, Optional
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
-    Worker, alternate, predates_host_memory, reply, worktree)
+    Worker, alternate, median_faults, predates_host_memory, reply, timed, worktree)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,15 +203,11 @@ def worker_main(framework: str, shape_name: str, dtype: str) -> None:
     step()  # compilation, first-touch allocation
     step()
   reply(ready=True, params=num_params, warmup_s=time.perf_counter() - start)
-  faults = []  # minor page faults per step: memory mapped afresh is faulted in page by page
+  faults = []
   for line in sys.stdin:
     command = line.split()
     if command[0] == 'step':
-      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      begin = time.perf_counter()
-      step()
-      reply(seconds=time.perf_counter() - begin)
-      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+      reply(seconds=timed(step, faults))
     elif command[0] == 'faults':
       reply(faults=statistics.median(faults))
     elif command[0] == 'matmul':
@@ -302,7 +297,7 @@ def main():
           raise RuntimeError(f'side_by_side: parameter counts differ by {mismatch:.2%}: '
                              f'{params}; the shapes no longer match.')
         times = alternate(workers, 'step', args.pairs)
-        faults = {w.name: w.ask('faults')['faults'] for w in workers}
+        faults = median_faults(workers)
         # The peak again, in the same minutes as the steps: load on a shared machine moves.
         mm = alternate(workers, f'matmul {PEAK_CHECK_SIZE}', args.pairs)
       finally:

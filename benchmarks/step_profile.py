@@ -32,8 +32,6 @@ import time
 import machine  # benchmarks/machine.py, beside this script
 from mslam_jax import host_memory
 
-host_memory.use_huge_pages_on_cpu()  # as the entry points do (it may re-execute this script)
-
 
 def build_stack_step(shape_name: str):
   """(jitted step, state) of side_by_side.py's mslam_jax stack at `shape_name`."""
@@ -129,4 +127,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host_memory.use_huge_pages_on_cpu()  # as the entry points do (it may re-execute this script)
   main()

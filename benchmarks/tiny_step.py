@@ -29,7 +29,7 @@ import time
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
-    REPO_ROOT, Worker, alternate, predates_host_memory, reply, worktree)
+    REPO_ROOT, Worker, alternate, median_faults, predates_host_memory, reply, timed, worktree)
 
 GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
 
@@ -75,7 +75,6 @@ def build_step(bindings=()):
 
 def worker_main(bindings) -> None:
   """Runs in a revision's tree (cwd and PYTHONPATH): build, compile, then step on demand."""
-  import resource  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   lowered, state, batch, rng, lower_s = build_step(bindings)
@@ -91,14 +90,10 @@ def worker_main(bindings) -> None:
   one_step()
   reply(ready=True, lower_s=lower_s, compile_s=compile_s,
         params=int(sum(x.size for x in jax.tree.leaves(holder[0].params))))
-  faults = []  # minor page faults per step (a fresh temporary buffer faults in every page)
+  faults = []
   for line in sys.stdin:
     if line.startswith('step'):
-      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      begin = time.perf_counter()
-      one_step()
-      reply(seconds=time.perf_counter() - begin)
-      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+      reply(seconds=timed(one_step, faults))
     elif line.startswith('faults'):
       reply(faults=statistics.median(faults))
     elif line.startswith('quit'):
@@ -179,7 +174,7 @@ def main():
         print(f'{name}: trace + lower {workers[-1].ready["lower_s"]:.1f} s, XLA compile '
               f'{workers[-1].ready["compile_s"]:.1f} s (cold)', flush=True)
       times = alternate(workers, 'step', args.rounds)
-      faults = {w.name: w.ask('faults')['faults'] for w in workers}
+      faults = median_faults(workers)
     finally:
       for w in workers:
         w.close()

@@ -61,7 +61,8 @@ def compile_once(gin_file: str, topology: str, k: int, remat: str, bindings=()) 
         [sys.executable, '-m', 'mslam_jax.compile', f'--gin_file={gin_file}',
          f'--topology={topology}', f'--gin.TrainConfig.accumulate_steps={k}',
          f"--gin.ModelConfig.remat_policy='{remat}'", f'--json={out}',
-         *[f'--gin.{b.replace(" ", "")}' for b in bindings]],
+         *[f'--gin.{name.strip()}={value.strip()}'
+           for name, value in (b.split('=', 1) for b in bindings)]],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - start
     if not os.path.exists(out):

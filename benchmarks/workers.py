@@ -10,11 +10,13 @@ shared machine moves by tens of per cent within minutes.
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Sequence
+import time
+from typing import Callable, Dict, List, Sequence
 
 from mslam_jax import host_memory
 
@@ -25,6 +27,20 @@ def reply(**fields) -> None:
   """Worker side: one JSON line to the parent."""
   sys.stdout.write(json.dumps(fields) + '\n')
   sys.stdout.flush()
+
+
+def timed(step: Callable[[], None], faults: List[int]) -> float:
+  """Worker side: runs `step`; appends its minor page faults to `faults`, returns its seconds.
+
+  Memory mapped afresh is faulted in page by page, so the count shows a buffer
+  allocated anew at every step (mslam_jax/host_memory.py).
+  """
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  begin = time.perf_counter()
+  step()
+  seconds = time.perf_counter() - begin
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  return seconds
 
 
 class Worker:
@@ -65,6 +81,11 @@ class Worker:
       self.proc.stdin.write('quit\n')
       self.proc.stdin.flush()
     self.proc.wait()
+
+
+def median_faults(workers: List[Worker]) -> Dict[str, float]:
+  """Each worker's median page faults per step (its reply to 'faults', counted by `timed`)."""
+  return {w.name: w.ask('faults')['faults'] for w in workers}
 
 
 def alternate(workers: List[Worker], command: str, rounds: int) -> Dict[str, List[float]]:
