@@ -34,6 +34,9 @@ setuptools.setup(
         'matplotlib>=3.8',  # the reproduction's and the demo's plots
         'tqdm',
         'tensorboard',
+        # The host allocator on CPU (mslam_jax/host_memory.py): XLA:CPU's per-step
+        # temporary buffer is reused instead of page-faulted in afresh at every step.
+        'cmeel-mimalloc>=3.4; sys_platform == "linux" and platform_machine == "x86_64"',
     ],
     extras_require={
         # importlib_resources: TFDS needs it to prepare a dataset (the TFDS source test does).

@@ -26,11 +26,11 @@ each shape's alternation; each shape's MFU divides by the best of these.
 
 With --baseline=REV the mslam_jax stack of git revision REV runs as a third
 worker in the same alternation (a temporary git worktree), so a speed-up is
-measured before and after in one run. Every worker gets huge pages for large
-malloc blocks (`mslam_jax.host_memory`, as the entry points do), except a
-baseline from before that setting, which runs with glibc's defaults as its
-entry points did; --malloc_defaults adds this checkout's stack with glibc's
-defaults.
+measured before and after in one run. Every worker, the peer's included, runs
+with this checkout's host allocator (`mslam_jax.host_memory`, as the entry
+points do), except a baseline, which runs with its own entry points' setting
+(workers.entry_point_malloc); --malloc SETTING adds this checkout's stack with
+another setting (mimalloc, hugepages, system: glibc's defaults).
 
     pip install -c constraints.txt -e '.[bench]'   # torch + transformers
     python benchmarks/side_by_side.py                      # fp32, all shapes
@@ -50,7 +50,8 @@ from typing import Dict, Optional
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
-    Worker, alternate, median_faults, predates_host_memory, reply, timed, worktree)
+    Worker, alternate, entry_point_malloc, median_faults, reply, timed, worktree)
+from mslam_jax import host_memory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,9 +222,9 @@ def worker_main(framework: str, shape_name: str, dtype: str) -> None:
 
 
 def _worker(name: str, framework: str, shape: str, dtype: str, root: str = REPO_ROOT,
-            malloc_defaults: bool = False) -> Worker:
+            malloc: Optional[str] = None) -> Worker:
   return Worker(name, [os.path.abspath(__file__), '--worker', framework, '--shapes', shape,
-                       '--dtype', dtype], root=root, malloc_defaults=malloc_defaults)
+                       '--dtype', dtype], root=root, malloc=malloc)
 
 
 def measure_peak(dtype: str, rounds: int) -> Dict:
@@ -260,9 +261,9 @@ def main():
   parser.add_argument('--pairs', type=int, default=7, help='alternated steps per worker')
   parser.add_argument('--baseline', default=None,
                       help='git revision whose mslam_jax stack runs as a third worker')
-  parser.add_argument('--malloc_defaults', action='store_true',
-                      help='one more worker: the mslam_jax stack with glibc\'s malloc defaults '
-                      '(every other worker: huge pages, mslam_jax/host_memory.py)')
+  parser.add_argument('--malloc', action='append', default=[], choices=host_memory.CHOICES,
+                      help='one more worker: the mslam_jax stack with this host allocator '
+                      'setting (repeatable; mslam_jax/host_memory.py)')
   parser.add_argument('--output', default=None, help='JSON file for the figures')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -285,10 +286,10 @@ def main():
       if baseline_root:
         workers.append(_worker(f'mslam_jax@{args.baseline}', 'jax', name, args.dtype,
                                root=baseline_root,
-                               malloc_defaults=predates_host_memory(baseline_root)))
-      if args.malloc_defaults:
-        workers.append(_worker('mslam_jax, glibc malloc defaults', 'jax', name, args.dtype,
-                               malloc_defaults=True))
+                               malloc=entry_point_malloc(baseline_root)))
+      for setting in args.malloc:
+        workers.append(_worker(f'mslam_jax, MSLAM_HOST_MALLOC={setting}', 'jax', name,
+                               args.dtype, malloc=setting))
       workers.append(_worker('peer', 'torch', name, args.dtype))
       try:
         params = {w.name: w.ready['params'] for w in workers}

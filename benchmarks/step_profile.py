@@ -127,5 +127,5 @@ def main():
 
 
 if __name__ == '__main__':
-  host_memory.use_huge_pages_on_cpu()  # as the entry points do (it may re-execute this script)
+  host_memory.configure_on_cpu()  # as the entry points do (it may re-execute this script)
   main()

@@ -13,10 +13,9 @@ step FLOPs of this checkout's mslam_jax.flops) and the ratios.
     python benchmarks/tiny_step.py --variant 'ModelConfig.merge_passes = False'
 
 A --variant runs this checkout with extra gin bindings as one more worker;
---malloc_defaults adds this checkout with glibc's malloc defaults. Each worker
-runs with the malloc setting its revision's entry points use: huge pages for
-large blocks (mslam_jax/host_memory.py), or glibc's defaults for a revision
-from before that file.
+--malloc SETTING adds this checkout with another host allocator setting
+(mslam_jax/host_memory.py: mimalloc, hugepages, system). Each worker runs with
+the setting its revision's entry points use (workers.entry_point_malloc).
 """
 
 import argparse
@@ -29,7 +28,8 @@ import time
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
-    REPO_ROOT, Worker, alternate, median_faults, predates_host_memory, reply, timed, worktree)
+    REPO_ROOT, Worker, alternate, entry_point_malloc, median_faults, reply, timed, worktree)
+from mslam_jax import host_memory
 
 GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
 
@@ -138,9 +138,9 @@ def main():
   parser.add_argument('--variant', action='append', default=[],
                       help="this checkout with gin bindings (repeatable; ';' between "
                            "bindings), e.g. 'ModelConfig.scan_unroll = 1'")
-  parser.add_argument('--malloc_defaults', action='store_true',
-                      help='one more worker: this checkout with glibc\'s malloc defaults '
-                      '(the others get huge pages, as the entry points do: '
+  parser.add_argument('--malloc', action='append', default=[], choices=host_memory.CHOICES,
+                      help='one more worker: this checkout with this host allocator setting '
+                      '(repeatable; the others run as their entry points do: '
                       'mslam_jax/host_memory.py)')
   parser.add_argument('--rounds', type=int, default=15, help='alternated steps per worker')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
@@ -155,22 +155,22 @@ def main():
   env = {'XLA_FLAGS': ''}  # one device, as the demo; no fake devices from the caller
   with contextlib.ExitStack() as stack:
     current = stack.enter_context(current_tree())
-    roots = {'this checkout': (current, [], False)}
+    roots = {f'this checkout ({host_memory.choice()})': (current, [], None)}
     for variant in args.variant:
       roots[f'this checkout, {variant}'] = (current, [b.strip() for b in variant.split(';')],
-                                            False)
-    if args.malloc_defaults:
-      roots['this checkout, glibc malloc defaults'] = (current, [], True)
+                                            None)
+    for setting in args.malloc:
+      roots[f'this checkout, MSLAM_HOST_MALLOC={setting}'] = (current, [], setting)
     for rev in args.baseline:
       root = stack.enter_context(worktree(rev))
-      roots[rev] = (root, [], predates_host_memory(root))
+      malloc = entry_point_malloc(root)
+      roots[f'{rev} ({malloc or host_memory.choice()})'] = (root, [], malloc)
     workers = []
     try:
-      for name, (root, bindings, malloc_defaults) in roots.items():  # one at a time: clean compiles
+      for name, (root, bindings, malloc) in roots.items():  # one at a time: clean compiles
         command = [os.path.abspath(__file__), '--worker']
         command += [f'--binding={b}' for b in bindings]
-        workers.append(Worker(name, command, root=root, env=env,
-                              malloc_defaults=malloc_defaults))
+        workers.append(Worker(name, command, root=root, env=env, malloc=malloc))
         print(f'{name}: trace + lower {workers[-1].ready["lower_s"]:.1f} s, XLA compile '
               f'{workers[-1].ready["compile_s"]:.1f} s (cold)', flush=True)
       times = alternate(workers, 'step', args.rounds)
@@ -178,7 +178,7 @@ def main():
     finally:
       for w in workers:
         w.close()
-  ours = statistics.median(times['this checkout'])
+  ours = statistics.median(times[workers[0].name])
   print('\n| revision | step (median, min-max) | GFLOP/s | page faults per step | trace + lower '
         '| XLA compile | time / this checkout\'s |')
   print('|---|---|---|---|---|---|---|')

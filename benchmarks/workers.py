@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from mslam_jax import host_memory
 
@@ -46,19 +46,19 @@ def timed(step: Callable[[], None], faults: List[int]) -> float:
 class Worker:
   """Parent side: `python argv...` in `root` (a checkout; its mslam_jax is the one imported).
 
-  Every worker, whatever its framework, runs with the malloc setting of this
-  checkout's entry points (`mslam_jax.host_memory`: huge pages for large
-  blocks) unless `malloc_defaults`, which gives it glibc's defaults. `ready`
-  holds the worker's first reply.
+  Every worker, whatever its framework, runs with the host allocator of this
+  checkout's entry points (`mslam_jax.host_memory`: mimalloc where installed)
+  unless `malloc` names another setting (one of host_memory.CHOICES; 'system'
+  gives glibc's defaults). `ready` holds the worker's first reply.
   """
 
   def __init__(self, name: str, argv: Sequence[str], root: str = REPO_ROOT, env=None,
-               malloc_defaults: bool = False):
+               malloc: Optional[str] = None):
     self.name = name
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu', **(env or {}))
-    env.pop('GLIBC_TUNABLES', None)
-    if not malloc_defaults and host_memory.supported():
-      env.update(host_memory.environment())
+    for key in ('GLIBC_TUNABLES', 'LD_PRELOAD', host_memory.VARIABLE):
+      env.pop(key, None)
+    env.update(host_memory.environment(malloc, base=env))
     env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
     self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, env=env, cwd=root)
@@ -97,12 +97,18 @@ def alternate(workers: List[Worker], command: str, rounds: int) -> Dict[str, Lis
   return times
 
 
-def predates_host_memory(root: str) -> bool:
-  """Whether the checkout at `root` ran with glibc's malloc defaults (no mslam_jax/host_memory.py).
+def entry_point_malloc(root: str) -> Optional[str]:
+  """The host allocator setting the entry points of the checkout at `root` ran with.
 
-  A revision from before the malloc settings is measured as its entry points ran it.
+  'system' (glibc's defaults) before mslam_jax/host_memory.py existed,
+  'hugepages' while it knew only glibc's huge pages, None (this checkout's
+  choice) since. A revision is measured as its entry points ran it.
   """
-  return not os.path.exists(os.path.join(root, 'mslam_jax', 'host_memory.py'))
+  path = os.path.join(root, 'mslam_jax', 'host_memory.py')
+  if not os.path.exists(path):
+    return 'system'
+  with open(path, encoding='utf-8') as f:
+    return None if 'mimalloc' in f.read() else 'hugepages'
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
 export TF_CPP_MIN_LOG_LEVEL=2
-# Huge pages for XLA:CPU's per-step temporary buffer (mslam_jax/host_memory.py).
+# The host allocator for XLA:CPU's per-step temporary buffer, as the entry points
+# use it (mimalloc where installed; MSLAM_HOST_MALLOC picks; mslam_jax/host_memory.py).
 eval "$(.venv/bin/python -m mslam_jax.host_memory)"
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" tests "$@"

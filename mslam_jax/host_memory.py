@@ -1,53 +1,75 @@
-"""Huge pages for XLA:CPU's temporary buffer (glibc's `glibc.malloc.hugetlb` tunable).
+"""The host allocator for XLA:CPU: mimalloc, or glibc with huge pages, chosen at start-up.
 
 XLA:CPU allocates one block for all of a program's temporaries at every
 execution and frees it when the execution ends: 116 MB for the tiny demo's
-train step. glibc serves a block that large with a fresh mmap, so every step
-faults its whole temporary buffer in again, one 4 KiB page at a time (28,700
-page faults per demo step; a third of the step's CPU time went to the kernel).
-With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks the kernel for
-transparent huge pages on its mappings (madvise): the same buffer comes in
-2 MiB at a time (a few hundred faults per step), and the demo step ran 1.21x
-faster in an alternated run (benchmarks/RESULTS.md, "Host memory"; there too:
-for buffers of a gigabyte or more the kernel's compaction made the median step
-slower; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns it off).
+train step, 0.9-2 GB for the larger CPU benchmark stacks. glibc serves a block
+that large with a fresh mmap and unmaps it on free, so every step faults its
+whole temporary buffer in again, one 4 KiB page at a time (28,700 page faults
+per demo step; a third of the step's CPU time went to the kernel).
 
-glibc reads tunables only when a process starts. `use_huge_pages_on_cpu()`
-therefore re-executes the process once, with the same command line
-(`sys.orig_argv`) and GLIBC_TUNABLES set; the entry points (train, finetune,
-reproduce) call it before anything else. Subprocesses get it through their
-environment (`environment()`): launch/run_tests.sh and the benchmark workers.
+Three settings, in `MSLAM_HOST_MALLOC` (default: the first one available):
 
-Nothing happens where it cannot help: malloc other than glibc >= 2.35 on
-Linux, transparent huge pages off (`never`), GLIBC_TUNABLES already naming
-the tunable, or jax running on a TPU or GPU (the temporaries then live in
-device memory).
+  mimalloc   mimalloc (Microsoft's allocator; the `cmeel-mimalloc` wheel, a
+             dependency on Linux x86-64) preloaded with LD_PRELOAD. It keeps a
+             freed block and hands it to the next step: no page faults, and
+             its thread-local heaps made the demo's cold compile faster too.
+  hugepages  glibc with its `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35,
+             transparent huge pages not `never`): the buffer is still mapped
+             afresh, but 2 MiB at a time. Good for the demo; for buffers of a
+             gigabyte the kernel's compaction made steps slower and erratic.
+  system     whatever the process started with.
+
+Measured against each other in one alternated run: benchmarks/RESULTS.md,
+"Host memory".
+
+The allocator and glibc's tunables are fixed when a process starts, so
+`configure_on_cpu()` re-executes the process once, with the same command line
+(`sys.orig_argv`) and the setting in its environment; the entry points (train,
+finetune, reproduce) call it before anything else. Subprocesses get it through
+their environment (`environment()`): launch/run_tests.sh evaluates
+`python -m mslam_jax.host_memory`, and the benchmark workers call it. Nothing
+changes when jax runs on a TPU or GPU (the temporaries then live in device
+memory).
 
 Tried and not kept: glibc's arena settings (M_ARENA_MAX=1, M_MMAP_MAX=0,
 M_TRIM_THRESHOLD) keep the buffer's pages for reuse, but one malloc lock for
-all threads made the demo's compile about 40% slower.
+all threads made the demo's compile about 40% slower, and with a large tcache
+the step itself became erratic; tcmalloc (a system package, not a wheel) is
+about as fast as mimalloc; jemalloc maps large blocks afresh like glibc.
 """
 
 import importlib.metadata
 import importlib.util
 import os
 import platform
+import shlex
 import sys
-from typing import Dict
+from typing import Dict, Mapping, Optional
 
-_NAME = 'glibc.malloc.hugetlb'
-_TUNABLE = f'{_NAME}=1'
-
-
-def environment() -> Dict[str, str]:
-  """GLIBC_TUNABLES with the huge-page tunable added, for a subprocess's environment."""
-  current = os.environ.get('GLIBC_TUNABLES', '')
-  if _NAME in current:
-    return {'GLIBC_TUNABLES': current}
-  return {'GLIBC_TUNABLES': ':'.join(filter(None, [current, _TUNABLE]))}
+VARIABLE = 'MSLAM_HOST_MALLOC'
+CHOICES = ('mimalloc', 'hugepages', 'system')
+_TUNABLE_NAME = 'glibc.malloc.hugetlb'
+_TUNABLE = f'{_TUNABLE_NAME}=1'
+_MIMALLOC_DIST = 'cmeel-mimalloc'
 
 
-def supported() -> bool:
+def mimalloc_library() -> Optional[str]:
+  """Absolute path of the installed wheel's libmimalloc.so on Linux, else None."""
+  if platform.system() != 'Linux':
+    return None
+  try:
+    files = importlib.metadata.files(_MIMALLOC_DIST) or []
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  for file in files:
+    if file.name.startswith('libmimalloc.so'):
+      path = str(file.locate())
+      if os.path.exists(path):
+        return os.path.abspath(path)
+  return None
+
+
+def huge_pages_supported() -> bool:
   """glibc >= 2.35 on Linux (the tunable's first release) with transparent huge pages on."""
   if platform.system() != 'Linux':
     return False
@@ -59,6 +81,56 @@ def supported() -> bool:
       return '[never]' not in f.read()
   except (OSError, ValueError):
     return False
+
+
+def choice() -> str:
+  """The setting: MSLAM_HOST_MALLOC if set, else the first of CHOICES available here."""
+  value = os.environ.get(VARIABLE, '').strip().lower()
+  if not value:
+    if mimalloc_library():
+      return 'mimalloc'
+    return 'hugepages' if huge_pages_supported() else 'system'
+  if value not in CHOICES:
+    raise ValueError(f'{VARIABLE}={value!r}: use one of {", ".join(CHOICES)} '
+                     '(mslam_jax/host_memory.py).')
+  if value == 'mimalloc' and not mimalloc_library():
+    raise ValueError(f'{VARIABLE}=mimalloc, but {_MIMALLOC_DIST} is not installed (it is a '
+                     f'dependency on Linux x86-64): pip install {_MIMALLOC_DIST}, or set '
+                     f'{VARIABLE}=hugepages or system.')
+  return value
+
+
+def environment(setting: Optional[str] = None,
+                base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+  """The variables to add to `base` (default: this process's environment) for `setting`.
+
+  `setting` defaults to `choice()`. Other LD_PRELOAD libraries and glibc
+  tunables in `base` are kept.
+  """
+  setting = setting or choice()
+  base = os.environ if base is None else base
+  env = {VARIABLE: setting}
+  preloads = [p for p in base.get('LD_PRELOAD', '').replace(':', ' ').split()
+              if 'libmimalloc' not in os.path.basename(p)]
+  if setting == 'mimalloc':
+    preloads = [mimalloc_library(), *preloads]
+  if preloads or base.get('LD_PRELOAD'):
+    env['LD_PRELOAD'] = ' '.join(preloads)
+  if setting == 'hugepages':
+    current = base.get('GLIBC_TUNABLES', '')
+    env['GLIBC_TUNABLES'] = (current if _TUNABLE_NAME in current else
+                             ':'.join(filter(None, [current, _TUNABLE])))
+  return env
+
+
+def applied(setting: str) -> bool:
+  """Whether this process started with `setting` in effect."""
+  if setting == 'mimalloc':
+    preloads = os.environ.get('LD_PRELOAD', '').replace(':', ' ').split()
+    return mimalloc_library() in preloads
+  if setting == 'hugepages':
+    return _TUNABLE_NAME in os.environ.get('GLIBC_TUNABLES', '')
+  return True
 
 
 def xla_runs_on_cpu() -> bool:
@@ -78,20 +150,21 @@ def xla_runs_on_cpu() -> bool:
   return importlib.util.find_spec('jax_plugins') is None
 
 
-def use_huge_pages_on_cpu() -> None:
-  """Re-executes this process with the tunable set, once, when jax will run on the CPU.
+def configure_on_cpu() -> None:
+  """Re-executes this process, once, with the host allocator setting when jax will run on the CPU.
 
   Call it first thing in a `__main__` block: whatever ran before it runs again.
   """
-  if _NAME in os.environ.get('GLIBC_TUNABLES', '') or not getattr(sys, 'orig_argv', None):
+  if not getattr(sys, 'orig_argv', None) or not xla_runs_on_cpu():
     return
-  if not (supported() and xla_runs_on_cpu()):
+  setting = choice()
+  if applied(setting):
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, {**os.environ, **environment()})
+  os.execve(sys.executable, sys.orig_argv, {**os.environ, **environment(setting)})
 
 
 if __name__ == '__main__':
   # `eval "$(python -m mslam_jax.host_memory)"` exports the setting in a shell.
-  print(' '.join(f'export {k}={v};' for k, v in environment().items()) if supported() else '')
+  print(' '.join(f'export {k}={shlex.quote(v)};' for k, v in environment().items()))

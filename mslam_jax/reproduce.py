@@ -31,7 +31,7 @@ Debian mirrors) when --corpus_dir names it or it is at the default place;
 from mslam_jax import host_memory
 
 if __name__ == '__main__':
-  host_memory.use_huge_pages_on_cpu()  # first: it may re-execute the process (host_memory.py)
+  host_memory.configure_on_cpu()  # first: it may re-execute the process (host_memory.py)
 
 import argparse
 import contextlib

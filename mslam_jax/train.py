@@ -15,7 +15,7 @@ from mslam_jax import console
 from mslam_jax import host_memory
 
 if __name__ == '__main__':
-  host_memory.use_huge_pages_on_cpu()  # first: it may re-execute the process (host_memory.py)
+  host_memory.configure_on_cpu()  # first: it may re-execute the process (host_memory.py)
   console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
 
 import argparse
