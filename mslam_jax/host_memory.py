@@ -11,12 +11,13 @@ Three settings, in `MSLAM_HOST_MALLOC` (default: the first one available):
 
   mimalloc   mimalloc (Microsoft's allocator; the `cmeel-mimalloc` wheel, a
              dependency on Linux x86-64) preloaded with LD_PRELOAD. It keeps a
-             freed block and hands it to the next step: no page faults, and
-             its thread-local heaps made the demo's cold compile faster too.
+             freed block and hands it to the next step: a few hundred page
+             faults per demo step instead of 28,700.
   hugepages  glibc with its `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35,
              transparent huge pages not `never`): the buffer is still mapped
-             afresh, but 2 MiB at a time. Good for the demo; for buffers of a
-             gigabyte the kernel's compaction made steps slower and erratic.
+             afresh, but 2 MiB at a time. Faster than glibc's defaults for the
+             demo on a quiet machine; under load, and for buffers of a
+             gigabyte, the kernel's compaction made steps slower and erratic.
   system     whatever the process started with.
 
 Measured against each other in one alternated run: benchmarks/RESULTS.md,
