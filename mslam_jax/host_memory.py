@@ -45,7 +45,7 @@ import os
 import platform
 import shlex
 import sys
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 VARIABLE = 'MSLAM_HOST_MALLOC'
 CHOICES = ('mimalloc', 'hugepages', 'system')
@@ -101,6 +101,11 @@ def choice() -> str:
   return value
 
 
+def _preloads(env: Mapping[str, str]) -> List[str]:
+  """The libraries in env's LD_PRELOAD (the loader splits it at spaces and colons)."""
+  return env.get('LD_PRELOAD', '').replace(':', ' ').split()
+
+
 def environment(setting: Optional[str] = None,
                 base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
   """The variables to add to `base` (default: this process's environment) for `setting`.
@@ -111,8 +116,7 @@ def environment(setting: Optional[str] = None,
   setting = setting or choice()
   base = os.environ if base is None else base
   env = {VARIABLE: setting}
-  preloads = [p for p in base.get('LD_PRELOAD', '').replace(':', ' ').split()
-              if 'libmimalloc' not in os.path.basename(p)]
+  preloads = [p for p in _preloads(base) if 'libmimalloc' not in os.path.basename(p)]
   if setting == 'mimalloc':
     preloads = [mimalloc_library(), *preloads]
   if preloads or base.get('LD_PRELOAD'):
@@ -127,8 +131,7 @@ def environment(setting: Optional[str] = None,
 def applied(setting: str) -> bool:
   """Whether this process started with `setting` in effect."""
   if setting == 'mimalloc':
-    preloads = os.environ.get('LD_PRELOAD', '').replace(':', ' ').split()
-    return mimalloc_library() in preloads
+    return mimalloc_library() in _preloads(os.environ)
   if setting == 'hugepages':
     return _TUNABLE_NAME in os.environ.get('GLIBC_TUNABLES', '')
   return True
