@@ -5,9 +5,11 @@ executed XLA op), reads each op's source from the compiled HLO's metadata
 (`op_name`: the flax module path, `jvp(...)` for the forward pass,
 `transpose(jvp(...))` for the backward pass), and sums the op time per step:
 
-  * by kind: matmul (dot fusions) or other, forward or backward;
+  * by kind: matmul (a dot, alone or fused with other ops) or other, forward
+    or backward;
   * by part: the module that emitted the op (attention, conv, ffn_start, ...)
-    and the primitive (reduce_sum, div, dot_general, ...), largest first.
+    and the primitive (reduce_sum, div, dot_general, ...), largest first;
+    for the matmuls also their FLOPs (from the HLO's dot shapes) and rate.
 
 Op times are summed over threads, so with ops running side by side they can
 exceed the step's wall time; the wall time is printed for comparison.
@@ -47,11 +49,14 @@ def build_tiny_step():
   return lowered.compile(), (state, batch, rng)
 
 
+_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]')
+
+
 def op_sources(hlo_text: str):
   """{HLO instruction name: op_name metadata ('' when absent)}."""
   sources = {}
   for line in hlo_text.splitlines():
-    match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
+    match = _INSTRUCTION.match(line) or re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
     if match:
       name = re.search(r'op_name="([^"]*)"', line)
       if name or match.group(1) not in sources:
@@ -59,11 +64,50 @@ def op_sources(hlo_text: str):
   return sources
 
 
-def classify(op: str, source: str):
-  """(kind, pass, part) of one executed op."""
+def op_flops(hlo_text: str):
+  """{HLO instruction name: matmul FLOPs it executes}, for dots and fusions that contain one.
+
+  XLA:CPU fuses a dot with its neighbours (a YNNPACK fusion can hold the
+  attention logits' product and the softmax's sum), and such a fusion carries
+  the op_name of its root, which need not be the dot: an op is a matmul here
+  when it runs one, alone or fused. FLOPs are 2 x output size x contracted size.
+  """
+  shapes, dots_in, calls, computation = {}, collections.Counter(), {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$', line)
+    if header:
+      computation = header.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, dims = match.group(1), match.group(2)
+    shapes[name] = [int(d) for d in dims.split(',') if d]
+    called = re.search(r'calls=%?([\w.\-]+)', line)
+    if called:
+      calls[name] = called.group(1)
+    dot = re.search(r' dot\(%?([\w.\-]+), %?[\w.\-]+\).*?lhs_contracting_dims=\{([\d,]*)\}', line)
+    if dot and dot.group(1) in shapes:
+      lhs = shapes[dot.group(1)]
+      contracted = 1
+      for axis in dot.group(2).split(','):
+        contracted *= lhs[int(axis)] if axis else 1
+      size = 1
+      for d in shapes[name]:
+        size *= d
+      dots_in[computation] += 2 * size * contracted
+      shapes[name + '@flops'] = [2 * size * contracted]
+  flops = {name[:-6]: v[0] for name, v in shapes.items() if name.endswith('@flops')}
+  for name, called in calls.items():
+    if dots_in[called]:
+      flops[name] = dots_in[called]
+  return flops
+
+
+def classify(op: str, source: str, flops: int):
+  """(kind, pass, part) of one executed op: a matmul when it runs `flops` > 0."""
   backward = 'transpose(' in source
-  is_dot = 'dot_general' in source and ('ynn' in op or op.startswith('dot'))
-  kind = 'matmul' if is_dot else 'other'
+  kind = 'matmul' if flops else 'other'
   path = re.sub(r'^jit\([^)]*\)/', '', source)
   path = re.sub(r'(transpose\()?jvp\([^/]*\)\)?/', '', path)
   path = re.sub(r'.*?closed_call/', '', path)
@@ -89,7 +133,7 @@ def main():
     jax.block_until_ready(state)
   hlo = (step.as_text() if hasattr(step, 'as_text') else
          step.lower(state).compile().as_text())
-  sources = op_sources(hlo)
+  sources, flops = op_sources(hlo), op_flops(hlo)
   walls = []
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -104,15 +148,19 @@ def main():
     with gzip.open(trace_file) as f:
       events = json.load(f)['traceEvents']
   by_kind, by_part = collections.Counter(), collections.Counter()
+  by_matmul, matmul_flops = collections.Counter(), collections.Counter()
   for event in events:
     name = event.get('name')
     if event.get('ph') != 'X' or name not in sources or name.startswith('while'):
       continue  # a while loop's own event spans its body's ops
-    kind, pass_, part = classify(name, sources[name])
+    kind, pass_, part = classify(name, sources[name], flops.get(name, 0))
     ms = event['dur'] / 1e3 / args.steps
     by_kind[(kind, pass_)] += ms
     if kind == 'other':
       by_part[(pass_, part)] += ms
+    else:
+      by_matmul[(pass_, part)] += ms
+      matmul_flops[(pass_, part)] += flops[name] / args.steps
   total = sum(by_kind.values())
   print(f'step_profile {args.what}: {machine.cpu_summary()}; jax {jax.__version__}')
   print(f'wall time per step (median of {args.steps}, under the profiler): '
@@ -124,6 +172,13 @@ def main():
         '| pass | module / primitive | ms per step |\n|---|---|---|')
   for (pass_, part), ms in by_part.most_common(args.top):
     print(f'| {pass_} | {part} | {ms:.1f} |')
+  print(f'\nlargest matmul parts (of {sum(by_matmul.values()):.0f} ms, '
+        f'{sum(matmul_flops.values()) / 1e9:.1f} GFLOP; a part named by a fused op '
+        'other than dot_general runs it with the matmul):\n'
+        '| pass | module / primitive | ms per step | GFLOP | GFLOP/s |\n|---|---|---|---|---|')
+  for (pass_, part), ms in by_matmul.most_common(args.top):
+    gflop = matmul_flops[(pass_, part)] / 1e9
+    print(f'| {pass_} | {part} | {ms:.1f} | {gflop:.2f} | {gflop / ms * 1e3:.0f} |')
 
 
 if __name__ == '__main__':
