@@ -74,6 +74,19 @@ def compile_once(gin_file: str, topology: str, k: int, remat: str, bindings=()) 
   return report
 
 
+def needed_text(report: dict) -> str:
+  """The table's "per-device HBM needed" cell for one `mslam_jax.compile --json` report.
+
+  A step that compiled has XLA's per-device total (over the chip's HBM or not);
+  one that XLA:TPU refused has only its error, whose own words are kept:
+  'temporaries (105.28G) exceeds available HBM (95.74G)'.
+  """
+  if 'per_device_bytes' in report:
+    return f'{report["per_device_bytes"] / 2 ** 30:.1f} GiB'
+  return 'over: ' + report['error'].split('Ran out of memory on HBM, ')[-1].split(
+      ' (compiled')[0]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', default='0.6b:v5p-128,2b:v5p-256',
@@ -102,11 +115,7 @@ def main():
       for k in accumulations(batches, shards, args.max_accumulation):
         r = compile_once(GIN_FILES[model], topology, k, remat, args.binding)
         fits = r['fits']
-        if fits:
-          needed = f'{r["per_device_bytes"] / 2 ** 30:.1f} GiB'
-        else:  # XLA:TPU's own words: 'temporaries (105.28G) exceeds available HBM (95.74G)'
-          needed = 'over: ' + r['error'].split('Ran out of memory on HBM, ')[-1].split(
-              ' (compiled')[0]
+        needed = needed_text(r)
         config = ', '.join([model, *args.binding])
         print(f'| {topology} ({tpu_slice.chips} chips) | {config} | {remat} | {k} | {needed} | '
               f'{hbm:.0f} GiB | {"yes" if fits else "no"} | {r["wall_s"]:.0f} s |', flush=True)

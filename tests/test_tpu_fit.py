@@ -1,0 +1,27 @@
+"""benchmarks/tpu_fit.py: its table cells and the accumulation steps it tries."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+import tpu_fit  # pylint: disable=wrong-import-position
+
+
+def test_needed_text_for_a_step_that_compiled_fitting_or_not():
+  """XLA:TPU can compile a step whose total is over the chip's HBM: the total is shown."""
+  assert tpu_fit.needed_text({'fits': True, 'per_device_bytes': 5 * 2 ** 30}) == '5.0 GiB'
+  assert tpu_fit.needed_text({'fits': False, 'per_device_bytes': 40.26 * 2 ** 30}) == '40.3 GiB'
+
+
+def test_needed_text_for_a_step_xla_refused():
+  error = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory on HBM, '
+           'temporaries 105.92G, available 30.75G (compiled for 64 devices)')
+  assert tpu_fit.needed_text({'fits': False, 'error': error}) == (
+      'over: temporaries 105.92G, available 30.75G')
+
+
+def test_accumulations_keep_micro_batches_divisible_by_the_shards():
+  # The paper's batches (speech, text, paired) over 64 and 256 batch shards.
+  assert list(tpu_fit.accumulations([2048, 8192, 256], 64, 16)) == [1, 2, 4]
+  assert list(tpu_fit.accumulations([2048, 8192, 256], 256, 16)) == [1]
+  assert list(tpu_fit.accumulations([48, 96, 24], 1, 16)) == [1, 2, 4, 8]
