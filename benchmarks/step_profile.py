@@ -25,6 +25,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import statistics
@@ -56,7 +57,7 @@ def op_sources(hlo_text: str):
   """{HLO instruction name: op_name metadata ('' when absent)}."""
   sources = {}
   for line in hlo_text.splitlines():
-    match = _INSTRUCTION.match(line) or re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
+    match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
     if match:
       name = re.search(r'op_name="([^"]*)"', line)
       if name or match.group(1) not in sources:
@@ -72,7 +73,8 @@ def op_flops(hlo_text: str):
   the op_name of its root, which need not be the dot: an op is a matmul here
   when it runs one, alone or fused. FLOPs are 2 x output size x contracted size.
   """
-  shapes, dots_in, calls, computation = {}, collections.Counter(), {}, None
+  shapes, calls, flops = {}, {}, {}
+  in_computation, computation = collections.Counter(), None
   for line in hlo_text.splitlines():
     header = re.match(r'(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$', line)
     if header:
@@ -81,26 +83,20 @@ def op_flops(hlo_text: str):
     match = _INSTRUCTION.match(line)
     if not match:
       continue
-    name, dims = match.group(1), match.group(2)
-    shapes[name] = [int(d) for d in dims.split(',') if d]
+    name = match.group(1)
+    shapes[name] = [int(d) for d in match.group(2).split(',') if d]
     called = re.search(r'calls=%?([\w.\-]+)', line)
     if called:
       calls[name] = called.group(1)
     dot = re.search(r' dot\(%?([\w.\-]+), %?[\w.\-]+\).*?lhs_contracting_dims=\{([\d,]*)\}', line)
     if dot and dot.group(1) in shapes:
       lhs = shapes[dot.group(1)]
-      contracted = 1
-      for axis in dot.group(2).split(','):
-        contracted *= lhs[int(axis)] if axis else 1
-      size = 1
-      for d in shapes[name]:
-        size *= d
-      dots_in[computation] += 2 * size * contracted
-      shapes[name + '@flops'] = [2 * size * contracted]
-  flops = {name[:-6]: v[0] for name, v in shapes.items() if name.endswith('@flops')}
+      contracted = math.prod(lhs[int(axis)] for axis in dot.group(2).split(',') if axis)
+      flops[name] = 2 * math.prod(shapes[name]) * contracted
+      in_computation[computation] += flops[name]
   for name, called in calls.items():
-    if dots_in[called]:
-      flops[name] = dots_in[called]
+    if in_computation[called]:
+      flops[name] = in_computation[called]
   return flops
 
 

@@ -78,8 +78,8 @@ def needed_text(report: dict) -> str:
   """The table's "per-device HBM needed" cell for one `mslam_jax.compile --json` report.
 
   A step that compiled has XLA's per-device total (over the chip's HBM or not);
-  one that XLA:TPU refused has only its error, whose own words are kept:
-  'temporaries (105.28G) exceeds available HBM (95.74G)'.
+  one that XLA:TPU refused has only its error, of which the words after 'Ran out
+  of memory on HBM, ' are kept: 'temporaries 105.92G, available 30.75G'.
   """
   if 'per_device_bytes' in report:
     return f'{report["per_device_bytes"] / 2 ** 30:.1f} GiB'
