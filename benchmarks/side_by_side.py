@@ -341,7 +341,7 @@ def main():
         print(f'  {wname:24s} {r["median_s"]:.3f} s (min {r["min_s"]:.3f}, max {r["max_s"]:.3f})'
               f'  {r["gflops"]:.0f} GFLOP/s  MFU {r["mfu"]:.0%}  warm-up {r["warmup_s"]:.0f} s'
               f'  page faults per step {r["page_faults"]:,.0f}', flush=True)
-      peer_name = fastest_peer(row)
+      row['fastest_peer'] = peer_name = fastest_peer(row)
       peer_s = row['workers'][peer_name]['median_s']
       for wname, r in row['workers'].items():
         if not wname.startswith('peer'):
@@ -353,7 +353,7 @@ def main():
   for name, row in results['shapes'].items():
     cells = [f'{r["median_s"]:.2f} s ({r["min_s"]:.2f}-{r["max_s"]:.2f}), '
              f'{r["gflops"]:.0f} GFLOP/s, MFU {r["mfu"]:.0%}' for r in row['workers'].values()]
-    ratio = (row['workers'][fastest_peer(row)]['median_s'] /
+    ratio = (row['workers'][row['fastest_peer']]['median_s'] /
              row['workers']['mslam_jax']['median_s'])
     print(f'| {row["label"]} | {row["flops"] / 1e9:.0f} | ' + ' | '.join(cells) +
           f' | {ratio:.2f} |')

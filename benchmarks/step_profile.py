@@ -50,14 +50,16 @@ def build_tiny_step():
   return lowered.compile(), (state, batch, rng)
 
 
-_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]')
+# An HLO instruction's line: its name, then (_INSTRUCTION) an array result's dimensions.
+_NAMED = r'\s*(?:ROOT )?%?([\w.\-]+) = '
+_INSTRUCTION = re.compile(_NAMED + r'\w+\[([\d,]*)\]')
 
 
 def op_sources(hlo_text: str):
   """{HLO instruction name: op_name metadata ('' when absent)}."""
   sources = {}
   for line in hlo_text.splitlines():
-    match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
+    match = re.match(_NAMED, line)
     if match:
       name = re.search(r'op_name="([^"]*)"', line)
       if name or match.group(1) not in sources:
