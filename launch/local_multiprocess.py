@@ -24,7 +24,8 @@ A watchdog ends the job when it cannot finish:
     printing counts as busy and is not caught; without /proc (not Linux) only
     output counts. --stall_timeout_s=0 turns the stall check off.
 Then the others get SIGTERM, and SIGKILL after --grace_s, and the launcher
-exits 1 with one line naming the process, what happened and its log. When all
+exits 1 with one line naming the process, what happened, its log and the
+log's last line (for a Python error, the error itself). When all
 exit 0 it exits 0; interrupted (Ctrl-C, SIGTERM) it stops them and exits 130.
 
 Usage:
@@ -325,7 +326,18 @@ def failure_message(failure, args, cmds, log):
             f'compile?), raise --stall_timeout_s (now {args.stall_timeout_s:g}; '
             '0 turns the check off)')
   return (f'[local] error: process {failure.index} {failure.what}; stopped the others; '
-          f'its log: {log} (command: {join(cmds[failure.index])})')
+          f'its log: {log} (command: {join(cmds[failure.index])}); its last line: '
+          f'{last_line(log)}')
+
+
+def last_line(log, limit=300):
+  """The last non-blank line of a log (a traceback ends with its error), cut to `limit`."""
+  try:
+    lines = pathlib.Path(log).read_text(errors='replace').splitlines()
+  except OSError as e:
+    return f'(unreadable: {e})'
+  line = next((l.strip() for l in reversed(lines) if l.strip()), '(empty)')
+  return line if len(line) <= limit else line[:limit] + '...'
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ turn `gs://b/x` into a local `./gs:/b/x`).
 """
 
 import os
+import uuid
 from typing import List, Union
 
 from etils import epath
@@ -72,9 +73,12 @@ def ensure_writable(directory: PathLike, what: str = 'MODEL_DIR') -> epath.Path:
 
   Run at start-up, so a read-only or mistyped MODEL_DIR fails in its first
   second with its path, not minutes later deep inside a checkpoint write.
+  Every host of a multi-process run probes the same directory at the same
+  moment, so each probe has its own name: with one shared name, one host's
+  unlink removed another's probe and that host failed.
   """
   d = path(directory)
-  probe = d / '.mslam_write_probe'
+  probe = d / f'.mslam_write_probe.{uuid.uuid4().hex}'
   try:
     d.mkdir(parents=True, exist_ok=True)
     probe.write_text('ok')

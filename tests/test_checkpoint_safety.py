@@ -1,6 +1,7 @@
 """Checkpoint safety: an unreadable newest checkpoint, a missing data position, unwritable dirs."""
 
 import json
+import multiprocessing
 import os
 
 import jax
@@ -131,6 +132,20 @@ def test_an_unwritable_model_dir_names_its_path(tmp_path):
   with pytest.raises(paths.NotWritableError, match=r'MODEL_DIR .*a_file/run is not writable'):
     paths.ensure_writable(str(blocker / 'run'))
   assert paths.ensure_writable(str(tmp_path / 'fine')).exists()
+
+
+def _probe_repeatedly(directory, times):
+  for _ in range(times):
+    paths.ensure_writable(directory)
+
+
+def test_hosts_probing_one_model_dir_at_once_all_pass(tmp_path):
+  """Every host of a pod run checks MODEL_DIR at start-up, at the same moment."""
+  directory = str(tmp_path / 'run')
+  context = multiprocessing.get_context('spawn')
+  with context.Pool(4) as pool:
+    pool.starmap(_probe_repeatedly, [(directory, 300)] * 4)  # raises what a probe raised
+  assert os.listdir(directory) == []  # no probe left behind
 
 
 def test_paths_glob_and_join_keep_uris():

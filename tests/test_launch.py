@@ -570,6 +570,7 @@ def test_local_stops_the_others_when_one_dies_even_if_they_ignore_sigterm(tmp_pa
       f'[local] error: process 1 exited with code 3; stopped the others; its log: {log} '
       '(command: ')
   assert log.read_text() == 'process 1 fails\n'
+  assert error_line(result.stderr).endswith('; its last line: process 1 fails')
   assert prefixed(result.stdout, 0) == ['process 0 waits']
   assert_gone(pids_of(pid_dir, 2)[0])
 
