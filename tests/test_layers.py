@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +119,36 @@ def test_softmax_swish_glu_values_and_gradients_equal_jax_nn():
     # Second use: jit and a sum of outputs, as inside a training step.
     g = jax.jit(jax.grad(lambda a, fn=ours: jnp.sum(fn(a) * cotangent)))(arg)
     np.testing.assert_allclose(g, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_layers_equal_numpy_products_and_their_gradients():
+  """FlatDense and MultiAxisDense (one 2-D product) against numpy's einsum, values and grads."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 5, 8)).astype(np.float32)
+  flat = layers.dense(6, ('embed', 'mlp'), name='d')
+  params = nn.unbox(flat.init(jax.random.key(0), x)['params'])
+  kernel, bias = (np.asarray(params[k]) for k in ('kernel', 'bias'))
+  np.testing.assert_allclose(flat.apply({'params': params}, x),
+                             np.einsum('btd,df->btf', x, kernel) + bias, rtol=1e-5, atol=1e-5)
+  # d/dkernel of sum(y * g) is sum over b, t of x (outer) g.
+  g = rng.standard_normal((3, 5, 6)).astype(np.float32)
+  grads = jax.grad(lambda p: jnp.sum(flat.apply({'params': p}, x) * g))(params)
+  np.testing.assert_allclose(grads['kernel'], np.einsum('btd,btf->df', x, g), rtol=1e-4,
+                             atol=1e-4)
+  np.testing.assert_allclose(grads['bias'], g.sum((0, 1)), rtol=1e-4, atol=1e-4)
+
+  heads = layers.MultiAxisDense(out_shape=(2, 4), num_in_axes=1, axes=('embed', 'heads', 'kv'))
+  params = nn.unbox(heads.init(jax.random.key(1), x)['params'])
+  kernel, bias = (np.asarray(params[k]) for k in ('kernel', 'bias'))
+  y = heads.apply({'params': params}, x)
+  np.testing.assert_allclose(y, np.einsum('btd,dhk->bthk', x, kernel) + bias, rtol=1e-5,
+                             atol=1e-5)
+  back = layers.MultiAxisDense(out_shape=(8,), num_in_axes=2, axes=('heads', 'kv', 'embed'))
+  params = nn.unbox(back.init(jax.random.key(2), y)['params'])
+  np.testing.assert_allclose(back.apply({'params': params}, y),
+                             np.einsum('bthk,hkd->btd', np.asarray(y), np.asarray(params['kernel']))
+                             + np.asarray(params['bias']), rtol=1e-4, atol=1e-4)
+  g = rng.standard_normal((3, 5, 8)).astype(np.float32)
+  grads = jax.grad(lambda p: jnp.sum(back.apply({'params': p}, y) * g))(params)
+  np.testing.assert_allclose(grads['kernel'], np.einsum('bthk,btd->hkd', np.asarray(y), g),
+                             rtol=1e-4, atol=1e-4)

@@ -25,7 +25,7 @@ def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
           use_bias: bool = True, kernel_init=None) -> nn.Dense:
   """A Dense layer whose kernel has logical axes `axes` = (in_axis, out_axis)."""
   kernel_init = kernel_init or nn.initializers.lecun_normal()
-  return nn.Dense(
+  return FlatDense(
       features,
       use_bias=use_bias,
       dtype=dtype,
@@ -33,6 +33,24 @@ def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
       kernel_init=logical_init(kernel_init, axes),
       bias_init=logical_init(nn.initializers.zeros_init(), axes[-1:]),
       name=name)
+
+
+class FlatDense(nn.Dense):
+  """nn.Dense (same parameters) that multiplies x [..., d_in] as one [rows, d_in] matrix.
+
+  With [B, T, d_in] inputs the weight gradient contracts two axes (B and T),
+  which XLA:CPU runs below its matmul rate; as one [B*T, d_in] operand it is a
+  plain product. Measured (benchmarks/RESULTS.md, alternated against the
+  3-D form): the d 256 Conformer stack step 5-10% faster, d 1024 level or
+  5% faster; on a sharded step fewer all-gathers (the tiny step on a
+  (2, 2, 2) mesh: 238 against 262 for 8 CPU devices, 116 against 122 for a
+  v5p-16) and no more memory. The merged row axis keeps the batch axis's
+  sharding (batch is the major axis).
+  """
+
+  def __call__(self, x):
+    y = super().__call__(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class MultiAxisDense(nn.Module):
@@ -65,8 +83,11 @@ class MultiAxisDense(nn.Module):
                         jnp.float32)
     bias = self.param('bias', logical_init(nn.initializers.zeros_init(), self.axes[n_in:]),
                       out_shape, jnp.float32)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
-    return y + bias.astype(self.dtype)
+    # One [rows, prod(in_shape)] x [prod(in_shape), prod(out_shape)] product, as in FlatDense.
+    fan_in = math.prod(in_shape)
+    y = (x.astype(self.dtype).reshape(-1, fan_in)
+         @ kernel.astype(self.dtype).reshape(fan_in, -1))
+    return y.reshape(*x.shape[:x.ndim - n_in], *out_shape) + bias.astype(self.dtype)
 
 
 def layer_norm(*, name: str, dtype=jnp.float32) -> nn.LayerNorm:
