@@ -33,6 +33,7 @@ import tempfile
 import time
 
 import machine  # benchmarks/machine.py, beside this script
+from mslam_jax import console
 from mslam_jax import host_memory
 
 
@@ -118,7 +119,10 @@ def main():
   parser.add_argument('--what', default='stack:d256', help="'stack:SHAPE' or 'tiny'")
   parser.add_argument('--steps', type=int, default=3, help='profiled steps')
   parser.add_argument('--top', type=int, default=25, help='parts listed')
+  parser.add_argument('--verbose', action='store_true',
+                      help="keep jax's, XLA's and TensorFlow's start-up logs")
   args = parser.parse_args()
+  console.quiet_unless_verbose()
   import jax  # pylint: disable=import-outside-toplevel
   if args.what == 'tiny':
     step, state = build_tiny_step()

@@ -98,8 +98,12 @@ def main():
   parser.add_argument('--binding', action='append', default=[],
                       help="a gin binding for every compile (repeatable), e.g. "
                       "'MESH_SHAPE = (1, -1, 4)'")
+  parser.add_argument('--verbose', action='store_true',
+                      help="keep jax's, XLA's and TensorFlow's start-up logs")
   args = parser.parse_args()
   sys.path.insert(0, REPO_ROOT)
+  from mslam_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_unless_verbose()
   from mslam_jax import tpu_topologies  # pylint: disable=g-import-not-at-top
   print('| topology | config | remat | accumulation K | per-device HBM needed | chip HBM | '
         'fits? | compile (wall) |')

@@ -50,25 +50,35 @@ class Worker:
   checkout's entry points (`mslam_jax.host_memory`: mimalloc where installed)
   unless `malloc` names another setting (one of host_memory.CHOICES; 'system'
   gives glibc's defaults). `ready` holds the worker's first reply.
+
+  The worker's stderr (the libraries' start-up logs: TensorFlow's, XLA's)
+  goes to a file, not to the console; when the worker fails, its last lines
+  and the file's path are in the error.
   """
 
   def __init__(self, name: str, argv: Sequence[str], root: str = REPO_ROOT, env=None,
                malloc: Optional[str] = None):
     self.name = name
+    self.stderr = tempfile.NamedTemporaryFile(  # pylint: disable=consider-using-with
+        mode='w+', prefix='worker_', suffix='.log', delete=False)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu', **(env or {}))
     for key in ('GLIBC_TUNABLES', 'LD_PRELOAD', host_memory.VARIABLE):
       env.pop(key, None)
     env.update(host_memory.environment(malloc, base=env))
     env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
     self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+                                 stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                 env=env, cwd=root)
     self.ready = self._read()
 
   def _read(self) -> Dict:
     line = self.proc.stdout.readline()
     if not line:
-      raise RuntimeError(f'worker {self.name} exited (code {self.proc.wait()}); '
-                         'its stderr is above.')
+      code = self.proc.wait()
+      self.stderr.seek(0)
+      tail = ''.join(self.stderr.readlines()[-20:])
+      raise RuntimeError(f'worker {self.name} exited (code {code}); the end of its stderr '
+                         f'({self.stderr.name}):\n{tail}')
     return json.loads(line)
 
   def ask(self, command: str) -> Dict:
@@ -81,6 +91,8 @@ class Worker:
       self.proc.stdin.write('quit\n')
       self.proc.stdin.flush()
     self.proc.wait()
+    self.stderr.close()
+    os.unlink(self.stderr.name)
 
 
 def median_faults(workers: List[Worker]) -> Dict[str, float]:
