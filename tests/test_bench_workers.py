@@ -1,4 +1,4 @@
-"""benchmarks/workers.py: a worker's library noise stays off the console, and its failure shows it."""
+"""benchmarks/workers.py: a worker's library noise stays off the console; a failure shows it."""
 
 import os
 import sys
@@ -41,3 +41,4 @@ def test_a_failed_worker_raises_with_the_end_of_its_stderr(tmp_path):
   worker = workers.Worker('w', [str(script)], root=str(tmp_path), malloc='system')
   with pytest.raises(RuntimeError, match=r'(?s)worker w exited \(code 3\).*the worker broke'):
     worker.ask('fail')
+  os.unlink(worker.stderr.name)  # kept for the user to read; named in the error

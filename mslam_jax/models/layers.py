@@ -41,11 +41,11 @@ class FlatDense(nn.Dense):
   With [B, T, d_in] inputs the weight gradient contracts two axes (B and T),
   which XLA:CPU runs below its matmul rate; as one [B*T, d_in] operand it is a
   plain product. Measured (benchmarks/RESULTS.md, alternated against the
-  3-D form): the d 256 Conformer stack step 5-10% faster, d 1024 level or
-  5% faster; on a sharded step fewer all-gathers (the tiny step on a
-  (2, 2, 2) mesh: 238 against 262 for 8 CPU devices, 116 against 122 for a
-  v5p-16) and no more memory. The merged row axis keeps the batch axis's
-  sharding (batch is the major axis).
+  3-D form on a 2-core CPU): the Conformer stack step 5-12% faster at d 256,
+  level to 5% faster at d 1024; on a sharded step fewer all-gathers (the
+  tiny step on a (2, 2, 2) mesh: 238 against 262 for 8 CPU devices, 116
+  against 122 for a v5p-16) and no more memory. The merged row axis keeps
+  the batch axis's sharding (batch is the major axis).
   """
 
   def __call__(self, x):
