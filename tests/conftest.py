@@ -4,6 +4,7 @@ Sizes are kept small so each test compiles in seconds on a 2-core CPU.
 """
 
 import os
+import sys
 
 import gin
 import jax
@@ -15,6 +16,11 @@ jax.config.update('jax_compilation_cache_dir',
                   os.environ.get('JAX_COMPILATION_CACHE_DIR',
                                  os.path.join(os.path.dirname(__file__), '..', '.jax_cache')))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+# The scripts in benchmarks/ and launch/ import their siblings as top-level
+# modules (`import workers`, `import shell_words`); tests import them the same way.
+_REPO = os.path.join(os.path.dirname(__file__), '..')
+sys.path[:0] = [os.path.join(_REPO, 'benchmarks'), os.path.join(_REPO, 'launch')]
 
 from mslam_jax import gin_utils  # noqa: E402
 from mslam_jax import pretrain_loss  # noqa: E402

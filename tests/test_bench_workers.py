@@ -1,12 +1,10 @@
 """benchmarks/workers.py: a worker's library noise stays off the console; a failure shows it."""
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
-import workers  # pylint: disable=g-import-not-at-top,wrong-import-position
+import workers  # benchmarks/workers.py (tests/conftest.py puts benchmarks/ on the path)
 
 WORKER = '''
 import json, sys

@@ -20,11 +20,10 @@ import sys
 import time
 
 import pytest
+import shell_words  # launch/ (tests/conftest.py puts it on the path)
+import tpu_pod
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'launch'))
-import shell_words  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import tpu_pod  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 LIBTPU_FIND_LINKS = 'https://storage.googleapis.com/jax-releases/libtpu_releases.html'
 # Words a shell or a gin parser would mangle if any quoting level were wrong.

@@ -1,14 +1,10 @@
 """benchmarks/step_profile.py reads matmul FLOPs from compiled HLO, fused dots included."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
-import step_profile  # pylint: disable=wrong-import-position
+import step_profile  # benchmarks/ (tests/conftest.py puts it on the path)
 
 
 def _entry_instructions(hlo_text):

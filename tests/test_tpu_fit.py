@@ -1,10 +1,6 @@
 """benchmarks/tpu_fit.py: its table cells and the accumulation steps it tries."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
-import tpu_fit  # pylint: disable=wrong-import-position
+import tpu_fit  # benchmarks/tpu_fit.py (tests/conftest.py puts benchmarks/ on the path)
 
 
 def test_needed_text_for_a_step_that_compiled_fitting_or_not():
