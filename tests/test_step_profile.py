@@ -45,3 +45,61 @@ def test_classify_names_fused_matmuls_by_their_flops():
   assert step_profile.classify('ynn_fusion.2', 'jit(f)/jvp()/reduce_sum', 10)[0] == 'matmul'
   assert step_profile.classify('fusion.3', 'jit(f)/transpose(jvp())/mul', 0)[:2] == (
       'other', 'backward')
+
+
+def _dot_general_reference(lhs, rhs, product):
+  """numpy einsum of a dot_general: output axes are batch, lhs free, rhs free."""
+  letters = iter('abcdefghijklmnopqrstuvwxyz')
+  lhs_axes = [next(letters) for _ in lhs.shape]
+  rhs_axes = [next(letters) for _ in rhs.shape]
+  for l, r in zip(product.lhs_batch + product.lhs_contracting,
+                  product.rhs_batch + product.rhs_contracting):
+    rhs_axes[r] = lhs_axes[l]
+  out = ([lhs_axes[a] for a in product.lhs_batch]
+         + [c for a, c in enumerate(lhs_axes)
+            if a not in product.lhs_batch + product.lhs_contracting]
+         + [c for a, c in enumerate(rhs_axes)
+            if a not in product.rhs_batch + product.rhs_contracting])
+  return np.einsum(f"{''.join(lhs_axes)},{''.join(rhs_axes)}->{''.join(out)}", lhs, rhs)
+
+
+def test_each_products_stand_alone_copy_computes_the_same_dot():
+  """Shapes, dimension numbers and dtypes read from compiled HLO rebuild each product."""
+  b, n, t, h = 2, 3, 16, 8
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32) for _ in range(3))
+
+  def loss(q, k, v):
+    probs = jax.nn.softmax(jnp.einsum('btnh,bsnh->bnts', q, k), axis=-1)
+    return jnp.sum(jnp.tanh(jnp.einsum('bnts,bsnh->btnh', probs, v)))
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+  products = {p for ps in step_profile.dot_products(hlo).values() for p in ps}
+  assert products
+  for product in products:
+    assert product.out_dtype == product.lhs_dtype == 'float32'
+    lhs = rng.standard_normal(product.lhs).astype(np.float32)
+    rhs = rng.standard_normal(product.rhs).astype(np.float32)
+    out = np.asarray(product.function()(lhs, rhs))
+    expected = _dot_general_reference(lhs, rhs, product)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    contracted = np.prod([lhs.shape[a] for a in product.lhs_contracting])
+    assert product.flops == 2 * expected.size * contracted
+  assert step_profile.square(64).flops == 2 * 64 ** 3
+  seconds = step_profile.time_alone(list(products) + [step_profile.square(64)], rounds=2)
+  assert set(seconds) == products | {step_profile.square(64)}
+  assert all(0 < s < 60 for s in seconds.values())
+
+
+def test_an_async_op_lasts_from_its_launch_to_its_end_event():
+  """XLA:CPU's async thunks: launch event + `end: NAME`; a synchronous op keeps its own span."""
+  x = lambda name, ts, dur: {'ph': 'X', 'name': name, 'ts': ts, 'dur': dur}
+  events = [
+      x('dot.1', 0.0, 0.5), x('fusion.2', 1.0, 3.0),   # dot.1 launched, fusion.2 synchronous
+      x('end: dot.1', 9.0, 1.0),                        # dot.1 done at 10
+      x('dot.1', 20.0, 0.5), x('end: dot.1', 24.0, 0.0),  # dot.1 again (a loop): done at 24
+      x('ThreadpoolListener::Record', 2.0, 5.0),        # not an HLO op of the step
+      {'ph': 'i', 'name': 'dot.1', 'ts': 3.0},          # not a complete event
+  ]
+  spans = step_profile.op_spans(events, {'dot.1', 'fusion.2'})
+  assert spans == [('dot.1', 10.0), ('fusion.2', 3.0), ('dot.1', 4.0)]
