@@ -13,15 +13,12 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import tensorflow as tf
 
-from mslam_jax import REPO_ROOT
 from mslam_jax.corpus import build
 from mslam_jax.corpus import catalogs
 from mslam_jax.corpus import synthesis

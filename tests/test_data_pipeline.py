@@ -1,6 +1,5 @@
 """Task preprocessing: sources, features and every bad-input case (skipped or cleaned, counted)."""
 
-import io
 import os
 
 import numpy as np
