@@ -163,12 +163,15 @@ def square(n: int, dtype: str = 'float32') -> Product:
   return Product((n, n), (n, n), dtype, dtype, dtype, (1,), (0,), (), ())
 
 
-def time_alone(products, rounds: int = 5) -> Dict[Product, float]:
-  """{product: best seconds of `rounds` calls}, each product run by itself on random operands.
+def time_alone(products, rounds: int = 5, min_seconds: float = 0.02) -> Dict[Product, float]:
+  """{product: best seconds per call over `rounds`}, each product run by itself on random operands.
 
-  The products take turns, one call each per round (after a warm-up call), so
+  The products take turns, one timing each per round (after a warm-up call), so
   that a shared machine's changing load reaches them all alike; the best of the
-  rounds is the rate the product can reach here.
+  rounds is the rate the product can reach here. A timing is back-to-back calls
+  worth about `min_seconds` (jax dispatches asynchronously, so the launch of
+  the next call overlaps the running one), so that a small product's time is
+  not its Python dispatch.
   """
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -177,14 +180,20 @@ def time_alone(products, rounds: int = 5) -> Dict[Product, float]:
   for product in set(products):
     lhs = jax.numpy.asarray(rng.standard_normal(product.lhs), product.lhs_dtype)
     rhs = jax.numpy.asarray(rng.standard_normal(product.rhs), product.rhs_dtype)
-    calls[product] = (product.function(), lhs, rhs)
-    jax.block_until_ready(calls[product][0](lhs, rhs))
+    function = product.function()
+    jax.block_until_ready(function(lhs, rhs))
+    begin = time.perf_counter()
+    jax.block_until_ready(function(lhs, rhs))
+    repeats = max(1, math.ceil(min_seconds / (time.perf_counter() - begin)))
+    calls[product] = (function, lhs, rhs, repeats)
   best = {product: math.inf for product in calls}
   for _ in range(rounds):
-    for product, (function, lhs, rhs) in calls.items():
+    for product, (function, lhs, rhs, repeats) in calls.items():
       begin = time.perf_counter()
-      jax.block_until_ready(function(lhs, rhs))
-      best[product] = min(best[product], time.perf_counter() - begin)
+      for _ in range(repeats):
+        out = function(lhs, rhs)
+      jax.block_until_ready(out)
+      best[product] = min(best[product], (time.perf_counter() - begin) / repeats)
   return best
 
 
