@@ -338,6 +338,7 @@ def main():
           f'wall time {wall_ms:.0f} ms ({wall_ms / alone_ms:.2f}x alone), MFU '
           f'{gflop * 1e12 / wall_ms / peak:.0%}')
 
+
 if __name__ == '__main__':
   host_memory.configure_on_cpu()  # as the entry points do (it may re-execute this script)
   main()

@@ -52,9 +52,9 @@ def _dot_general_reference(lhs, rhs, product):
   letters = iter('abcdefghijklmnopqrstuvwxyz')
   lhs_axes = [next(letters) for _ in lhs.shape]
   rhs_axes = [next(letters) for _ in rhs.shape]
-  for l, r in zip(product.lhs_batch + product.lhs_contracting,
-                  product.rhs_batch + product.rhs_contracting):
-    rhs_axes[r] = lhs_axes[l]
+  for left, right in zip(product.lhs_batch + product.lhs_contracting,
+                         product.rhs_batch + product.rhs_contracting):
+    rhs_axes[right] = lhs_axes[left]
   out = ([lhs_axes[a] for a in product.lhs_batch]
          + [c for a, c in enumerate(lhs_axes)
             if a not in product.lhs_batch + product.lhs_contracting]
@@ -93,7 +93,9 @@ def test_each_products_stand_alone_copy_computes_the_same_dot():
 
 def test_an_async_op_lasts_from_its_launch_to_its_end_event():
   """XLA:CPU's async thunks: launch event + `end: NAME`; a synchronous op keeps its own span."""
-  x = lambda name, ts, dur: {'ph': 'X', 'name': name, 'ts': ts, 'dur': dur}
+  def x(name, ts, dur):
+    return {'ph': 'X', 'name': name, 'ts': ts, 'dur': dur}
+
   events = [
       x('dot.1', 0.0, 0.5), x('fusion.2', 1.0, 3.0),   # dot.1 launched, fusion.2 synchronous
       x('end: dot.1', 9.0, 1.0),                        # dot.1 done at 10
