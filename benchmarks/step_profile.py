@@ -152,10 +152,9 @@ def dot_products(hlo_text: str) -> Dict[str, List[Product]]:
   return products
 
 
-def op_flops(hlo_text: str) -> Dict[str, int]:
-  """{HLO instruction name: matmul FLOPs it executes} (`dot_products`' FLOPs summed)."""
-  return {name: sum(p.flops for p in products)
-          for name, products in dot_products(hlo_text).items()}
+def op_flops(products: Dict[str, List[Product]]) -> Dict[str, int]:
+  """{HLO instruction name: matmul FLOPs it executes}, from `dot_products`' answer."""
+  return {name: sum(p.flops for p in op_products) for name, op_products in products.items()}
 
 
 def square(n: int, dtype: str = 'float32') -> Product:
@@ -261,7 +260,7 @@ def main():
   hlo = (step.as_text() if hasattr(step, 'as_text') else
          step.lower(state).compile().as_text())
   sources, products = op_sources(hlo), dot_products(hlo)
-  flops = {name: sum(p.flops for p in ps) for name, ps in products.items()}
+  flops = op_flops(products)
   walls = []
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)

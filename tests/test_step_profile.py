@@ -31,7 +31,7 @@ def test_op_flops_counts_every_executed_matmul_once():
     return jnp.sum(jnp.tanh(out.transpose(0, 2, 1, 3).reshape(b * t, n * h) @ w))
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(q, k, v, w).compile().as_text()
-  flops = step_profile.op_flops(hlo)
+  flops = step_profile.op_flops(step_profile.dot_products(hlo))
   executed = sum(f for name, f in flops.items() if name in _entry_instructions(hlo))
   attention = 2 * b * n * t * t * h        # one [t, h] x [h, t] product per batch and head
   projection = 2 * b * t * n * h * d
