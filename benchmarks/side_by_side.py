@@ -33,6 +33,8 @@ a baseline with its own entry points' setting (workers.entry_point_malloc);
 hugepages, system: glibc's defaults). The peer runs as a PyTorch user runs it,
 with glibc's allocator; --peer_malloc SETTING adds a peer worker with another
 setting, and the ratios are taken against the fastest peer worker.
+--model_option NAME=VALUE adds this checkout's stack with that ModelConfig
+field set (e.g. transposed_weight_gradient=True, for AVX2-only CPUs).
 
     pip install -c constraints.txt -e '.[bench]'   # torch + transformers
     python benchmarks/side_by_side.py                      # fp32, all shapes
@@ -41,6 +43,7 @@ setting, and the ratios are taken against the fastest peer worker.
 """
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import json
@@ -48,7 +51,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
@@ -93,11 +96,12 @@ PEAK_CHECK_SIZE = 2048
 # Workers: one process per framework, commands on stdin, JSON replies on stdout.
 
 
-def build_jax_step(shape: Shape, dtype: str = 'float32'):
+def build_jax_step(shape: Shape, dtype: str = 'float32', options: Optional[Dict] = None):
   """mslam_jax's stack step at `shape`: (jitted step(state) -> (state, loss), state, params).
 
   The one builder of the measured step, shared with step_profile.py. The old
-  state is donated, as in training.
+  state is donated, as in training. `options`: more ModelConfig fields
+  (`--model_option`).
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -110,7 +114,7 @@ def build_jax_step(shape: Shape, dtype: str = 'float32'):
             if 'scan_unroll' in {f.name for f in dataclasses.fields(ModelConfig)} else {})
   config = ModelConfig(d_model=shape.d_model, num_heads=shape.num_heads, ffn_dim=shape.ffn_dim,
                        dropout_rate=0.0, remat_policy=shape.remat, dtype=dtype,
-                       conv_kernel_size=5, **unroll)
+                       conv_kernel_size=5, **unroll, **(options or {}))
   model = ConformerStack(config, shape.num_layers, deterministic=True)
   # The stack's input in the compute dtype, as the frontend hands it over in the model.
   x = jax.random.normal(jax.random.key(0), (shape.batch, shape.frames, shape.d_model),
@@ -132,7 +136,7 @@ def build_jax_step(shape: Shape, dtype: str = 'float32'):
   return jax.jit(train_step, donate_argnums=0), (params, optimizer.init(params)), num_params
 
 
-def _jax_worker(shape: Optional[Shape], dtype: str):
+def _jax_worker(shape: Optional[Shape], dtype: str, options: Dict):
   """Builds the mslam_jax step; returns (params, step(), matmul(n) -> seconds)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from mslam_jax import flops  # pylint: disable=import-outside-toplevel
@@ -142,7 +146,7 @@ def _jax_worker(shape: Optional[Shape], dtype: str):
 
   if shape is None:
     return 0, None, matmul
-  train_step, state, num_params = build_jax_step(shape, dtype)
+  train_step, state, num_params = build_jax_step(shape, dtype, options)
   holder = [state]
 
   def step():
@@ -154,8 +158,10 @@ def _jax_worker(shape: Optional[Shape], dtype: str):
   return num_params, step, matmul
 
 
-def _torch_worker(shape: Optional[Shape], dtype: str):
+def _torch_worker(shape: Optional[Shape], dtype: str, options: Dict):
   """Builds the Wav2Vec2-BERT step; returns (params, step(), matmul(n) -> seconds)."""
+  if options:
+    raise ValueError(f'side_by_side: --model_option {options} is for the mslam_jax stack.')
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
@@ -197,11 +203,11 @@ def _torch_worker(shape: Optional[Shape], dtype: str):
   return sum(p.numel() for p in encoder.parameters()), step, matmul
 
 
-def worker_main(framework: str, shape_name: str, dtype: str) -> None:
+def worker_main(framework: str, shape_name: str, dtype: str, options: Dict) -> None:
   shape = SHAPES.get(shape_name)
   build = {'jax': _jax_worker, 'torch': _torch_worker}[framework]
   start = time.perf_counter()
-  num_params, step, matmul = build(shape, dtype)
+  num_params, step, matmul = build(shape, dtype, options)
   if step is not None:
     step()  # compilation, first-touch allocation
     step()
@@ -224,9 +230,28 @@ def worker_main(framework: str, shape_name: str, dtype: str) -> None:
 
 
 def _worker(name: str, framework: str, shape: str, dtype: str, root: str = REPO_ROOT,
-            malloc: Optional[str] = None) -> Worker:
+            malloc: Optional[str] = None, model_option: Optional[str] = None) -> Worker:
+  options = ['--model_option', model_option] if model_option else []
   return Worker(name, [os.path.abspath(__file__), '--worker', framework, '--shapes', shape,
-                       '--dtype', dtype], root=root, malloc=malloc)
+                       '--dtype', dtype, *options], root=root, malloc=malloc)
+
+
+def parse_model_options(items: List[str]) -> Dict:
+  """['NAME=VALUE', ...] -> ModelConfig fields; VALUE a Python literal, else a string."""
+  from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  options = {}
+  for item in items:
+    name, sep, value = item.partition('=')
+    if not sep or name not in fields:
+      raise ValueError(f'side_by_side: --model_option {item!r} is not NAME=VALUE with NAME a '
+                       'field of mslam_jax.models.config.ModelConfig '
+                       '(e.g. transposed_weight_gradient=True).')
+    try:
+      options[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[name] = value
+  return options
 
 
 def measure_peak(dtype: str, rounds: int) -> Dict:
@@ -276,12 +301,16 @@ def main():
                       choices=[c for c in host_memory.CHOICES if c != 'system'],
                       help='one more peer worker with this host allocator setting (repeatable; '
                       'the peer runs with glibc\'s allocator)')
+  parser.add_argument('--model_option', action='append', default=[], metavar='NAME=VALUE',
+                      help='one more worker: the mslam_jax stack with this ModelConfig field '
+                      'set (repeatable, one worker each; e.g. transposed_weight_gradient=True)')
   parser.add_argument('--output', default=None, help='JSON file for the figures')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker_main(args.worker, args.shapes, args.dtype)
+    worker_main(args.worker, args.shapes, args.dtype, parse_model_options(args.model_option))
     return
+  parse_model_options(args.model_option)  # a bad option fails here, not in every worker
 
   print(f'side_by_side {args.dtype}: {machine.cpu_summary()}', flush=True)
   peak = measure_peak(args.dtype, rounds=5)
@@ -302,6 +331,9 @@ def main():
       for setting in args.malloc:
         workers.append(_worker(f'mslam_jax, MSLAM_HOST_MALLOC={setting}', 'jax', name,
                                args.dtype, malloc=setting))
+      for option in args.model_option:
+        workers.append(_worker(f'mslam_jax, {option}', 'jax', name, args.dtype,
+                               model_option=option))
       workers.append(_worker('peer', 'torch', name, args.dtype, malloc='system'))
       for setting in args.peer_malloc:
         workers.append(_worker(f'peer, MSLAM_HOST_MALLOC={setting}', 'torch', name, args.dtype,

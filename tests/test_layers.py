@@ -137,6 +137,29 @@ def test_dense_layers_equal_numpy_products_and_their_gradients():
                              atol=1e-4)
   np.testing.assert_allclose(grads['bias'], g.sum((0, 1)), rtol=1e-4, atol=1e-4)
 
+  # The weight gradient from a written-out x^T: the same values and gradients,
+  # and the copy is there (an optimization barrier) only when asked for.
+  wide = layers.dense(6, ('embed', 'mlp'), name='d', transposed_weight_gradient=True)
+
+  def loss_and_grads(module):
+    def loss(p, x):
+      return jnp.sum(module.apply({'params': p}, x) * g)
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+  (value, (grads_wide, dx_wide)), (ref_value, (ref_grads, ref_dx)) = (
+      loss_and_grads(wide), loss_and_grads(flat))
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  np.testing.assert_allclose(grads_wide['kernel'], np.einsum('btd,btf->df', x, g), rtol=1e-4,
+                             atol=1e-4)
+  np.testing.assert_allclose(dx_wide, np.einsum('btf,df->btd', g, kernel), rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves((grads_wide, dx_wide)), jax.tree.leaves((ref_grads, ref_dx))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  barriers = {
+      name: str(jax.make_jaxpr(jax.grad(lambda p, m=m: jnp.sum(m.apply({'params': p}, x) * g)))(
+          params)).count('optimization_barrier')
+      for name, m in (('wide', wide), ('flat', flat))}
+  assert barriers == {'wide': 1, 'flat': 0}
+
   heads = layers.MultiAxisDense(out_shape=(2, 4), num_in_axes=1, axes=('embed', 'heads', 'kv'))
   params = nn.unbox(heads.init(jax.random.key(1), x)['params'])
   kernel, bias = (np.asarray(params[k]) for k in ('kernel', 'bias'))

@@ -99,6 +99,16 @@ class ModelConfig:
       CPU the step is 6-12% slower, since separate passes run side by side
       there. False runs every pass on its own (the reference the tests
       compare with).
+    transposed_weight_gradient: the Conformer's widening dense layers (the
+      feed-forward's wi, d -> ffn, and the convolution module's pointwise_in,
+      d -> 2d) take their kernel gradient from a written-out copy of their input's
+      transpose (ours; `layers.matmul_transposed_weight_gradient`). For
+      AVX2-only CPUs, where XLA:CPU ran autodiff's x^T dy for the 0.6B width's
+      feed-forward wi at about half its matmul rate (79 against 144-154
+      GFLOP/s): the stack step 1.01-1.14x faster there (benchmarks/RESULTS.md).
+      Off by default: on TPU and GPU the compiler lays out the operands
+      itself, and the copy's barrier would stop fusion; not measured on
+      AVX-512 CPUs, where these products already ran near the matmul rate.
   """
   num_mel_bins: int = NUM_MEL_BINS
   frontend_channels: int = 128
@@ -118,6 +128,7 @@ class ModelConfig:
   dtype: str = 'float32'
   scan_unroll: int = 1
   merge_passes: bool = True
+  transposed_weight_gradient: bool = False
 
   def __post_init__(self):
     if self.d_model % self.num_heads:

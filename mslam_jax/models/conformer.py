@@ -31,7 +31,8 @@ class FeedForward(nn.Module):
     cfg = self.config
     dtype = cfg.compute_dtype
     h = layers.layer_norm(name='ln', dtype=dtype)(x)
-    h = layers.dense(cfg.ffn_dim, ('embed', 'mlp'), name='wi', dtype=dtype)(h)
+    h = layers.dense(cfg.ffn_dim, ('embed', 'mlp'), name='wi', dtype=dtype,
+                     transposed_weight_gradient=cfg.transposed_weight_gradient)(h)
     h = nn.with_logical_constraint(layers.swish(h), ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='wo', dtype=dtype)(h)
@@ -75,7 +76,8 @@ class ConvolutionModule(nn.Module):
     cfg = self.config
     dtype = cfg.compute_dtype
     h = layers.layer_norm(name='ln', dtype=dtype)(x)
-    h = layers.dense(2 * cfg.d_model, ('embed', 'mlp'), name='pointwise_in', dtype=dtype)(h)
+    h = layers.dense(2 * cfg.d_model, ('embed', 'mlp'), name='pointwise_in', dtype=dtype,
+                     transposed_weight_gradient=cfg.transposed_weight_gradient)(h)
     h = layers.glu(h)
     h = layers.zero_padded(h, paddings)
     kernel = self.param(
