@@ -105,7 +105,8 @@ class ModelConfig:
       transpose (ours; `layers.matmul_transposed_weight_gradient`). For
       AVX2-only CPUs, where XLA:CPU ran autodiff's x^T dy for the 0.6B width's
       feed-forward wi at about half its matmul rate (79 against 144-154
-      GFLOP/s): the stack step 1.01-1.14x faster there (benchmarks/RESULTS.md).
+      GFLOP/s): the stack step 1.01-1.14x faster there at d 256 and 1024, the
+      tiny demo model's (d 64) 1.19x slower (benchmarks/RESULTS.md).
       Off by default: on TPU and GPU the compiler lays out the operands
       itself, and the copy's barrier would stop fusion; not measured on
       AVX-512 CPUs, where these products already ran near the matmul rate.
