@@ -109,12 +109,13 @@ def build_jax_step(shape: Shape, dtype: str = 'float32', options: Optional[Dict]
   from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from mslam_jax.models.conformer import ConformerStack  # pylint: disable=import-outside-toplevel
   # Unrolled layers, the CPU setting of the gin files (ModelConfig.scan_unroll), where the
-  # revision has the field (a --baseline may predate it).
+  # revision has the field (a --baseline may predate it). `options` override any field.
   unroll = ({'scan_unroll': shape.num_layers}
             if 'scan_unroll' in {f.name for f in dataclasses.fields(ModelConfig)} else {})
-  config = ModelConfig(d_model=shape.d_model, num_heads=shape.num_heads, ffn_dim=shape.ffn_dim,
-                       dropout_rate=0.0, remat_policy=shape.remat, dtype=dtype,
-                       conv_kernel_size=5, **unroll, **(options or {}))
+  fields = dict(d_model=shape.d_model, num_heads=shape.num_heads, ffn_dim=shape.ffn_dim,
+                dropout_rate=0.0, remat_policy=shape.remat, dtype=dtype, conv_kernel_size=5,
+                **unroll)
+  config = ModelConfig(**{**fields, **(options or {})})
   model = ConformerStack(config, shape.num_layers, deterministic=True)
   # The stack's input in the compute dtype, as the frontend hands it over in the model.
   x = jax.random.normal(jax.random.key(0), (shape.batch, shape.frames, shape.d_model),

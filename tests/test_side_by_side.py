@@ -20,7 +20,9 @@ def test_a_model_option_reaches_the_measured_step():
   """The stack step built with transposed_weight_gradient: same loss and update, other program."""
   shape = side_by_side.Shape(32, 2, 64, 1, 2, 8)
   results, programs = {}, {}
-  for options in ({}, {'transposed_weight_gradient': True}):
+  # scan_unroll and remat_policy are also set by the builder: an option overrides them.
+  for options in ({}, {'transposed_weight_gradient': True, 'scan_unroll': 1,
+                       'remat_policy': 'none'}):
     step, state, _ = side_by_side.build_jax_step(shape, options=options)
     programs[bool(options)] = step.lower(state).as_text()
     results[bool(options)] = step(state)
