@@ -125,11 +125,15 @@ def random_params(seed: int):
   from mslam_jax import trainer  # pylint: disable=g-import-not-at-top
   from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
   from mslam_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from mslam_jax.train_config import TrainConfig  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   loss_config = pretrain_loss.LossConfig()
   batch = trainer.init_batch(BatchConfig(), loss_config.parts)
-  params = nn.unbox(jax.jit(lambda r: pretrain_loss.init_params(
-      r, batch, model_config=ModelConfig(), loss_config=loss_config))(jax.random.key(seed)))
+  # Compiled as the run's own initialisation is (TrainConfig.init_compiler_options).
+  params = nn.unbox(jax.jit(
+      lambda r: pretrain_loss.init_params(r, batch, model_config=ModelConfig(),
+                                          loss_config=loss_config),
+      compiler_options=TrainConfig().init_compiler_options)(jax.random.key(seed)))
   return encoder_params(params['params'])
 
 

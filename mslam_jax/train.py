@@ -123,7 +123,8 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
       for _ in range(latest):
         next(batches)
   else:
-    state = trainer.create_train_state(init_rng, optimizer, shardings, **shape_kwargs)
+    state = trainer.create_train_state(init_rng, optimizer, shardings, **shape_kwargs,
+                                       compiler_options=train_config.init_compiler_options)
   step_fn = trainer.jit_train_step(
       trainer.make_train_step(optimizer, accumulate_steps=train_config.accumulate_steps,
                               model_config=model_config, loss_config=loss_config),

@@ -35,6 +35,11 @@ class TrainConfig:
       `compiler_options`, part of the persistent cache's key), e.g.
       {'xla_backend_optimization_level': 1} on a CPU: a shorter compile for a
       slower step (benchmarks/RESULTS.md). None keeps XLA's defaults.
+    init_compiler_options: the same for the program that creates a fresh
+      state (it runs once): {'xla_backend_optimization_level': 0} on a CPU
+      compiles it in half the time (gin/pretrain_tiny_cpu.gin sets it;
+      benchmarks/RESULTS.md, "Time to the first step"). The initial values
+      then differ in the last bits (float rounding), not in distribution.
   """
   model_dir: str = 'runs/default'
   train_steps: int = 100
@@ -49,3 +54,4 @@ class TrainConfig:
   fallback_to_intact_checkpoint: bool = True
   restart_data_stream: bool = False
   compiler_options: Optional[Dict[str, Any]] = None
+  init_compiler_options: Optional[Dict[str, Any]] = None

@@ -116,16 +116,19 @@ def _check_optimizer_state_is_split(abstract) -> None:
 
 def create_train_state(rng, optimizer, shardings, *, model_config: ModelConfig,
                        loss_config: pretrain_loss.LossConfig,
-                       batch_config: batch_spec.BatchConfig):
+                       batch_config: batch_spec.BatchConfig,
+                       compiler_options: Optional[Dict[str, Any]] = None):
   """A fresh state, each array created on its devices (never whole on one).
 
   shardings: from `state_shardings` (computed once by the caller, who also
-  needs them for the step).
+  needs them for the step). compiler_options: XLA options for this program
+  (TrainConfig.init_compiler_options).
   """
   init = _init_fn(optimizer, model_config, loss_config, batch_config)
   # No mesh context is needed here: the out_shardings place every array, and
   # activation constraints only matter in the step.
-  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings,
+                 compiler_options=compiler_options)(rng)
 
 
 def make_train_step(optimizer: optax.GradientTransformation, *, model_config: ModelConfig,

@@ -211,6 +211,24 @@ def test_compiler_options_reach_xla():
     step.lower(state, batch, jax.random.key(0)).compile()
 
 
+def test_init_compiler_options_reach_xla_and_change_only_rounding():
+  """TrainConfig.init_compiler_options (LLVM -O0 in the CPU demo) compile the state's creation.
+
+  The unoptimised program draws the same initial values up to float rounding;
+  an unknown option is refused, so the options do reach XLA.
+  """
+  model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  mesh = _mesh((1, 1, 1), 1)
+  optimizer, state, shardings = _setup(mesh, model_config, loss_config)
+  kwargs = dict(model_config=model_config, loss_config=loss_config, batch_config=BATCH)
+  unoptimised = trainer.create_train_state(jax.random.key(0), optimizer, shardings, **kwargs,
+                                           compiler_options={'xla_backend_optimization_level': 0})
+  assert_trees_close(jax.device_get(unoptimised), jax.device_get(state), rtol=1e-5, atol=1e-6)
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    trainer.create_train_state(jax.random.key(0), optimizer, shardings, **kwargs,
+                               compiler_options={'xla_no_such_option': 1})
+
+
 @needs_8
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   model_config, loss_config = tiny_configs('LossConfig.num_negatives = 4')

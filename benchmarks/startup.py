@@ -1,0 +1,102 @@
+"""Time from launch to the tiny demo's first training step, with a cold compilation cache.
+
+Runs the trainer's entry point, `python -m mslam_jax.train` on
+gin/pretrain_tiny_cpu.gin with synthetic batches and TRAIN_STEPS=1, in this
+checkout (uncommitted changes included) and in each --baseline revision (git
+worktrees), alternated (ABBA), --rounds times each. Every run gets an empty
+persistent compilation cache and an empty MODEL_DIR, so it creates the state
+and compiles everything a first-time user's run does. Prints, per revision,
+the median and min-max seconds from launch to the first progress line
+(`step 1/1`: start-up, state, compiles and one step) and to exit. A
+--variant runs this checkout with extra gin bindings.
+
+    python benchmarks/startup.py --baseline c96f3fe --rounds 3
+    python benchmarks/startup.py --variant 'TrainConfig.init_compiler_options = None'
+"""
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import machine  # benchmarks/machine.py, beside this script
+from tiny_step import GIN_FILE, current_tree  # benchmarks/tiny_step.py
+from workers import worktree  # benchmarks/workers.py
+
+
+def gin_flags(bindings):
+  """'NAME = VALUE' gin bindings -> ['--gin.NAME=VALUE'] (split at the first '=' only)."""
+  flags = []
+  for binding in bindings:
+    name, sep, value = binding.partition('=')
+    if not sep or not name.strip():
+      raise ValueError(f'--variant: {binding!r} is not a gin binding NAME = VALUE')
+    flags.append(f'--gin.{name.strip()}={value.strip()}')
+  return flags
+
+
+def one_run(root: str, bindings=()) -> dict:
+  """Seconds to the first progress line and to exit of one cold run in `root`."""
+  with tempfile.TemporaryDirectory(prefix='mslam_startup_') as scratch:
+    env = {**os.environ, 'PYTHONPATH': root, 'XLA_FLAGS': '',
+           'JAX_COMPILATION_CACHE_DIR': os.path.join(scratch, 'jax_cache')}
+    command = [sys.executable, '-m', 'mslam_jax.train', f'--gin_file={GIN_FILE}',
+               '--gin.TRAIN_STEPS=1', "--gin.DataConfig.source='synthetic'",
+               f"--gin.MODEL_DIR='{os.path.join(scratch, 'run')}'"]
+    command += gin_flags(bindings)
+    start = time.perf_counter()
+    first_step = None
+    with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as process:
+      output = []
+      for line in process.stdout:
+        output.append(line)
+        if first_step is None and line.startswith('step 1/1'):
+          first_step = time.perf_counter() - start
+    total = time.perf_counter() - start
+    if process.returncode or first_step is None:
+      raise RuntimeError(f'{" ".join(command)} in {root} failed:\n{"".join(output[-20:])}')
+  return {'first_step': first_step, 'exit': total}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--baseline', action='append', default=[],
+                      help='git revision to compare (repeatable)')
+  parser.add_argument('--variant', action='append', default=[],
+                      help="this checkout with gin bindings (repeatable; ';' between "
+                           "bindings), e.g. 'TrainConfig.init_compiler_options = None'")
+  parser.add_argument('--rounds', type=int, default=3, help='cold runs per revision')
+  args = parser.parse_args()
+  print(f'startup: {machine.cpu_summary()}', flush=True)
+  with contextlib.ExitStack() as stack:
+    current = stack.enter_context(current_tree())
+    roots = {'this checkout': (current, [])}
+    for variant in args.variant:
+      roots[f'this checkout, {variant}'] = (current, [b for b in variant.split(';') if b.strip()])
+    for rev in args.baseline:
+      roots[rev] = (stack.enter_context(worktree(rev)), [])
+    names = list(roots)
+    runs = {name: [] for name in names}
+    for r in range(args.rounds):
+      for name in (names if r % 2 == 0 else names[::-1]):
+        runs[name].append(one_run(*roots[name]))
+        print(f'round {r + 1}, {name}: first step at {runs[name][-1]["first_step"]:.1f} s, '
+              f'exit at {runs[name][-1]["exit"]:.1f} s', flush=True)
+  ours = statistics.median(run['first_step'] for run in runs[names[0]])
+  print('\n| revision | launch to first step (median, min-max) | launch to exit | '
+        'first step / this checkout\'s |')
+  print('|---|---|---|---|')
+  for name in names:
+    first = [run['first_step'] for run in runs[name]]
+    done = [run['exit'] for run in runs[name]]
+    print(f'| {name} | {statistics.median(first):.1f} s ({min(first):.1f}-{max(first):.1f}) | '
+          f'{statistics.median(done):.1f} s | {statistics.median(first) / ours:.2f}x |')
+
+
+if __name__ == '__main__':
+  main()
