@@ -229,6 +229,26 @@ def test_init_compiler_options_reach_xla_and_change_only_rounding():
                                compiler_options={'xla_no_such_option': 1})
 
 
+def test_the_initialisation_is_traced_once_for_the_shapes_and_the_state(monkeypatch):
+  """state_shardings and create_train_state share one trace of the model's init."""
+  model_config, loss_config = tiny_configs(*SPEECH_ONLY)
+  kwargs = dict(model_config=model_config, loss_config=loss_config, batch_config=BATCH)
+  trainer._init_fn.cache_clear()  # pylint: disable=protected-access
+  calls = []
+  init_params = pretrain_loss.init_params
+  monkeypatch.setattr(pretrain_loss, 'init_params',
+                      lambda *args, **kw: calls.append(1) or init_params(*args, **kw))
+  mesh = _mesh((1, 1, 1), 1)
+  optimizer = optimizer_lib.make_optimizer()
+  abstract, shardings = trainer.state_shardings(optimizer, mesh, RULES, **kwargs)
+  state = trainer.create_train_state(jax.random.key(0), optimizer, shardings, **kwargs)
+  assert len(calls) == 1
+  # The state is unboxed, with the shapes, dtypes and shardings that state_shardings gave.
+  assert jax.tree.structure(state) == jax.tree.structure(abstract)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
+    assert (got.shape, got.dtype, got.sharding) == (want.shape, want.dtype, want.sharding)
+
+
 @needs_8
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   model_config, loss_config = tiny_configs('LossConfig.num_negatives = 4')
