@@ -14,8 +14,8 @@ allocator's re-exec, jax's start), from there to the `train step:` line
 from there to the first step (the step's trace, compile and run). A
 --variant runs this checkout with extra gin bindings. --warmup untimed runs
 go first: without one, the first timed process was often several seconds
-slower than the rest, whichever revision it ran (files not yet in the page
-cache).
+slower than the rest, whichever revision it ran (probably files not yet in
+the page cache).
 
     python benchmarks/startup.py --baseline c96f3fe --rounds 3
     python benchmarks/startup.py --variant 'TrainConfig.init_compiler_options = None'
