@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main command of the README: sets up .venv if needed, then, on one CPU and the
-# embedded corpus (about 10 minutes on 2 cores):
+# embedded corpus (3-6 minutes on 2 cores once .venv exists):
 #   1. pre-trains the tiny mSLAM           -> runs/demo (checkpoints, metrics.jsonl)
 #   2. exports its encoder                 -> runs/demo/export
 #   3. a language-ID probe on the frozen encoder, and the same probe on the untrained
