@@ -2,11 +2,14 @@
 
 The Conformer's depthwise convolution is written as K shifted multiply-adds
 (mslam_jax.models.layers.depthwise_conv1d) because XLA's grouped convolution
-has a slow weight gradient, worst inside nn.scan. This times forward+backward
-of a stack of `layers` residual depthwise convolutions, scanned and unrolled,
-with both implementations, and checks they compute the same function.
+has a slow weight gradient, worst inside nn.scan, and its backward pass is
+written out (a custom VJP) rather than left to autodiff. This times
+forward+backward of a stack of `layers` residual depthwise convolutions,
+scanned and unrolled, with the three implementations alternated round by
+round, prints each one's compiled temporary memory, and checks that they
+compute the same function.
 
-    python benchmarks/depthwise_conv.py --batch 8 --time 256 --dim 256 --layers 8
+    python benchmarks/depthwise_conv.py --batch 8 --time 400 --dim 256 --layers 4 --rounds 15
 """
 
 import argparse
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import machine  # benchmarks/machine.py, beside this script
 from mslam_jax.models import layers as mslam_layers
 
 
@@ -28,6 +32,15 @@ class Shifted(nn.Module):
   def __call__(self, x, _):
     kernel = self.param('kernel', nn.initializers.normal(0.1), (self.kernel_size, x.shape[-1]))
     return x + mslam_layers.depthwise_conv1d(x, kernel), None
+
+
+class ShiftedAutodiff(nn.Module):
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    kernel = self.param('kernel', nn.initializers.normal(0.1), (self.kernel_size, x.shape[-1]))
+    return x + mslam_layers.shifted_sum(x, kernel), None
 
 
 class Grouped(nn.Module):
@@ -57,43 +70,60 @@ def stack(block, num_layers, kernel_size, scan):
   return Unrolled()
 
 
-def timed(fn, *args, repeats):
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def alternated(fns, args, rounds):
+  """{name: sorted seconds}: one call of each fn per round, in turn, after a compile call."""
+  for fn in fns.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: sorted(t) for name, t in times.items()}
+
+
+IMPLEMENTATIONS = (('shifted multiply-adds, written-out backward (ours)', Shifted),
+                   ('shifted multiply-adds, autodiff backward', ShiftedAutodiff),
+                   ('nn.Conv-style grouped conv', Grouped))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--time', type=int, default=256)
+  parser.add_argument('--time', type=int, default=400)
   parser.add_argument('--dim', type=int, default=256)
-  parser.add_argument('--layers', type=int, default=8)
+  parser.add_argument('--layers', type=int, default=4)
   parser.add_argument('--kernel', type=int, default=5)
-  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--rounds', type=int, default=15)
   args = parser.parse_args()
   x = jax.random.normal(jax.random.key(0), (args.batch, args.time, args.dim))
-  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind}; '
-        f'x {x.shape}, {args.layers} layers, kernel {args.kernel}')
-  print('| layers | implementation | fwd+bwd median (s) |')
-  print('|---|---|---|')
+  print(f'depthwise_conv: {machine.cpu_summary()}; jax {jax.__version__}; x {x.shape}, '
+        f'{args.layers} layers, kernel {args.kernel}, {args.rounds} alternated rounds', flush=True)
+  print('| layers | implementation | fwd+bwd median (min-max) | time / ours | temporaries |')
+  print('|---|---|---|---|---|')
   for scan in (True, False):
-    results = {}
-    for name, block in (('shifted multiply-adds (ours)', Shifted),
-                        ('nn.Conv-style grouped conv', Grouped)):
+    fns, grads, temps = {}, {}, {}
+    for name, block in IMPLEMENTATIONS:
       model = stack(block, args.layers, args.kernel, scan)
       params = model.init(jax.random.key(1), x, None)
-      loss = lambda p, x: jnp.sum(model.apply(p, x, None)[0] ** 2)
-      grad = jax.jit(jax.value_and_grad(loss))
-      results[name] = (grad(params, x), timed(grad, params, x, repeats=args.repeats))
-      print(f'| {"scan" if scan else "unrolled"} | {name} | {results[name][1]:.4f} |')
-    (a, ta), (b, tb) = results.values()
-    np.testing.assert_allclose(a[0], b[0], rtol=1e-4)
-    print(f'| {"scan" if scan else "unrolled"} | ratio grouped / shifted | {tb / ta:.1f}x |')
+      loss = lambda p, x, model=model: jnp.sum(model.apply(p, x, None)[0] ** 2)
+      compiled = jax.jit(jax.value_and_grad(loss)).lower(params, x).compile()
+      temps[name] = compiled.memory_analysis().temp_size_in_bytes
+      fns[name] = lambda p, x, compiled=compiled: compiled(p, x)
+      grads[name] = fns[name](params, x)
+    times = alternated(fns, (params, x), args.rounds)
+    ours = statistics.median(times[IMPLEMENTATIONS[0][0]])
+    for name, _ in IMPLEMENTATIONS:
+      t = times[name]
+      print(f'| {"scan" if scan else "unrolled"} | {name} | {statistics.median(t) * 1e3:.1f} ms '
+            f'({t[0] * 1e3:.1f}-{t[-1] * 1e3:.1f}) | {statistics.median(t) / ours:.2f}x | '
+            f'{temps[name] / 2**20:.1f} MiB |', flush=True)
+    reference = grads[IMPLEMENTATIONS[-1][0]]
+    for name, _ in IMPLEMENTATIONS[:-1]:
+      np.testing.assert_allclose(grads[name][0], reference[0], rtol=1e-4)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3),
+                   grads[name][1], reference[1])
 
 
 if __name__ == '__main__':

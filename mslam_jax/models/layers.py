@@ -257,13 +257,39 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   return jnp.einsum('bnts,bsnh->btnh', probs, value)
 
 
+def shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum_k kernel[k] * x shifted by k - K // 2 along time, zeros outside: [B, T, C].
+
+  `depthwise_conv1d`'s forward; differentiated by autodiff when called alone
+  (benchmarks/depthwise_conv.py compares the two backward passes).
+  """
+  width, time = kernel.shape[0], x.shape[1]
+  half = width // 2
+  padded = jnp.pad(x, ((0, 0), (half, half), (0, 0)))
+  out = padded[:, 0:time] * kernel[0]
+  for k in range(1, width):
+    out = out + padded[:, k:k + time] * kernel[k]
+  return out
+
+
+@jax.custom_vjp
 def depthwise_conv1d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Centred depthwise 1-D convolution written as K shifted multiply-adds.
 
   y[b, t, c] = sum_k kernel[k, c] * x[b, t + k - K // 2, c], with zeros
   outside [0, T). This form is used instead of `nn.Conv(feature_group_count=D)`
   because XLA:CPU turns the grouped convolution's weight gradient inside
-  `nn.scan` into a dense loop (measured here: 60 s against 1.8 s per step).
+  `nn.scan` into a dense loop (benchmarks/RESULTS.md, "Depthwise convolution").
+
+  The gradient is written out (`jax.custom_vjp`) rather than derived: autodiff
+  of the shifted sum keeps each of the K shifted copies of x for the backward
+  pass (K - 1 extra [B, T, C] arrays per layer) and transposes every slice
+  into a pad of its own, each one more kernel for XLA to compile. Here only x is kept; the input
+  gradient is the same shifted sum of the output gradient with the kernel
+  reversed, and the kernel gradient one reduction over (batch, time) per tap.
+  Inside `nn.scan` (as in `ConformerStack`) forward + backward ran 1.1-1.4x
+  faster than with autodiff's backward, in 0.44x the temporary memory
+  (benchmarks/RESULTS.md, "Depthwise convolution").
 
   Args:
     x: [batch, time, channels]; padded frames must already be zero.
@@ -272,14 +298,31 @@ def depthwise_conv1d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     [batch, time, channels].
   """
-  width = kernel.shape[0]
+  return shifted_sum(x, kernel)
+
+
+def _depthwise_conv1d_fwd(x, kernel):
+  return shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_conv1d_bwd(residuals, grad):
+  """d/dx: correlation of grad with the reversed kernel; d/dkernel[k]: sum_bt grad * x shifted."""
+  x, kernel = residuals
+  width, time = kernel.shape[0], x.shape[1]
   half = width // 2
-  time = x.shape[1]
+  grad_x = shifted_sum(grad, kernel[::-1]).astype(x.dtype)
   padded = jnp.pad(x, ((0, 0), (half, half), (0, 0)))
-  out = padded[:, 0:time] * kernel[0]
-  for k in range(1, width):
-    out = out + padded[:, k:k + time] * kernel[k]
-  return out
+  # One reduction over (batch, time) per tap, accumulated in float32 whatever
+  # the compute dtype. Stacking the K windows into one [B, T, K, C] reduction
+  # instead wrote them out: 2x slower without scan (benchmarks/depthwise_conv.py).
+  grad32 = grad.astype(jnp.float32)
+  grad_kernel = jnp.stack([
+      jnp.sum(padded[:, k:k + time].astype(jnp.float32) * grad32, axis=(0, 1))
+      for k in range(width)])
+  return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+depthwise_conv1d.defvjp(_depthwise_conv1d_fwd, _depthwise_conv1d_bwd)
 
 
 class MaskedGroupNorm(nn.Module):
