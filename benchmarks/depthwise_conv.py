@@ -15,6 +15,7 @@ compute the same function.
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -25,47 +26,35 @@ import machine  # benchmarks/machine.py, beside this script
 from mslam_jax.models import layers as mslam_layers
 
 
-class Shifted(nn.Module):
+def grouped_conv(x, kernel):
+  """The depthwise convolution as nn.Conv(feature_group_count=D) emits it."""
+  half = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel[:, None, :], window_strides=(1,), padding=((half, half),),
+      dimension_numbers=('NWC', 'WIO', 'NWC'), feature_group_count=x.shape[-1])
+
+
+class ResidualConv(nn.Module):
+  """x + conv(x, kernel), in the (carry, _) -> (carry, None) form nn.scan takes."""
   kernel_size: int
+  conv: Callable
 
   @nn.compact
   def __call__(self, x, _):
     kernel = self.param('kernel', nn.initializers.normal(0.1), (self.kernel_size, x.shape[-1]))
-    return x + mslam_layers.depthwise_conv1d(x, kernel), None
+    return x + self.conv(x, kernel), None
 
 
-class ShiftedAutodiff(nn.Module):
-  kernel_size: int
-
-  @nn.compact
-  def __call__(self, x, _):
-    kernel = self.param('kernel', nn.initializers.normal(0.1), (self.kernel_size, x.shape[-1]))
-    return x + mslam_layers.shifted_sum(x, kernel), None
-
-
-class Grouped(nn.Module):
-  kernel_size: int
-
-  @nn.compact
-  def __call__(self, x, _):
-    kernel = self.param('kernel', nn.initializers.normal(0.1), (self.kernel_size, x.shape[-1]))
-    y = jax.lax.conv_general_dilated(
-        x, kernel[:, None, :], window_strides=(1,),
-        padding=((self.kernel_size // 2,) * 2,), dimension_numbers=('NWC', 'WIO', 'NWC'),
-        feature_group_count=x.shape[-1])
-    return x + y, None
-
-
-def stack(block, num_layers, kernel_size, scan):
+def stack(conv, num_layers, kernel_size, scan):
   if scan:
-    return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                   in_axes=nn.broadcast, length=num_layers)(kernel_size)
+    return nn.scan(ResidualConv, variable_axes={'params': 0}, split_rngs={'params': True},
+                   in_axes=nn.broadcast, length=num_layers)(kernel_size, conv)
 
   class Unrolled(nn.Module):
     @nn.compact
     def __call__(self, x, _):
       for i in range(num_layers):
-        x, _ = block(kernel_size, name=f'layer{i}')(x, None)
+        x, _ = ResidualConv(kernel_size, conv, name=f'layer{i}')(x, None)
       return x, None
   return Unrolled()
 
@@ -83,9 +72,10 @@ def alternated(fns, args, rounds):
   return {name: sorted(t) for name, t in times.items()}
 
 
-IMPLEMENTATIONS = (('shifted multiply-adds, written-out backward (ours)', Shifted),
-                   ('shifted multiply-adds, autodiff backward', ShiftedAutodiff),
-                   ('nn.Conv-style grouped conv', Grouped))
+IMPLEMENTATIONS = (
+    ('shifted multiply-adds, written-out backward (ours)', mslam_layers.depthwise_conv1d),
+    ('shifted multiply-adds, autodiff backward', mslam_layers.shifted_sum),
+    ('nn.Conv-style grouped conv', grouped_conv))
 
 
 def main():
@@ -104,14 +94,15 @@ def main():
   print('|---|---|---|---|---|')
   for scan in (True, False):
     fns, grads, temps = {}, {}, {}
-    for name, block in IMPLEMENTATIONS:
-      model = stack(block, args.layers, args.kernel, scan)
+    for name, conv in IMPLEMENTATIONS:
+      model = stack(conv, args.layers, args.kernel, scan)
       params = model.init(jax.random.key(1), x, None)
       loss = lambda p, x, model=model: jnp.sum(model.apply(p, x, None)[0] ** 2)
       compiled = jax.jit(jax.value_and_grad(loss)).lower(params, x).compile()
       temps[name] = compiled.memory_analysis().temp_size_in_bytes
       fns[name] = lambda p, x, compiled=compiled: compiled(p, x)
       grads[name] = fns[name](params, x)
+    # The three stacks have the same parameters (names, shapes, initialisers, key).
     times = alternated(fns, (params, x), args.rounds)
     ours = statistics.median(times[IMPLEMENTATIONS[0][0]])
     for name, _ in IMPLEMENTATIONS:
