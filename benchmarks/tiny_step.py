@@ -5,11 +5,16 @@ it is, uncommitted changes included, plus every --baseline): it reads
 gin/pretrain_tiny_cpu.gin from its own tree, builds the sharded train step the
 trainer builds (all three data kinds, synthetic batches, one CPU device), and
 reports its cold compile time (trace + lower, XLA compile; no persistent
-cache). The parent then asks the workers for one step each in alternation
-(ABBA), `--rounds` times, and prints medians, min-max, GFLOP/s (the analytical
-step FLOPs of this checkout's mslam_jax.flops) and the ratios.
+cache). With `--compiles N` every revision is compiled N times, in fresh
+processes started in turn (A B A B ...), and the compile columns give the
+median and range: one cold compile varies by several seconds on a shared
+machine. The parent then asks the first worker of each revision for one step
+at a time in alternation, `--rounds` times, and prints medians, min-max,
+GFLOP/s (the analytical step FLOPs of this checkout's mslam_jax.flops) and
+the ratios.
 
     python benchmarks/tiny_step.py --baseline 2b369fa
+    python benchmarks/tiny_step.py --baseline HEAD --compiles 5
     python benchmarks/tiny_step.py --variant 'ModelConfig.merge_passes = False'
 
 A --variant runs this checkout with extra gin bindings as one more worker;
@@ -77,6 +82,8 @@ def worker_main(bindings) -> None:
   """Runs in a revision's tree (cwd and PYTHONPATH): build, compile, then step on demand."""
   import sys  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
+  # Cold compiles whatever the caller's JAX_COMPILATION_CACHE_DIR says.
+  jax.config.update('jax_enable_compilation_cache', False)
   lowered, state, batch, rng, lower_s = build_step(bindings)
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -131,6 +138,13 @@ def current_tree():
     yield path
 
 
+def seconds_range(values) -> str:
+  """'12.3 s' for one value, else 'median s (min-max)'."""
+  if len(values) == 1:
+    return f'{values[0]:.1f} s'
+  return f'{statistics.median(values):.1f} s ({min(values):.1f}-{max(values):.1f})'
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--baseline', action='append', default=[],
@@ -143,6 +157,8 @@ def main():
                       '(repeatable; the others run as their entry points do: '
                       'mslam_jax/host_memory.py)')
   parser.add_argument('--rounds', type=int, default=15, help='alternated steps per worker')
+  parser.add_argument('--compiles', type=int, default=1,
+                      help='cold compiles per revision, each in a fresh process, alternated')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   parser.add_argument('--binding', action='append', default=[], help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -165,14 +181,22 @@ def main():
       root = stack.enter_context(worktree(rev))
       malloc = entry_point_malloc(root)
       roots[f'{rev} ({malloc or host_memory.choice()})'] = (root, [], malloc)
-    workers = []
+    workers, lower_s, compile_s = [], {name: [] for name in roots}, {name: [] for name in roots}
     try:
-      for name, (root, bindings, malloc) in roots.items():  # one at a time: clean compiles
-        command = [os.path.abspath(__file__), '--worker']
-        command += [f'--binding={b}' for b in bindings]
-        workers.append(Worker(name, command, root=root, env=env, malloc=malloc))
-        print(f'{name}: trace + lower {workers[-1].ready["lower_s"]:.1f} s, XLA compile '
-              f'{workers[-1].ready["compile_s"]:.1f} s (cold)', flush=True)
+      for attempt in range(args.compiles):
+        for name, (root, bindings, malloc) in roots.items():  # one at a time: clean compiles
+          command = [os.path.abspath(__file__), '--worker']
+          command += [f'--binding={b}' for b in bindings]
+          worker = Worker(name, command, root=root, env=env, malloc=malloc)
+          lower_s[name].append(worker.ready['lower_s'])
+          compile_s[name].append(worker.ready['compile_s'])
+          print(f'{name}: trace + lower {lower_s[name][-1]:.1f} s, XLA compile '
+                f'{compile_s[name][-1]:.1f} s (cold, {attempt + 1} of {args.compiles})',
+                flush=True)
+          if attempt == 0:
+            workers.append(worker)  # kept for the steps
+          else:
+            worker.close()
       times = alternate(workers, 'step', args.rounds)
       faults = median_faults(workers)
     finally:
@@ -186,8 +210,8 @@ def main():
     ts = times[w.name]
     med = statistics.median(ts)
     print(f'| {w.name} | {med:.3f} s ({min(ts):.3f}-{max(ts):.3f}) | {total / med / 1e9:.1f} | '
-          f'{faults[w.name]:,.0f} | {w.ready["lower_s"]:.1f} s | {w.ready["compile_s"]:.1f} s | '
-          f'{med / ours:.2f}x |')
+          f'{faults[w.name]:,.0f} | {seconds_range(lower_s[w.name])} | '
+          f'{seconds_range(compile_s[w.name])} | {med / ours:.2f}x |')
 
 
 if __name__ == '__main__':
