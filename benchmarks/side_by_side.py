@@ -34,7 +34,8 @@ hugepages, system: glibc's defaults). The peer runs as a PyTorch user runs it,
 with glibc's allocator; --peer_malloc SETTING adds a peer worker with another
 setting, and the ratios are taken against the fastest peer worker.
 --model_option NAME=VALUE adds this checkout's stack with that ModelConfig
-field set (e.g. transposed_weight_gradient=True, for AVX2-only CPUs).
+field set (e.g. transposed_weight_gradient=False, to measure the default's
+'auto' against it on an AVX2-only CPU).
 
     pip install -c constraints.txt -e '.[bench]'   # torch + transformers
     python benchmarks/side_by_side.py                      # fp32, all shapes

@@ -222,3 +222,48 @@ def test_dense_layers_equal_numpy_products_and_their_gradients():
   grads = jax.grad(lambda p: jnp.sum(back.apply({'params': p}, y) * g))(params)
   np.testing.assert_allclose(grads['kernel'], np.einsum('bthk,btd->hkd', np.asarray(y), g),
                              rtol=1e-4, atol=1e-4)
+
+
+def _auto_dense_barriers(monkeypatch, avx2_only: bool, width: int, dtype=jnp.float32,
+                         platforms=('cpu',)) -> int:
+  """Written-out x^T copies in the exported gradient of a transposed_weight_gradient='auto' layer."""
+  monkeypatch.setattr(layers.host_cpu, 'avx2_without_avx512', lambda: avx2_only)
+  module = layers.dense(2 * width, ('embed', 'mlp'), name='d', dtype=dtype,
+                        transposed_weight_gradient='auto')
+  x = jnp.ones((2, 3, width), jnp.float32)
+  params = nn.unbox(module.init(jax.random.key(0), x)['params'])
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(module.apply({'params': p}, x))))
+  exported = jax.export.export(grad, platforms=platforms)(params)
+  return exported.mlir_module().count('stablehlo.optimization_barrier')
+
+
+def test_auto_transposed_weight_gradient_only_where_measured_to_pay(monkeypatch):
+  """'auto': the x^T copy for fp32 layers >= 256 wide in CPU programs of AVX2-only hosts."""
+  wide = layers.AUTO_TRANSPOSED_MIN_WIDTH
+  assert _auto_dense_barriers(monkeypatch, True, wide) == 1
+  assert _auto_dense_barriers(monkeypatch, True, wide // 4) == 0    # the tiny demo's d 64
+  assert _auto_dense_barriers(monkeypatch, False, wide) == 0        # AVX-512 (or not x86)
+  assert _auto_dense_barriers(monkeypatch, True, wide, jnp.bfloat16) == 0
+  # A TPU program compiled on such a host (mslam_jax.compile --topology) keeps
+  # autodiff's product; a program for both keeps each platform's choice.
+  assert _auto_dense_barriers(monkeypatch, True, wide, platforms=('tpu',)) == 0
+  assert _auto_dense_barriers(monkeypatch, True, wide, platforms=('cpu', 'tpu')) == 1
+
+
+def test_auto_transposed_weight_gradient_values(monkeypatch):
+  """With the copy switched on, 'auto' gives autodiff's values and gradients (numpy)."""
+  monkeypatch.setattr(layers.host_cpu, 'avx2_without_avx512', lambda: True)
+  width = layers.AUTO_TRANSPOSED_MIN_WIDTH
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 5, width)).astype(np.float32)
+  g = rng.normal(size=(2, 5, 8)).astype(np.float32)
+  module = layers.dense(8, ('embed', 'mlp'), name='d', transposed_weight_gradient='auto')
+  params = nn.unbox(module.init(jax.random.key(0), x)['params'])
+  loss = lambda p, x: jnp.sum(module.apply({'params': p}, x) * g)
+  grads, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  kernel = np.asarray(params['kernel'])
+  np.testing.assert_allclose(module.apply({'params': params}, x),
+                             x @ kernel + np.asarray(params['bias']), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads['kernel'], np.einsum('btd,btf->df', x, g), rtol=1e-4,
+                             atol=1e-4)
+  np.testing.assert_allclose(dx, g @ kernel.T, rtol=1e-4, atol=1e-4)

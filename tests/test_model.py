@@ -4,10 +4,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import SMALL_BATCH, small_batch
 from mslam_jax import pretrain_loss
-from mslam_jax.models.config import REMAT_POLICIES
+from mslam_jax.models.config import REMAT_POLICIES, ModelConfig
 from mslam_jax.models.conformer import ConformerBlock
 from mslam_jax.models.mslam import MSLAM, pack_speech_text
 
@@ -286,3 +287,11 @@ def test_bfloat16_compute_gives_the_float32_loss_within_bf16_rounding(tiny):
   for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
     assert g16.dtype == jnp.float32  # parameters (and so gradients) stay float32
     assert np.all(np.isfinite(g16))
+
+
+@pytest.mark.parametrize('field, value', [
+    ('num_heads', 7), ('conv_groups', 5), ('conv_kernel_size', 4), ('remat_policy', 'no_such_policy'),
+    ('scan_unroll', 0), ('dtype', 'float16'), ('transposed_weight_gradient', 'yes')])
+def test_model_config_rejects_bad_values_by_name(field, value):
+  with pytest.raises(ValueError, match=f'ModelConfig: .*{field}='):
+    ModelConfig(**{field: value})

@@ -7,7 +7,7 @@ values marked (inferred) are our reading where the papers are silent.
 """
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import gin
 import jax
@@ -107,9 +107,13 @@ class ModelConfig:
       feed-forward wi at about half its matmul rate (79 against 144-154
       GFLOP/s): the stack step 1.01-1.14x faster there at d 256 and 1024, the
       tiny demo model's (d 64) 1.19x slower (benchmarks/RESULTS.md).
-      Off by default: on TPU and GPU the compiler lays out the operands
-      itself, and the copy's barrier would stop fusion; not measured on
-      AVX-512 CPUs, where these products already ran near the matmul rate.
+      'auto' (the default) does it where it was measured to pay: fp32 layers
+      of d_model 256 and up, in programs compiled for the CPU backend of an
+      x86 host with AVX2 and no AVX-512 (`layers.AUTO_TRANSPOSED_MIN_WIDTH`,
+      `mslam_jax.host_cpu`). True does it everywhere, False nowhere. Off for
+      TPU and GPU programs, where the compiler lays out the operands itself
+      and the copy's barrier would stop fusion, and on AVX-512 CPUs, where
+      these products already ran near the matmul rate.
   """
   num_mel_bins: int = NUM_MEL_BINS
   frontend_channels: int = 128
@@ -129,7 +133,7 @@ class ModelConfig:
   dtype: str = 'float32'
   scan_unroll: int = 1
   merge_passes: bool = True
-  transposed_weight_gradient: bool = False
+  transposed_weight_gradient: Union[bool, str] = 'auto'
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -152,6 +156,10 @@ class ModelConfig:
       raise ValueError(
           f'ModelConfig: scan_unroll={self.scan_unroll} must be at least 1 '
           '(1 = one layer per loop iteration).')
+    if self.transposed_weight_gradient not in (True, False, 'auto'):
+      raise ValueError(
+          f'ModelConfig: transposed_weight_gradient={self.transposed_weight_gradient!r}; '
+          "use True, False or 'auto'.")
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(
           f"ModelConfig: dtype={self.dtype!r}; use 'float32' or 'bfloat16'.")

@@ -6,15 +6,22 @@ Every parameter carries logical axis names; the logical-to-mesh rules live in gi
 """
 
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mslam_jax import host_cpu
+
 # Activation axis names pinned at block boundaries.
 BATCH_LENGTH_EMBED = ('batch', 'length', 'embed')
+
+# transposed_weight_gradient='auto' writes x^T out for fp32 layers at least this
+# wide, on AVX2-only CPUs: measured faster there at d_in 256 and 1024 (1.01-1.14x
+# steps), slower at 64 (the tiny demo model, 1.19x; benchmarks/RESULTS.md).
+AUTO_TRANSPOSED_MIN_WIDTH = 256
 
 
 def logical_init(init, axes: Sequence[str]):
@@ -24,14 +31,20 @@ def logical_init(init, axes: Sequence[str]):
 
 def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
           use_bias: bool = True, kernel_init=None,
-          transposed_weight_gradient: bool = False) -> nn.Dense:
+          transposed_weight_gradient: Union[bool, str] = False) -> nn.Dense:
   """A Dense layer whose kernel has logical axes `axes` = (in_axis, out_axis).
 
-  transposed_weight_gradient: the kernel's gradient as a product of a written-out
-  x^T (`matmul_transposed_weight_gradient`; `ModelConfig.transposed_weight_gradient`
-  says where this pays).
+  transposed_weight_gradient: True takes the kernel's gradient as a product of
+  a written-out x^T (`matmul_transposed_weight_gradient`), False as autodiff's
+  x^T dy; 'auto' does the first only where it was measured to pay
+  (`_dot_auto`; `ModelConfig.transposed_weight_gradient` has the figures).
   """
   kernel_init = kernel_init or nn.initializers.lecun_normal()
+  choices = {True: _dot_transposed_weight_gradient, False: None, 'auto': _dot_auto}
+  if transposed_weight_gradient not in choices:
+    raise ValueError(f'dense {name!r}: transposed_weight_gradient='
+                     f'{transposed_weight_gradient!r}; use True, False or \'auto\'.')
+  dot_general = choices[transposed_weight_gradient]
   return FlatDense(
       features,
       use_bias=use_bias,
@@ -39,7 +52,7 @@ def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
       param_dtype=jnp.float32,
       kernel_init=logical_init(kernel_init, axes),
       bias_init=logical_init(nn.initializers.zeros_init(), axes[-1:]),
-      dot_general=_dot_transposed_weight_gradient if transposed_weight_gradient else None,
+      dot_general=dot_general,
       name=name)
 
 
@@ -80,6 +93,26 @@ def _dot_transposed_weight_gradient(lhs, rhs, dimension_numbers, precision=None,
         f'{lhs.shape} x {rhs.shape} with {dimension_numbers}, precision={precision}, '
         f'preferred_element_type={preferred_element_type}.')
   return matmul_transposed_weight_gradient(lhs, rhs)
+
+
+def _dot_auto(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """nn.Dense's `dot_general` for transposed_weight_gradient='auto'.
+
+  The written-out x^T where it was measured faster: fp32 products at least
+  AUTO_TRANSPOSED_MIN_WIDTH wide, compiled for an AVX2-only host CPU. The
+  platform is the one lowered for (`lax.platform_dependent`), so a TPU program
+  compiled on such a CPU (`mslam_jax.compile --topology`) keeps autodiff's
+  product; elsewhere this is nn.Dense's own `lax.dot_general`.
+  """
+  plain = lambda x, w: lax.dot_general(x, w, dimension_numbers, precision,
+                                       preferred_element_type)
+  if (lhs.dtype != jnp.float32 or lhs.shape[-1] < AUTO_TRANSPOSED_MIN_WIDTH
+      or not host_cpu.avx2_without_avx512()):
+    return plain(lhs, rhs)
+  return lax.platform_dependent(
+      lhs, rhs, default=plain,
+      cpu=lambda x, w: _dot_transposed_weight_gradient(x, w, dimension_numbers, precision,
+                                                       preferred_element_type))
 
 
 class FlatDense(nn.Dense):
