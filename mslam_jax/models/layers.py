@@ -40,11 +40,9 @@ def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
   (`_dot_auto`; `ModelConfig.transposed_weight_gradient` has the figures).
   """
   kernel_init = kernel_init or nn.initializers.lecun_normal()
-  choices = {True: _dot_transposed_weight_gradient, False: None, 'auto': _dot_auto}
-  if transposed_weight_gradient not in choices:
-    raise ValueError(f'dense {name!r}: transposed_weight_gradient='
-                     f'{transposed_weight_gradient!r}; use True, False or \'auto\'.')
-  dot_general = choices[transposed_weight_gradient]
+  # The setting is checked where users give it (ModelConfig.__post_init__).
+  dot_general = {True: _dot_transposed_weight_gradient, False: None,
+                 'auto': _dot_auto}[transposed_weight_gradient]
   return FlatDense(
       features,
       use_bias=use_bias,
