@@ -4,7 +4,8 @@ One training step of an encoder stack, forward + backward + Adam, on random
 [batch, frames, d] inputs with a mean-square loss on the output:
 
   mslam_jax: `ConformerStack` (ConformerBlocks under nn.scan, fully unrolled as
-             on CPU, padding-aware, all frames valid), jitted with
+             on CPU; the GPU shapes scan one layer per iteration as on a
+             pod; padding-aware, all frames valid), jitted with
              `optax.adam`, the old state donated.
   peer:      transformers' `Wav2Vec2BertModel(...).encoder` (the w2v-BERT 2.0
              Conformer: `position_embeddings_type=None`, `layerdrop=0`, no
@@ -17,6 +18,12 @@ depthwise convolution) and the same parameter count within 0.3% (checked).
 FLOPs are the analytical count of `mslam_jax.flops.conformer_layer_flops`
 (matmuls, 2mnk) times 3 for forward + backward; recomputation under remat is
 not counted, as in MFU.
+
+--device gpu runs both on one CUDA GPU (JAX with its CUDA plugin, torch with
+CUDA), at the GPU shapes by default (the 0.6B stack itself, 24 layers): the
+peer's step ends with torch.cuda.synchronize(), the matmul peak times 20
+products back to back at larger sizes, and each worker reports its peak GPU
+memory. Use --dtype bfloat16 there (bf16 compute, fp32 weights, as trained).
 
 Each framework runs in its own worker process; the parent asks them for one
 step at a time, alternating the order every pair (ABBA), so both see the same
@@ -41,6 +48,7 @@ field set (e.g. transposed_weight_gradient=False, to measure the default's
     python benchmarks/side_by_side.py                      # fp32, all shapes
     python benchmarks/side_by_side.py --dtype bfloat16 --shapes d256
     python benchmarks/side_by_side.py --baseline 66f4a35 --output /tmp/sbs.json
+    python benchmarks/side_by_side.py --device gpu --dtype bfloat16   # one CUDA GPU
 """
 
 import argparse
@@ -72,10 +80,14 @@ class Shape:
   batch: int
   frames: int
   remat: str = 'none'
+  # Layers per iteration of the stack's scan (ModelConfig.scan_unroll); None unrolls
+  # all of them, as the CPU gin files do.
+  scan_unroll: Optional[int] = None
 
   def label(self) -> str:
+    scan = '' if self.scan_unroll is None else f', scan_unroll {self.scan_unroll}'
     return (f'{self.d_model} / {self.num_heads} / {self.ffn_dim} / {self.num_layers}, '
-            f'{self.batch} x {self.frames}, remat {self.remat}')
+            f'{self.batch} x {self.frames}, remat {self.remat}{scan}')
 
 
 # d256: a small width where non-matmul work weighs most. d1024: the 0.6B model's
@@ -86,11 +98,26 @@ SHAPES = {
     'd1024': Shape(1024, 8, 4096, 2, 4, 400, 'dots_no_batch'),
     'd1024_noremat': Shape(1024, 8, 4096, 2, 4, 400),
     'long': Shape(256, 4, 1024, 4, 2, 1600),
+    # GPU: the 0.6B encoder stack itself (24 layers of d 1024), batch 32 x 400 frames
+    # (12,800 frames, enough to fill an H100/H200 with matmuls), scanned one layer per
+    # iteration as in the pod gin files, with the 0.6B gin file's remat policy and without.
+    'gpu_0.6b': Shape(1024, 8, 4096, 24, 32, 400, 'dots_no_batch', scan_unroll=1),
+    'gpu_0.6b_noremat': Shape(1024, 8, 4096, 24, 32, 400, scan_unroll=1),
 }
-MATMUL_SIZES = (1024, 2048, 3072)
+DEFAULT_SHAPES = {'cpu': 'd256,d1024,d1024_noremat,long', 'gpu': 'gpu_0.6b,gpu_0.6b_noremat'}
+MATMUL_SIZES = {'cpu': (1024, 2048, 3072), 'gpu': (4096, 8192, 16384)}
 # Measured again by every worker in each shape's alternation, so that each MFU
 # divides by a peak taken under the same load as its steps.
-PEAK_CHECK_SIZE = 2048
+PEAK_CHECK_SIZE = {'cpu': 2048, 'gpu': 8192}
+# Products timed back to back per matmul measurement: one on a CPU (seconds
+# each); on a GPU enough to hide the launch and the host's wait (a bf16 8192^3
+# product takes about 1.4 ms on an H200).
+MATMUL_CALLS = {'cpu': 1, 'gpu': 20}
+# Each worker's environment beyond Worker's (which pins JAX to the CPU). On a GPU
+# JAX allocates as it goes instead of taking 75% of the memory at start, since
+# the peer's worker holds the same GPU.
+WORKER_ENV = {'cpu': {}, 'gpu': {'JAX_PLATFORMS': 'cuda',
+                                 'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}}
 
 
 # ----------------------------------------------------------------------------
@@ -109,9 +136,10 @@ def build_jax_step(shape: Shape, dtype: str = 'float32', options: Optional[Dict]
   import optax  # pylint: disable=import-outside-toplevel
   from mslam_jax.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from mslam_jax.models.conformer import ConformerStack  # pylint: disable=import-outside-toplevel
-  # Unrolled layers, the CPU setting of the gin files (ModelConfig.scan_unroll), where the
-  # revision has the field (a --baseline may predate it). `options` override any field.
-  unroll = ({'scan_unroll': shape.num_layers}
+  # Unrolled layers, the CPU setting of the gin files (ModelConfig.scan_unroll), unless
+  # the shape sets the unroll, where the revision has the field (a --baseline may
+  # predate it). `options` override any field.
+  unroll = ({'scan_unroll': shape.scan_unroll or shape.num_layers}
             if 'scan_unroll' in {f.name for f in dataclasses.fields(ModelConfig)} else {})
   fields = dict(d_model=shape.d_model, num_heads=shape.num_heads, ffn_dim=shape.ffn_dim,
                 dropout_rate=0.0, remat_policy=shape.remat, dtype=dtype, conv_kernel_size=5,
@@ -138,16 +166,30 @@ def build_jax_step(shape: Shape, dtype: str = 'float32', options: Optional[Dict]
   return jax.jit(train_step, donate_argnums=0), (params, optimizer.init(params)), num_params
 
 
-def _jax_worker(shape: Optional[Shape], dtype: str, options: Dict):
-  """Builds the mslam_jax step; returns (params, step(), matmul(n) -> seconds)."""
+def _jax_worker(shape: Optional[Shape], dtype: str, options: Dict, device: str):
+  """Builds the mslam_jax step; returns (params, step(), matmul(n) -> seconds, peak_bytes())."""
+  import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from mslam_jax import flops  # pylint: disable=import-outside-toplevel
+  if device == 'gpu':
+    try:
+      backend = jax.default_backend()
+    except (RuntimeError, AssertionError) as e:  # JAX_PLATFORMS=cuda without the plugin
+      backend = f'no backend ({e!r})'
+    if backend != 'gpu':
+      raise RuntimeError(f'side_by_side --device gpu: JAX runs on {backend}; install jax with '
+                         'its CUDA plugin (pip install "jax[cuda12]").')
 
   def matmul(n: int) -> float:
-    return 2 * n ** 3 / flops.measure_peak_flops(jnp.dtype(dtype), n, repeats=1)
+    return 2 * n ** 3 / flops.measure_peak_flops(jnp.dtype(dtype), n, repeats=1,
+                                                 calls=MATMUL_CALLS[device])
+
+  def peak_bytes() -> Optional[int]:
+    stats = jax.devices()[0].memory_stats()  # None on the CPU backend
+    return stats.get('peak_bytes_in_use') if stats else None
 
   if shape is None:
-    return 0, None, matmul
+    return 0, None, matmul, peak_bytes
   train_step, state, num_params = build_jax_step(shape, dtype, options)
   holder = [state]
 
@@ -156,31 +198,48 @@ def _jax_worker(shape: Optional[Shape], dtype: str, options: Dict):
     loss.block_until_ready()
 
   import mslam_jax  # pylint: disable=import-outside-toplevel
-  print(f'mslam_jax from {os.path.dirname(mslam_jax.__file__)}', file=sys.stderr)
-  return num_params, step, matmul
+  print(f'mslam_jax from {os.path.dirname(mslam_jax.__file__)}, jax {jax.__version__} on '
+        f'{jax.devices()[0].device_kind}', file=sys.stderr)
+  return num_params, step, matmul, peak_bytes
 
 
-def _torch_worker(shape: Optional[Shape], dtype: str, options: Dict):
-  """Builds the Wav2Vec2-BERT step; returns (params, step(), matmul(n) -> seconds)."""
+def _torch_worker(shape: Optional[Shape], dtype: str, options: Dict, device: str):
+  """Builds the Wav2Vec2-BERT step; returns (params, step(), matmul(n) -> seconds, peak_bytes())."""
   if options:
     raise ValueError(f'side_by_side: --model_option {options} is for the mslam_jax stack.')
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
+  on_gpu = device == 'gpu'
+  if on_gpu and not torch.cuda.is_available():
+    raise RuntimeError('side_by_side --device gpu: torch sees no CUDA device.')
+  where = torch.device('cuda' if on_gpu else 'cpu')
+  # The host waits for the GPU's queue before the clock is read.
+  sync = torch.cuda.synchronize if on_gpu else (lambda: None)
   reduced = dtype == 'bfloat16'
-  autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if reduced else (
+  autocast = (lambda: torch.autocast(where.type, dtype=torch.bfloat16)) if reduced else (
       contextlib.nullcontext)
 
   def matmul(n: int) -> float:
-    a = torch.ones((n, n), dtype=torch.bfloat16 if reduced else torch.float32)
+    # Random operands, as JAX's (flops.measure_peak_flops): on a GPU products of
+    # constant data run faster than of real data.
+    a, b = (torch.randn((n, n), device=where).to(torch.bfloat16 if reduced else torch.float32)
+            for _ in range(2))
+    calls = MATMUL_CALLS[device]
     with torch.no_grad():
-      a @ a
+      a @ b
+      sync()
       start = time.perf_counter()
-      a @ a
-    return time.perf_counter() - start
+      for _ in range(calls):
+        a @ b
+      sync()
+    return (time.perf_counter() - start) / calls
+
+  def peak_bytes() -> Optional[int]:
+    return torch.cuda.max_memory_allocated() if on_gpu else None
 
   if shape is None:
-    return 0, None, matmul
+    return 0, None, matmul, peak_bytes
   import transformers  # pylint: disable=import-outside-toplevel
   config = transformers.Wav2Vec2BertConfig(
       hidden_size=shape.d_model, num_attention_heads=shape.num_heads,
@@ -190,9 +249,9 @@ def _torch_worker(shape: Optional[Shape], dtype: str, options: Dict):
       feat_proj_dropout=0.0, final_dropout=0.0, conv_depthwise_kernel_size=5)
   encoder = transformers.Wav2Vec2BertModel._from_config(  # pylint: disable=protected-access
       config, attn_implementation='sdpa').encoder
-  encoder.train()
+  encoder.to(where).train()
   optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-4)
-  x = torch.randn(shape.batch, shape.frames, shape.d_model)
+  x = torch.randn(shape.batch, shape.frames, shape.d_model, device=where)
 
   def step():
     optimizer.zero_grad(set_to_none=True)
@@ -201,15 +260,19 @@ def _torch_worker(shape: Optional[Shape], dtype: str, options: Dict):
     loss = out.float().square().mean()
     loss.backward()
     optimizer.step()
+    sync()
 
-  return sum(p.numel() for p in encoder.parameters()), step, matmul
+  print(f'torch {torch.__version__}, transformers {transformers.__version__} on {where}',
+        file=sys.stderr)
+  return sum(p.numel() for p in encoder.parameters()), step, matmul, peak_bytes
 
 
-def worker_main(framework: str, shape_name: str, dtype: str, options: Dict) -> None:
+def worker_main(framework: str, shape_name: str, dtype: str, options: Dict,
+                device: str = 'cpu') -> None:
   shape = SHAPES.get(shape_name)
   build = {'jax': _jax_worker, 'torch': _torch_worker}[framework]
   start = time.perf_counter()
-  num_params, step, matmul = build(shape, dtype, options)
+  num_params, step, matmul, peak_bytes = build(shape, dtype, options, device)
   if step is not None:
     step()  # compilation, first-touch allocation
     step()
@@ -221,6 +284,8 @@ def worker_main(framework: str, shape_name: str, dtype: str, options: Dict) -> N
       reply(seconds=timed(step, faults))
     elif command[0] == 'faults':
       reply(faults=statistics.median(faults))
+    elif command[0] == 'memory':
+      reply(peak_bytes=peak_bytes())
     elif command[0] == 'matmul':
       reply(seconds=matmul(int(command[1])))
     elif command[0] == 'quit':
@@ -232,10 +297,12 @@ def worker_main(framework: str, shape_name: str, dtype: str, options: Dict) -> N
 
 
 def _worker(name: str, framework: str, shape: str, dtype: str, root: str = REPO_ROOT,
-            malloc: Optional[str] = None, model_option: Optional[str] = None) -> Worker:
+            malloc: Optional[str] = None, model_option: Optional[str] = None,
+            device: str = 'cpu') -> Worker:
   options = ['--model_option', model_option] if model_option else []
   return Worker(name, [os.path.abspath(__file__), '--worker', framework, '--shapes', shape,
-                       '--dtype', dtype, *options], root=root, malloc=malloc)
+                       '--dtype', dtype, '--device', device, *options], root=root,
+                malloc=malloc, env=WORKER_ENV[device])
 
 
 def parse_model_options(items: List[str]) -> Dict:
@@ -256,12 +323,13 @@ def parse_model_options(items: List[str]) -> Dict:
   return options
 
 
-def measure_peak(dtype: str, rounds: int) -> Dict:
+def measure_peak(dtype: str, rounds: int, device: str = 'cpu') -> Dict:
   """Matmul FLOP/s of both frameworks at MATMUL_SIZES; the best median is the peak."""
-  workers = [_worker('mslam_jax', 'jax', 'none', dtype), _worker('torch', 'torch', 'none', dtype)]
+  workers = [_worker('mslam_jax', 'jax', 'none', dtype, device=device),
+             _worker('torch', 'torch', 'none', dtype, device=device)]
   rates = {}
   try:
-    for n in MATMUL_SIZES:
+    for n in MATMUL_SIZES[device]:
       times = alternate(workers, f'matmul {n}', rounds)
       for name, ts in times.items():
         rates[f'{name} {n}'] = 2 * n ** 3 / statistics.median(ts)
@@ -289,8 +357,11 @@ def fastest_peer(row: Dict) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--shapes', default='d256,d1024,d1024_noremat,long',
-                      help=f'comma-separated keys of {sorted(SHAPES)}')
+  parser.add_argument('--device', default='cpu', choices=('cpu', 'gpu'),
+                      help='where both frameworks run: the host CPU, or one CUDA GPU')
+  parser.add_argument('--shapes', default=None,
+                      help=f'comma-separated keys of {sorted(SHAPES)} '
+                      f'(default: {DEFAULT_SHAPES})')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='compute dtype (params stay fp32): jax dtype, torch autocast')
   parser.add_argument('--pairs', type=int, default=7, help='alternated steps per worker')
@@ -310,36 +381,44 @@ def main():
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker_main(args.worker, args.shapes, args.dtype, parse_model_options(args.model_option))
+    worker_main(args.worker, args.shapes, args.dtype, parse_model_options(args.model_option),
+                args.device)
     return
   parse_model_options(args.model_option)  # a bad option fails here, not in every worker
+  shapes = (args.shapes or DEFAULT_SHAPES[args.device]).split(',')
+  unknown = [name for name in shapes if name not in SHAPES]
+  if unknown:
+    parser.error(f'--shapes: {unknown} are not among {sorted(SHAPES)}')
+  device = args.device
+  check_size = PEAK_CHECK_SIZE[device]
 
-  print(f'side_by_side {args.dtype}: {machine.cpu_summary()}', flush=True)
-  peak = measure_peak(args.dtype, rounds=5)
+  where = machine.cpu_summary() + (f'; GPU: {machine.gpu_summary()}' if device == 'gpu' else '')
+  print(f'side_by_side {args.dtype} on {device}: {where}', flush=True)
+  peak = measure_peak(args.dtype, rounds=5, device=device)
   print('matmul GFLOP/s (median of 5): ' + ', '.join(
       f'{k} {v / 1e9:.0f}' for k, v in peak['rates'].items()), flush=True)
   print(f'peak at start: {peak["peak"] / 1e9:.0f} GFLOP/s ({peak["peak_from"]})', flush=True)
-  results = {'machine': machine.cpu_summary(), 'dtype': args.dtype, 'peak': peak,
+  results = {'machine': where, 'device': device, 'dtype': args.dtype, 'peak': peak,
              'baseline': args.baseline, 'shapes': {}}
   with contextlib.ExitStack() as stack:
     baseline_root = stack.enter_context(worktree(args.baseline)) if args.baseline else None
-    for name in args.shapes.split(','):
+    for name in shapes:
       shape = SHAPES[name]
-      workers = [_worker('mslam_jax', 'jax', name, args.dtype)]
+      workers = [_worker('mslam_jax', 'jax', name, args.dtype, device=device)]
       if baseline_root:
         workers.append(_worker(f'mslam_jax@{args.baseline}', 'jax', name, args.dtype,
                                root=baseline_root,
-                               malloc=entry_point_malloc(baseline_root)))
+                               malloc=entry_point_malloc(baseline_root), device=device))
       for setting in args.malloc:
         workers.append(_worker(f'mslam_jax, MSLAM_HOST_MALLOC={setting}', 'jax', name,
-                               args.dtype, malloc=setting))
+                               args.dtype, malloc=setting, device=device))
       for option in args.model_option:
         workers.append(_worker(f'mslam_jax, {option}', 'jax', name, args.dtype,
-                               model_option=option))
-      workers.append(_worker('peer', 'torch', name, args.dtype, malloc='system'))
+                               model_option=option, device=device))
+      workers.append(_worker('peer', 'torch', name, args.dtype, malloc='system', device=device))
       for setting in args.peer_malloc:
         workers.append(_worker(f'peer, MSLAM_HOST_MALLOC={setting}', 'torch', name, args.dtype,
-                               malloc=setting))
+                               malloc=setting, device=device))
       try:
         params = {w.name: w.ready['params'] for w in workers}
         mismatch = abs(params['mslam_jax'] - params['peer']) / params['peer']
@@ -348,13 +427,14 @@ def main():
                              f'{params}; the shapes no longer match.')
         times = alternate(workers, 'step', args.pairs)
         faults = median_faults(workers)
+        memory = {w.name: w.ask('memory')['peak_bytes'] for w in workers}
         # The peak again, in the same minutes as the steps: load on a shared machine moves.
-        mm = alternate(workers, f'matmul {PEAK_CHECK_SIZE}', args.pairs)
+        mm = alternate(workers, f'matmul {check_size}', args.pairs)
       finally:
         for w in workers:
           w.close()
       total_flops = shape_flops(shape)
-      rates = {name: 2 * PEAK_CHECK_SIZE ** 3 / statistics.median(ts) for name, ts in mm.items()}
+      rates = {name: 2 * check_size ** 3 / statistics.median(ts) for name, ts in mm.items()}
       shape_peak = max(max(rates.values()), peak['peak'])
       row = {'label': shape.label(), 'flops': total_flops, 'params': params, 'workers': {},
              'matmul_during_steps': rates, 'peak': shape_peak}
@@ -364,17 +444,21 @@ def main():
         row['workers'][w.name] = {
             'median_s': med, 'min_s': min(ts), 'max_s': max(ts), 'times': ts,
             'gflops': total_flops / med / 1e9, 'mfu': total_flops / med / shape_peak,
-            'warmup_s': w.ready['warmup_s'], 'page_faults': faults[w.name]}
+            'warmup_s': w.ready['warmup_s'], 'page_faults': faults[w.name],
+            'peak_device_bytes': memory[w.name]}
       results['shapes'][name] = row
       print(f'\n{name}: {row["label"]}, {total_flops / 1e9:.1f} GFLOP per step, '
             f'params {params}', flush=True)
-      print(f'  matmul {PEAK_CHECK_SIZE}^3 between the steps: ' + ', '.join(
+      print(f'  matmul {check_size}^3 between the steps: ' + ', '.join(
           f'{k} {v / 1e9:.0f}' for k, v in rates.items()) +
             f' GFLOP/s; MFU below is against {shape_peak / 1e9:.0f} GFLOP/s', flush=True)
       for wname, r in row['workers'].items():
+        held = r['peak_device_bytes']
         print(f'  {wname:24s} {r["median_s"]:.3f} s (min {r["min_s"]:.3f}, max {r["max_s"]:.3f})'
               f'  {r["gflops"]:.0f} GFLOP/s  MFU {r["mfu"]:.0%}  warm-up {r["warmup_s"]:.0f} s'
-              f'  page faults per step {r["page_faults"]:,.0f}', flush=True)
+              f'  page faults per step {r["page_faults"]:,.0f}'
+              + ('' if held is None else f'  peak GPU memory {held / 2 ** 30:.1f} GiB'),
+              flush=True)
       row['fastest_peer'] = peer_name = fastest_peer(row)
       peer_s = row['workers'][peer_name]['median_s']
       for wname, r in row['workers'].items():

@@ -38,10 +38,11 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import machine  # benchmarks/machine.py, beside this script
 import side_by_side  # benchmarks/side_by_side.py: the stack step and the peak's sizes
@@ -234,6 +235,31 @@ def classify(op: str, source: str, flops: int):
   return kind, 'backward' if backward else 'forward', path
 
 
+def trace_steps(run, state, steps: int, keep: Optional[str] = None):
+  """`state = run(state)`, `steps` times under jax.profiler: (trace events, wall seconds each).
+
+  `keep`: a folder to copy the perfetto trace into (perfetto_trace.json.gz).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  walls = []
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+      begin = time.perf_counter()
+      state = run(state)
+      jax.block_until_ready(state)
+      walls.append(time.perf_counter() - begin)
+    jax.profiler.stop_trace()
+    trace_file = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                           recursive=True)[0]
+    with gzip.open(trace_file) as f:
+      events = json.load(f)['traceEvents']
+    if keep:
+      os.makedirs(keep, exist_ok=True)
+      shutil.copy(trace_file, os.path.join(keep, 'perfetto_trace.json.gz'))
+  return events, walls
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--what', default='stack:d256', help="'stack:SHAPE' or 'tiny'")
@@ -261,19 +287,7 @@ def main():
          step.lower(state).compile().as_text())
   sources, products = op_sources(hlo), dot_products(hlo)
   flops = op_flops(products)
-  walls = []
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    for _ in range(args.steps):
-      begin = time.perf_counter()
-      state = run(state)
-      jax.block_until_ready(state)
-      walls.append(time.perf_counter() - begin)
-    jax.profiler.stop_trace()
-    trace_file = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
-                           recursive=True)[0]
-    with gzip.open(trace_file) as f:
-      events = json.load(f)['traceEvents']
+  events, walls = trace_steps(run, state, args.steps)
   by_kind, by_part = collections.Counter(), collections.Counter()
   by_matmul, matmul_flops = collections.Counter(), collections.Counter()
   executions = collections.Counter()
@@ -292,7 +306,7 @@ def main():
   alone = collections.Counter()
   if args.alone:
     print('timing each of the step\'s matmuls by itself ...', flush=True)
-    squares = [square(n) for n in side_by_side.MATMUL_SIZES]
+    squares = [square(n) for n in side_by_side.MATMUL_SIZES['cpu']]
     seconds = time_alone([p for name, _, _ in executions for p in products[name]] + squares,
                          rounds=args.rounds)
     for (name, pass_, part), count in executions.items():
@@ -325,7 +339,7 @@ def main():
     matmul_ms, alone_ms = sum(by_matmul.values()), sum(alone.values())
     gflop = sum(matmul_flops.values()) / 1e9
     wall_ms = statistics.median(walls) * 1e3
-    sizes = ', '.join(str(n) for n in side_by_side.MATMUL_SIZES)
+    sizes = ', '.join(str(n) for n in side_by_side.MATMUL_SIZES['cpu'])
     print(f'\neach matmul again, by itself (best of {args.rounds} rounds, taking turns with the '
           f'peak\'s n^3 products, n = {sizes}):\n'
           f'  the step\'s products alone: {alone_ms:.0f} ms for {gflop:.1f} GFLOP per step, '

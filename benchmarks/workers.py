@@ -61,7 +61,8 @@ class Worker:
     self.name = name
     self.stderr = tempfile.NamedTemporaryFile(  # pylint: disable=consider-using-with
         mode='w+', prefix='worker_', suffix='.log', delete=False)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu', **(env or {}))
+    # JAX on the CPU unless `env` names another platform (side_by_side.py --device gpu).
+    env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu', **(env or {})}
     for key in ('GLIBC_TUNABLES', 'LD_PRELOAD', host_memory.VARIABLE):
       env.pop(key, None)
     env.update(host_memory.environment(malloc, base=env))

@@ -242,6 +242,9 @@ def test_0p6b_train_step_vs_6_params_tokens():
 def test_mfu_and_measured_peak():
   peak = flops.measure_peak_flops(n=256, repeats=3)
   assert np.isfinite(peak) and peak > 0
+  assert flops.measure_peak_flops(n=256, repeats=2, calls=3) > 0
+  with pytest.raises(ValueError, match='calls=0'):
+    flops.measure_peak_flops(n=256, calls=0)
   assert flops.mfu(1e12, 2.0, 4, 1e11) == pytest.approx(1.25)
   with pytest.raises(ValueError, match='must all be positive'):
     flops.mfu(1e12, 0.0, 1, 1e11)

@@ -34,3 +34,22 @@ def test_a_model_option_reaches_the_measured_step():
   # One written-out x^T per widening layer: two feed-forward wi, one pointwise_in.
   assert programs[True].count('optimization_barrier') == 3
   assert programs[False].count('optimization_barrier') == 0
+
+
+def test_a_shape_scan_unroll_reaches_the_step():
+  """None unrolls every layer (the CPU gin setting): no loop; 1 scans (the pod setting):
+  one loop forward, one backward."""
+  loops = {}
+  for unroll in (None, 1):
+    shape = side_by_side.Shape(32, 2, 64, 2, 2, 8, scan_unroll=unroll)
+    step, state, _ = side_by_side.build_jax_step(shape)
+    loops[unroll] = step.lower(state).as_text().count('stablehlo.while')
+  assert loops == {None: 0, 1: 2}
+
+
+def test_every_default_shape_exists():
+  for names in side_by_side.DEFAULT_SHAPES.values():
+    assert set(names.split(',')) <= set(side_by_side.SHAPES)
+  assert set(side_by_side.DEFAULT_SHAPES) == set(side_by_side.MATMUL_SIZES) == set(
+      side_by_side.PEAK_CHECK_SIZE) == set(side_by_side.MATMUL_CALLS) == set(
+          side_by_side.WORKER_ENV)
