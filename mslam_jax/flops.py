@@ -37,9 +37,10 @@ Forward passes of one step (`mslam_jax.models.mslam`, `mslam_jax.pretrain_loss`)
 denominator on the machine at hand.
 """
 
+import math
 import statistics
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -276,19 +277,39 @@ def mfu(step_flops: float, step_time_s: float, num_devices: int,
   return step_flops / (step_time_s * num_devices * peak_flops_per_device)
 
 
-def measure_peak_flops(dtype=jnp.float32, n: int = 2048, *, repeats: int = 5,
-                       calls: int = 1) -> float:
+# The side of the square product `measure_peak_flops` times by default: 2048 on
+# the CPU (about 0.1 s per fp32 product on 2 cores), 8192 on an accelerator,
+# where smaller products stay below the peak (ours, from an H200 in bf16: 683-794
+# TFLOP/s at n = 4096-16384; benchmarks/RESULTS.md, "On an NVIDIA H200").
+PEAK_SIZE_CPU = 2048
+PEAK_SIZE_ACCELERATOR = 8192
+# With calls=None each timing runs products back to back for at least this long
+# (ours), so that the launch and the host's wait are a small part of it.
+PEAK_MIN_SECONDS = 0.05
+
+
+def products_per_timing(seconds_per_product: float, min_seconds: float = PEAK_MIN_SECONDS) -> int:
+  """How many back-to-back products make a timing of at least `min_seconds` (at least 1)."""
+  return max(1, math.ceil(min_seconds / max(seconds_per_product, 1e-9)))
+
+
+def measure_peak_flops(dtype=jnp.float32, n: Optional[int] = None, *, repeats: int = 5,
+                       calls: Optional[int] = None) -> float:
   """Measured matmul FLOP/s of the default device: the MFU denominator.
 
   Times a jitted [n, n] x [n, n] product (2 n^3 FLOPs) after one warm-up
   call (compilation and first-touch allocation) and returns 2 n^3 over the
   median of `repeats` timings: a peak measured on the machine at hand,
-  since machines of one kind differ (AVX2 or AVX-512, load). Each timing
-  runs `calls` products back to back and waits once, so that on an
+  since machines of one kind differ (AVX2 or AVX-512, load). `n` defaults to
+  PEAK_SIZE_CPU on the CPU, PEAK_SIZE_ACCELERATOR on GPU and TPU. Each
+  timing runs `calls` products back to back and waits once, so that on an
   accelerator, where one product takes about a millisecond, the launch and
-  the host's wait are not counted as the product's time.
+  the host's wait are not counted as the product's time; None times one
+  product first and runs enough for PEAK_MIN_SECONDS (one on a CPU at n = 2048).
   """
-  if repeats < 1 or calls < 1:
+  if n is None:
+    n = PEAK_SIZE_CPU if jax.default_backend() == 'cpu' else PEAK_SIZE_ACCELERATOR
+  if repeats < 1 or (calls is not None and calls < 1):
     raise ValueError(f'measure_peak_flops: repeats={repeats} and calls={calls} must be at '
                      'least 1.')
   key_a, key_b = jax.random.split(jax.random.key(0))
@@ -296,6 +317,10 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 2048, *, repeats: int = 5,
   b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
   matmul = jax.jit(jnp.matmul)
   matmul(a, b).block_until_ready()
+  if calls is None:
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    calls = products_per_timing(time.perf_counter() - start)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()

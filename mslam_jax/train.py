@@ -185,7 +185,9 @@ def summary(history, train_config, *, start_step: int, seconds: float, checkpoin
 def _flops_and_peak(model_config, loss_config, batch_config, train_config):
   """step_flops (analytical, mslam_jax.flops) and the per-device peak for MFU."""
   step_flops = flops.train_step_flops(model_config, batch_config, loss_config)['total']
-  peak = train_config.peak_flops_per_device or flops.measure_peak_flops()
+  # In the model's compute dtype: a bf16 model's MFU divides by the bf16 peak.
+  peak = (train_config.peak_flops_per_device or
+          flops.measure_peak_flops(model_config.compute_dtype))
   print(f'train step: {step_flops / 1e12:.4g} TFLOP; peak {peak / 1e12:.4g} TFLOP/s per '
         'device (MFU denominator)', flush=True)
   return {'step_flops': step_flops, 'peak_flops_per_device': peak}

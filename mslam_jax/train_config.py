@@ -22,8 +22,9 @@ class TrainConfig:
     max_consecutive_nonfinite: this many skipped (NaN/Inf) steps in a row stop
       the run with an error; the last checkpoint stays intact.
     peak_flops_per_device: the MFU denominator (FLOP/s); None measures a
-      matmul on the device at start-up (a peak measured on the machine at
-      hand, not a datasheet figure).
+      matmul in the model's compute dtype on the device at start-up
+      (`flops.measure_peak_flops`: a peak measured on the machine at hand,
+      not a datasheet figure).
     fallback_to_intact_checkpoint: on resume, a newest checkpoint that fails
       to read is set aside (MODEL_DIR/unreadable_checkpoints) and the previous
       one is used; False stops the run instead (checkpoints.py).

@@ -245,6 +245,16 @@ def test_mfu_and_measured_peak():
   assert flops.measure_peak_flops(n=256, repeats=2, calls=3) > 0
   with pytest.raises(ValueError, match='calls=0'):
     flops.measure_peak_flops(n=256, calls=0)
+
+
+def test_products_per_timing_lasts_at_least_the_minimum():
+  assert flops.products_per_timing(0.1, 0.05) == 1  # a CPU's 2048^3 fp32 product
+  assert flops.products_per_timing(0.0015, 0.05) == 34  # an H200's 8192^3 bf16: 51 ms
+  assert flops.products_per_timing(0.01, 0.05) == 5
+  assert flops.products_per_timing(0.0, 0.05) >= 1
+  for seconds in (1e-5, 3e-4, 0.0123, 0.2):
+    calls = flops.products_per_timing(seconds, 0.05)
+    assert calls * seconds >= 0.05 and (calls == 1 or (calls - 1) * seconds < 0.05)
   assert flops.mfu(1e12, 2.0, 4, 1e11) == pytest.approx(1.25)
   with pytest.raises(ValueError, match='must all be positive'):
     flops.mfu(1e12, 0.0, 1, 1e11)

@@ -4,7 +4,12 @@ import json
 import os
 
 import toy_corpus
+from mslam_jax import flops
+from mslam_jax import pretrain_loss
 from mslam_jax import train
+from mslam_jax.data.batch_spec import BatchConfig
+from mslam_jax.models.config import ModelConfig
+from mslam_jax.train_config import TrainConfig
 
 SMALL = ['--gin.TrainConfig.log_every=1', '--gin.BatchConfig.speech_batch_size=2',
          '--gin.BatchConfig.text_batch_size=2', '--gin.BatchConfig.paired_batch_size=2',
@@ -62,3 +67,16 @@ def test_the_console_shows_a_line_per_stage_and_a_summary(tmp_path, capsys):
     assert lines[done + 3].startswith('input examples cleaned or skipped')
     assert all(l.startswith('  ') and 'tasks)' in l for l in lines[done + 4:])
     assert os.path.exists(os.path.join(model_dir, 'bad_input.txt'))
+
+
+def test_the_mfu_peak_is_measured_in_the_models_compute_dtype(monkeypatch):
+  """A bf16 model's MFU divides by a bf16 product's rate; a given peak is used as given."""
+  asked = []
+  monkeypatch.setattr(flops, 'measure_peak_flops', lambda dtype: asked.append(dtype) or 5e12)
+  configs = (pretrain_loss.LossConfig(), BatchConfig())
+  for dtype in ('bfloat16', 'float32'):
+    got = train._flops_and_peak(ModelConfig(dtype=dtype), *configs, TrainConfig())  # pylint: disable=protected-access
+    assert got['peak_flops_per_device'] == 5e12
+  assert [str(d) for d in asked] == ['bfloat16', 'float32']
+  got = train._flops_and_peak(ModelConfig(), *configs, TrainConfig(peak_flops_per_device=3e11))  # pylint: disable=protected-access
+  assert got['peak_flops_per_device'] == 3e11 and len(asked) == 2
