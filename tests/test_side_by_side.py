@@ -1,9 +1,12 @@
-"""benchmarks/side_by_side.py's option parsing and its step builder with a ModelConfig option."""
+"""benchmarks/side_by_side.py: option parsing, the step builder and its shapes, the GPU line."""
+
+import subprocess
 
 import jax
 import numpy as np
 import pytest
 
+import machine  # benchmarks/machine.py
 import side_by_side  # benchmarks/side_by_side.py (tests/conftest.py puts benchmarks/ on the path)
 
 
@@ -53,3 +56,15 @@ def test_every_default_shape_exists():
   assert set(side_by_side.DEFAULT_SHAPES) == set(side_by_side.MATMUL_SIZES) == set(
       side_by_side.PEAK_CHECK_SIZE) == set(side_by_side.MATMUL_CALLS) == set(
           side_by_side.WORKER_ENV)
+
+
+def test_gpu_summary_reads_nvidia_smi_or_says_why_not(monkeypatch):
+  line = 'NVIDIA H200, 143771 MiB, 580.159.04, 1980 MHz'
+  monkeypatch.setattr(subprocess, 'run', lambda *a, **k: subprocess.CompletedProcess(
+      a, 0, stdout=f'{line}\n{line}\n\n', stderr=''))
+  assert machine.gpu_summary() == f'{line}; {line}'
+
+  def missing(*args, **kwargs):
+    raise FileNotFoundError(2, 'No such file or directory', 'nvidia-smi')
+  monkeypatch.setattr(subprocess, 'run', missing)
+  assert machine.gpu_summary().startswith('no GPU summary (nvidia-smi: ')
