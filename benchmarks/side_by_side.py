@@ -23,7 +23,10 @@ not counted, as in MFU.
 CUDA), at the GPU shapes by default (the 0.6B stack itself, 24 layers): the
 peer's step ends with torch.cuda.synchronize(), the matmul peak times 20
 products back to back at larger sizes, and each worker reports its peak GPU
-memory. Use --dtype bfloat16 there (bf16 compute, fp32 weights, as trained).
+memory. Use --dtype bfloat16 there (bf16 compute, fp32 weights, as trained):
+in fp32 the two would differ by their TF32 settings as much as by their code
+(torch leaves TF32 off for matmuls by default; XLA's default precision may
+use it).
 
 Each framework runs in its own worker process; the parent asks them for one
 step at a time, alternating the order every pair (ABBA), so both see the same
@@ -178,7 +181,8 @@ def _jax_worker(shape: Optional[Shape], dtype: str, options: Dict, device: str):
       backend = f'no backend ({e!r})'
     if backend != 'gpu':
       raise RuntimeError(f'side_by_side --device gpu: JAX runs on {backend}; install jax with '
-                         'its CUDA plugin (pip install "jax[cuda12]").')
+                         'its CUDA plugin for the driver (pip install "jax[cuda12]" or '
+                         '"jax[cuda13]").')
 
   def matmul(n: int) -> float:
     return 2 * n ** 3 / flops.measure_peak_flops(jnp.dtype(dtype), n, repeats=1,
