@@ -277,10 +277,10 @@ def mfu(step_flops: float, step_time_s: float, num_devices: int,
   return step_flops / (step_time_s * num_devices * peak_flops_per_device)
 
 
-# The side of the square product `measure_peak_flops` times by default: 2048 on
-# the CPU (about 0.1 s per fp32 product on 2 cores), 8192 on an accelerator,
-# where smaller products stay below the peak (ours, from an H200 in bf16: 683-794
-# TFLOP/s at n = 4096-16384; benchmarks/RESULTS.md, "On an NVIDIA H200").
+# The side of the square product `measure_peak_flops` times by default (ours):
+# 2048 on the CPU (about 0.1 s per fp32 product on 2 cores), 8192 on an
+# accelerator, large enough to keep its matrix units busy (an H200 in bf16 ran
+# 683-794 TFLOP/s at n = 4096-16384; benchmarks/RESULTS.md, "On an NVIDIA H200").
 PEAK_SIZE_CPU = 2048
 PEAK_SIZE_ACCELERATOR = 8192
 # With calls=None each timing runs products back to back for at least this long

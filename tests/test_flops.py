@@ -245,6 +245,9 @@ def test_mfu_and_measured_peak():
   assert flops.measure_peak_flops(n=256, repeats=2, calls=3) > 0
   with pytest.raises(ValueError, match='calls=0'):
     flops.measure_peak_flops(n=256, calls=0)
+  assert flops.mfu(1e12, 2.0, 4, 1e11) == pytest.approx(1.25)
+  with pytest.raises(ValueError, match='must all be positive'):
+    flops.mfu(1e12, 0.0, 1, 1e11)
 
 
 def test_products_per_timing_lasts_at_least_the_minimum():
@@ -255,6 +258,3 @@ def test_products_per_timing_lasts_at_least_the_minimum():
   for seconds in (1e-5, 3e-4, 0.0123, 0.2):
     calls = flops.products_per_timing(seconds, 0.05)
     assert calls * seconds >= 0.05 and (calls == 1 or (calls - 1) * seconds < 0.05)
-  assert flops.mfu(1e12, 2.0, 4, 1e11) == pytest.approx(1.25)
-  with pytest.raises(ValueError, match='must all be positive'):
-    flops.mfu(1e12, 0.0, 1, 1e11)
