@@ -29,7 +29,6 @@ underestimate.
 import argparse
 import collections
 import gzip
-import json
 import os
 import re
 import statistics
@@ -40,7 +39,7 @@ import side_by_side  # benchmarks/side_by_side.py: the stack step, its shapes an
 import step_profile  # benchmarks/step_profile.py: HLO metadata and op classification
 
 # cuBLAS (nvjet on Hopper, cutlass / xmma before), cuDNN and XLA's Triton GEMM fusions.
-_MATMUL_KERNEL = re.compile(r'^(nvjet|cutlass|sm\d+_xmma|cudnn|gemm_fusion)|gemm', re.IGNORECASE)
+_MATMUL_KERNEL = re.compile(r'^(nvjet|cutlass|sm\d+_xmma|cudnn)|gemm', re.IGNORECASE)
 _COPY_KERNEL = re.compile(r'memcpy|memset|concatenate|dynamic_update_slice|^copy',
                           re.IGNORECASE)
 
@@ -151,8 +150,7 @@ def main():
   if args.trace:
     if not args.hlo:
       parser.error('--trace needs --hlo, the compiled HLO of the traced step')
-    with gzip.open(args.trace) as f:
-      events = json.load(f)['traceEvents']
+    events = step_profile.read_trace(args.trace)
     with (gzip.open(args.hlo, 'rt') if args.hlo.endswith('.gz') else open(args.hlo)) as f:
       hlo = f.read()
     print(f'gpu_profile {args.shape} from {args.trace} ({args.steps} steps)')

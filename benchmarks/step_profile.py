@@ -235,6 +235,12 @@ def classify(op: str, source: str, flops: int):
   return kind, 'backward' if backward else 'forward', path
 
 
+def read_trace(path: str) -> List[Dict]:
+  """The events of a perfetto_trace.json.gz that jax.profiler wrote."""
+  with gzip.open(path) as f:
+    return json.load(f)['traceEvents']
+
+
 def trace_steps(run, state, steps: int, keep: Optional[str] = None):
   """`state = run(state)`, `steps` times under jax.profiler: (trace events, wall seconds each).
 
@@ -252,8 +258,7 @@ def trace_steps(run, state, steps: int, keep: Optional[str] = None):
     jax.profiler.stop_trace()
     trace_file = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
                            recursive=True)[0]
-    with gzip.open(trace_file) as f:
-      events = json.load(f)['traceEvents']
+    events = read_trace(trace_file)
     if keep:
       os.makedirs(keep, exist_ok=True)
       shutil.copy(trace_file, os.path.join(keep, 'perfetto_trace.json.gz'))
