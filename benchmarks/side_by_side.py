@@ -42,7 +42,10 @@ a baseline with its own entry points' setting (workers.entry_point_malloc);
 --malloc SETTING adds this checkout's stack with another setting (mimalloc,
 hugepages, system: glibc's defaults). The peer runs as a PyTorch user runs it,
 with glibc's allocator; --peer_malloc SETTING adds a peer worker with another
-setting, and the ratios are taken against the fastest peer worker.
+setting, and the ratios are taken against the fastest peer worker (the one
+with the lowest median): as the ratio of the two medians, and pair by pair
+(the median and range of the per-pair ratios, in which the load that drifts
+over a run cancels; `workers.paired_ratios`).
 --model_option NAME=VALUE adds this checkout's stack with that ModelConfig
 field set (e.g. transposed_weight_gradient=False, to measure the default's
 'auto' against it on an AVX2-only CPU).
@@ -67,7 +70,8 @@ from typing import Dict, List, Optional
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
-    Worker, alternate, entry_point_malloc, median_faults, reply, timed, worktree)
+    Worker, alternate, entry_point_malloc, median_faults, paired_ratios, ratio_summary, reply,
+    timed, worktree)
 from mslam_jax import host_memory
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -465,20 +469,24 @@ def main():
               flush=True)
       row['fastest_peer'] = peer_name = fastest_peer(row)
       peer_s = row['workers'][peer_name]['median_s']
+      peer_times = times[peer_name]
       for wname, r in row['workers'].items():
         if not wname.startswith('peer'):
-          print(f'  {peer_name} / {wname}: {peer_s / r["median_s"]:.2f}', flush=True)
+          r['peer_ratio_per_pair'] = paired_ratios(peer_times, times[wname])
+          print(f'  {peer_name} / {wname}: {peer_s / r["median_s"]:.2f} (medians), '
+                f'{ratio_summary(peer_times, times[wname])} (pair by pair)', flush=True)
 
   print('\n| shape (d / heads / ffn / layers, batch x frames) | GFLOP | ' +
         ' | '.join(next(iter(results['shapes'].values()))['workers']) +
-        ' | fastest peer / mslam_jax |')
+        ' | fastest peer / mslam_jax (medians; pair by pair) |')
   for name, row in results['shapes'].items():
     cells = [f'{r["median_s"]:.2f} s ({r["min_s"]:.2f}-{r["max_s"]:.2f}), '
              f'{r["gflops"]:.0f} GFLOP/s, MFU {r["mfu"]:.0%}' for r in row['workers'].values()]
-    ratio = (row['workers'][row['fastest_peer']]['median_s'] /
-             row['workers']['mslam_jax']['median_s'])
+    ours = row['workers']['mslam_jax']
+    ratio = row['workers'][row['fastest_peer']]['median_s'] / ours['median_s']
+    per_pair = ratio_summary(row['workers'][row['fastest_peer']]['times'], ours['times'])
     print(f'| {row["label"]} | {row["flops"] / 1e9:.0f} | ' + ' | '.join(cells) +
-          f' | {ratio:.2f} |')
+          f' | {ratio:.2f}; pairs {per_pair} |')
   if args.output:
     with open(args.output, 'w', encoding='utf-8') as f:
       json.dump(results, f, indent=1)

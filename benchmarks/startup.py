@@ -7,7 +7,9 @@ worktrees), alternated (ABBA), --rounds times each. Every run gets an empty
 persistent compilation cache and an empty MODEL_DIR, so it creates the state
 and compiles everything a first-time user's run does. Prints, per revision,
 the median and min-max seconds from launch to the first progress line
-(`step 1/1`: start-up, state, compiles and one step) and to exit, and where
+(`step 1/1`: start-up, state, compiles and one step), its ratio to this
+checkout's round by round (median and range; `workers.paired_ratios`), the
+seconds to exit, and where
 that time went: launch to the trainer's first console line (imports, the
 allocator's re-exec, jax's start), from there to the `train step:` line
 (data, the state's shapes, its initialisation and the matmul peak), and
@@ -32,7 +34,7 @@ import time
 
 import machine  # benchmarks/machine.py, beside this script
 from tiny_step import GIN_FILE, current_tree  # benchmarks/tiny_step.py
-from workers import worktree  # benchmarks/workers.py
+from workers import ratio_summary, worktree  # benchmarks/workers.py
 
 
 def gin_flags(bindings):
@@ -124,9 +126,9 @@ def main():
         runs[name].append(one_run(*roots[name]))
         print(f'round {r + 1}, {name}: first step at {runs[name][-1]["first_step"]:.1f} s, '
               f'exit at {runs[name][-1]["exit"]:.1f} s', flush=True)
-  ours = statistics.median(run['first_step'] for run in runs[names[0]])
+  ours = [run['first_step'] for run in runs[names[0]]]
   print('\n| revision | launch to first step (median, min-max) | launch to exit | '
-        'imports | state | step | first step / this checkout\'s |')
+        'imports | state | step | first step / this checkout\'s, per round |')
   print('|---|---|---|---|---|---|---|')
   for name in names:
     first = [run['first_step'] for run in runs[name]]
@@ -137,7 +139,7 @@ def main():
       stages.append(f'{statistics.median(values):.1f} s' if values else '-')
     print(f'| {name} | {statistics.median(first):.1f} s ({min(first):.1f}-{max(first):.1f}) | '
           f'{statistics.median(done):.1f} s | {" | ".join(stages)} | '
-          f'{statistics.median(first) / ours:.2f}x |')
+          f'{ratio_summary(first, ours)} |')
   print('(stage medians: launch to the first console line; to the `train step:` line; to '
         'the first step)')
 

@@ -11,7 +11,9 @@ median and range: one cold compile varies by several seconds on a shared
 machine. The parent then asks the first worker of each revision for one step
 at a time in alternation, `--rounds` times, and prints medians, min-max,
 GFLOP/s (the analytical step FLOPs of this checkout's mslam_jax.flops) and
-the ratios.
+the ratios to this checkout, step and compile, each the median (and range)
+of the per-round ratios (`workers.paired_ratios`): the load that drifts
+over a run moves both members of a round, so it cancels there.
 
     python benchmarks/tiny_step.py --baseline 2b369fa
     python benchmarks/tiny_step.py --baseline HEAD --compiles 5
@@ -33,7 +35,8 @@ import time
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
-    REPO_ROOT, Worker, alternate, entry_point_malloc, median_faults, reply, timed, worktree)
+    REPO_ROOT, Worker, alternate, entry_point_malloc, median_faults, ratio_summary, reply, timed,
+    worktree)
 from mslam_jax import host_memory
 
 GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
@@ -202,16 +205,19 @@ def main():
     finally:
       for w in workers:
         w.close()
-  ours = statistics.median(times[workers[0].name])
+  ours = workers[0].name
   print('\n| revision | step (median, min-max) | GFLOP/s | page faults per step | trace + lower '
-        '| XLA compile | time / this checkout\'s |')
-  print('|---|---|---|---|---|---|---|')
+        '| XLA compile | step / this checkout\'s | compile / this checkout\'s |')
+  print('|---|---|---|---|---|---|---|---|')
   for w in workers:
     ts = times[w.name]
     med = statistics.median(ts)
     print(f'| {w.name} | {med:.3f} s ({min(ts):.3f}-{max(ts):.3f}) | {total / med / 1e9:.1f} | '
           f'{faults[w.name]:,.0f} | {seconds_range(lower_s[w.name])} | '
-          f'{seconds_range(compile_s[w.name])} | {med / ours:.2f}x |')
+          f'{seconds_range(compile_s[w.name])} | {ratio_summary(ts, times[ours])} | '
+          f'{ratio_summary(compile_s[w.name], compile_s[ours])} |')
+  print('(the ratios: median and range of the per-round ratios; a round times every '
+        'revision once, so the load of its minutes cancels)')
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,27 @@ def alternate(workers: List[Worker], command: str, rounds: int) -> Dict[str, Lis
     for w in (workers if r % 2 == 0 else workers[::-1]):
       times[w.name].append(w.ask(command)['seconds'])
   return times
+
+
+def paired_ratios(values: Sequence[float], reference: Sequence[float]) -> List[float]:
+  """values[i] / reference[i], round by round, for two workers timed in the same rounds.
+
+  A shared machine's load drifts over a run and moves both members of a
+  round together: the ratio within each round cancels that drift, where the
+  ratio of the two medians mixes minutes of different load.
+  """
+  if len(values) != len(reference):
+    raise ValueError(f'paired_ratios: {len(values)} values against {len(reference)} '
+                     'reference values; both must come from the same rounds')
+  return [v / r for v, r in zip(values, reference)]
+
+
+def ratio_summary(values: Sequence[float], reference: Sequence[float]) -> str:
+  """'0.93x (0.85-0.99)': the median and range of `paired_ratios`; '0.93x' for one round."""
+  ratios = paired_ratios(values, reference)
+  if len(ratios) == 1:
+    return f'{ratios[0]:.2f}x'
+  return f'{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})'
 
 
 def entry_point_malloc(root: str) -> Optional[str]:

@@ -40,3 +40,26 @@ def test_a_failed_worker_raises_with_the_end_of_its_stderr(tmp_path):
   with pytest.raises(RuntimeError, match=r'(?s)worker w exited \(code 3\).*the worker broke'):
     worker.ask('fail')
   os.unlink(worker.stderr.name)  # kept for the user to read; named in the error
+
+
+def test_paired_ratios_are_taken_round_by_round():
+  """The per-round ratio against numpy; it cancels a drift that the ratio of medians keeps."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  # Launch-to-first-step seconds of two revisions, five alternated rounds
+  # under a load that rose over the run (benchmarks/RESULTS.md, 2026-12-04).
+  ours = [22.7, 23.3, 29.2, 28.9, 27.8]
+  theirs = [26.8, 25.0, 29.4, 33.2, 28.7]
+  ratios = workers.paired_ratios(ours, theirs)
+  np.testing.assert_allclose(ratios, np.array(ours) / np.array(theirs))
+  median = float(np.median(np.array(ours) / np.array(theirs)))
+  assert workers.ratio_summary(ours, theirs) == (
+      f'{median:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})')
+  assert workers.ratio_summary(ours, theirs).startswith('0.93x (0.85-0.99)')
+  # Every round faster, while the medians say 0.97: the drift between rounds.
+  assert float(np.median(ours) / np.median(theirs)) == pytest.approx(0.969, abs=1e-3)
+  # A constant ratio survives any drift exactly.
+  drift = [1.0, 1.7, 3.2, 2.1]
+  assert workers.paired_ratios([1.1 * d for d in drift], drift) == pytest.approx([1.1] * 4)
+  assert workers.ratio_summary([2.0], [4.0]) == '0.50x'
+  with pytest.raises(ValueError, match='same rounds'):
+    workers.paired_ratios([1.0, 2.0], [1.0])
