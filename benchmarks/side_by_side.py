@@ -474,7 +474,7 @@ def main():
         if not wname.startswith('peer'):
           r['peer_ratio_per_pair'] = paired_ratios(peer_times, times[wname])
           print(f'  {peer_name} / {wname}: {peer_s / r["median_s"]:.2f} (medians), '
-                f'{ratio_summary(peer_times, times[wname])} (pair by pair)', flush=True)
+                f'{ratio_summary(r["peer_ratio_per_pair"])} (pair by pair)', flush=True)
 
   print('\n| shape (d / heads / ffn / layers, batch x frames) | GFLOP | ' +
         ' | '.join(next(iter(results['shapes'].values()))['workers']) +
@@ -484,7 +484,7 @@ def main():
              f'{r["gflops"]:.0f} GFLOP/s, MFU {r["mfu"]:.0%}' for r in row['workers'].values()]
     ours = row['workers']['mslam_jax']
     ratio = row['workers'][row['fastest_peer']]['median_s'] / ours['median_s']
-    per_pair = ratio_summary(row['workers'][row['fastest_peer']]['times'], ours['times'])
+    per_pair = ratio_summary(ours['peer_ratio_per_pair'])
     print(f'| {row["label"]} | {row["flops"] / 1e9:.0f} | ' + ' | '.join(cells) +
           f' | {ratio:.2f}; pairs {per_pair} |')
   if args.output:

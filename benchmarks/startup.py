@@ -34,7 +34,7 @@ import time
 
 import machine  # benchmarks/machine.py, beside this script
 from tiny_step import GIN_FILE, current_tree  # benchmarks/tiny_step.py
-from workers import ratio_summary, worktree  # benchmarks/workers.py
+from workers import paired_ratios, ratio_summary, worktree  # benchmarks/workers.py
 
 
 def gin_flags(bindings):
@@ -139,7 +139,7 @@ def main():
       stages.append(f'{statistics.median(values):.1f} s' if values else '-')
     print(f'| {name} | {statistics.median(first):.1f} s ({min(first):.1f}-{max(first):.1f}) | '
           f'{statistics.median(done):.1f} s | {" | ".join(stages)} | '
-          f'{ratio_summary(first, ours)} |')
+          f'{ratio_summary(paired_ratios(first, ours))} |')
   print('(stage medians: launch to the first console line; to the `train step:` line; to '
         'the first step)')
 

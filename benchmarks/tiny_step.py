@@ -35,8 +35,8 @@ import time
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
-    REPO_ROOT, Worker, alternate, entry_point_malloc, median_faults, ratio_summary, reply, timed,
-    worktree)
+    REPO_ROOT, Worker, alternate, entry_point_malloc, median_faults, paired_ratios, ratio_summary,
+    reply, timed, worktree)
 from mslam_jax import host_memory
 
 GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
@@ -214,8 +214,8 @@ def main():
     med = statistics.median(ts)
     print(f'| {w.name} | {med:.3f} s ({min(ts):.3f}-{max(ts):.3f}) | {total / med / 1e9:.1f} | '
           f'{faults[w.name]:,.0f} | {seconds_range(lower_s[w.name])} | '
-          f'{seconds_range(compile_s[w.name])} | {ratio_summary(ts, times[ours])} | '
-          f'{ratio_summary(compile_s[w.name], compile_s[ours])} |')
+          f'{seconds_range(compile_s[w.name])} | {ratio_summary(paired_ratios(ts, times[ours]))} | '
+          f'{ratio_summary(paired_ratios(compile_s[w.name], compile_s[ours]))} |')
   print('(the ratios: median and range of the per-round ratios; a round times every '
         'revision once, so the load of its minutes cancels)')
 

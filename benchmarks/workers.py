@@ -124,9 +124,8 @@ def paired_ratios(values: Sequence[float], reference: Sequence[float]) -> List[f
   return [v / r for v, r in zip(values, reference)]
 
 
-def ratio_summary(values: Sequence[float], reference: Sequence[float]) -> str:
-  """'0.93x (0.85-0.99)': the median and range of `paired_ratios`; '0.93x' for one round."""
-  ratios = paired_ratios(values, reference)
+def ratio_summary(ratios: Sequence[float]) -> str:
+  """'0.93x (0.85-0.99)': the median and range of `paired_ratios`' ratios; '0.93x' for one."""
   if len(ratios) == 1:
     return f'{ratios[0]:.2f}x'
   return f'{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})'
