@@ -475,6 +475,14 @@ def main():
           r['peer_ratio_per_pair'] = paired_ratios(peer_times, times[wname])
           print(f'  {peer_name} / {wname}: {peer_s / r["median_s"]:.2f} (medians), '
                 f'{ratio_summary(r["peer_ratio_per_pair"])} (pair by pair)', flush=True)
+      # A baseline's or an option's time over this checkout's: > 1 where this checkout is faster.
+      ours_s = row['workers']['mslam_jax']['median_s']
+      for wname, r in row['workers'].items():
+        if wname != 'mslam_jax' and not wname.startswith('peer'):
+          r['ratio_to_this_checkout_per_pair'] = paired_ratios(times[wname], times['mslam_jax'])
+          print(f'  {wname} / mslam_jax: {r["median_s"] / ours_s:.2f} (medians), '
+                f'{ratio_summary(r["ratio_to_this_checkout_per_pair"])} (pair by pair)',
+                flush=True)
 
   print('\n| shape (d / heads / ffn / layers, batch x frames) | GFLOP | ' +
         ' | '.join(next(iter(results['shapes'].values()))['workers']) +

@@ -51,6 +51,11 @@ def avx2_without_avx512() -> bool:
   return 'avx2' in isa and 'avx512f' not in isa
 
 
+def has_avx512() -> bool:
+  """True on x86 CPUs with AVX-512 Foundation (e.g. AMD EPYC Zen 4, Intel Xeon since Skylake-SP)."""
+  return 'avx512f' in flags()
+
+
 def summary() -> str:
   """One line: model name, cores, and the avx2 / avx512f / avx512_bf16 / amx_bf16 flags."""
   isa = ' '.join(f'{name}={name in flags()}'

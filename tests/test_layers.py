@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.ad_checkpoint import print_saved_residuals
 from jax.test_util import check_grads
 
@@ -224,17 +225,26 @@ def test_dense_layers_equal_numpy_products_and_their_gradients():
                              rtol=1e-4, atol=1e-4)
 
 
-def _auto_dense_barriers(monkeypatch, avx2_only: bool, width: int, dtype=jnp.float32,
-                         platforms=('cpu',)) -> int:
-  """Written-out x^T copies in the exported gradient of a transposed_weight_gradient='auto' layer."""
+def _auto_barriers(monkeypatch, setting: str, *, avx2_only: bool, avx512: bool, d_in: int,
+                   d_out: int, dtype=jnp.float32, platforms=('cpu',)) -> int:
+  """Barriers (one per written-out x^T or flipped product) in the exported gradient of a
+  dense layer with `setting` = 'auto' on a host with these flags."""
   monkeypatch.setattr(layers.host_cpu, 'avx2_without_avx512', lambda: avx2_only)
-  module = layers.dense(2 * width, ('embed', 'mlp'), name='d', dtype=dtype,
-                        transposed_weight_gradient='auto')
-  x = jnp.ones((2, 3, width), jnp.float32)
+  monkeypatch.setattr(layers.host_cpu, 'has_avx512', lambda: avx512)
+  module = layers.dense(d_out, ('embed', 'mlp'), name='d', dtype=dtype, **{setting: 'auto'})
+  x = jnp.ones((2, 3, d_in), jnp.float32)
   params = nn.unbox(module.init(jax.random.key(0), x)['params'])
   grad = jax.jit(jax.grad(lambda p: jnp.sum(module.apply({'params': p}, x))))
   exported = jax.export.export(grad, platforms=platforms)(params)
   return exported.mlir_module().count('stablehlo.optimization_barrier')
+
+
+def _auto_dense_barriers(monkeypatch, avx2_only: bool, width: int, dtype=jnp.float32,
+                         platforms=('cpu',)) -> int:
+  """Written-out x^T copies in the gradient of a widening transposed_weight_gradient='auto' layer."""
+  return _auto_barriers(monkeypatch, 'transposed_weight_gradient', avx2_only=avx2_only,
+                        avx512=not avx2_only, d_in=width, d_out=2 * width, dtype=dtype,
+                        platforms=platforms)
 
 
 def test_auto_transposed_weight_gradient_only_where_measured_to_pay(monkeypatch):
@@ -248,6 +258,57 @@ def test_auto_transposed_weight_gradient_only_where_measured_to_pay(monkeypatch)
   # autodiff's product; a program for both keeps each platform's choice.
   assert _auto_dense_barriers(monkeypatch, True, wide, platforms=('tpu',)) == 0
   assert _auto_dense_barriers(monkeypatch, True, wide, platforms=('cpu', 'tpu')) == 1
+
+
+def test_flipped_weight_gradient_equals_numpy():
+  """dw as (dy^T x)^T: autodiff's values and gradients (numpy), one barrier, only where asked."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((3, 5, 12)).astype(np.float32)
+  g = rng.standard_normal((3, 5, 4)).astype(np.float32)
+  results, barriers = {}, {}
+  for flipped in (True, False):
+    module = layers.dense(4, ('mlp', 'embed'), name='d', flipped_weight_gradient=flipped)
+    params = nn.unbox(module.init(jax.random.key(0), x)['params'])
+    loss = lambda p, x, m=module: jnp.sum(m.apply({'params': p}, x) * g)
+    results[flipped] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+    barriers[flipped] = str(jax.make_jaxpr(jax.grad(loss))(params, x)).count(
+        'optimization_barrier')
+  value, (grads, dx) = results[True]
+  kernel = np.asarray(params['kernel'])
+  np.testing.assert_allclose(value, np.sum((x @ kernel + np.asarray(params['bias'])) * g),
+                             rtol=1e-5)
+  np.testing.assert_allclose(grads['kernel'], np.einsum('btd,btf->df', x, g), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(grads['bias'], g.sum((0, 1)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, g @ kernel.T, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert barriers == {True: 1, False: 0}
+  with pytest.raises(ValueError, match="dense 'd': .*set at most one"):
+    layers.dense(4, ('mlp', 'embed'), name='d', flipped_weight_gradient='auto',
+                 transposed_weight_gradient=True)
+
+
+def _auto_flipped_barriers(monkeypatch, avx512: bool, d_in: int, d_out: int,
+                           dtype=jnp.float32, platforms=('cpu',)) -> int:
+  """Flipped products in the gradient of a flipped_weight_gradient='auto' layer."""
+  return _auto_barriers(monkeypatch, 'flipped_weight_gradient', avx2_only=not avx512,
+                        avx512=avx512, d_in=d_in, d_out=d_out, dtype=dtype, platforms=platforms)
+
+
+def test_auto_flipped_weight_gradient_only_where_measured_to_pay(monkeypatch):
+  """'auto': the flipped product for fp32 narrowing layers with outputs >= 256 wide, in CPU
+  programs of AVX-512 hosts."""
+  width = layers.AUTO_TRANSPOSED_MIN_WIDTH
+  assert _auto_flipped_barriers(monkeypatch, True, 4 * width, width) == 1   # d256's wo
+  assert _auto_flipped_barriers(monkeypatch, True, width, 4 * width) == 0   # widening
+  assert _auto_flipped_barriers(monkeypatch, True, width, width) == 0       # square
+  assert _auto_flipped_barriers(monkeypatch, True, 128, 64) == 0            # the tiny demo's wo
+  assert _auto_flipped_barriers(monkeypatch, False, 4 * width, width) == 0  # AVX2-only, not x86
+  assert _auto_flipped_barriers(monkeypatch, True, 4 * width, width, jnp.bfloat16) == 0
+  assert _auto_flipped_barriers(monkeypatch, True, 4 * width, width, platforms=('tpu',)) == 0
+  assert _auto_flipped_barriers(monkeypatch, True, 4 * width, width,
+                                platforms=('cpu', 'tpu')) == 1
 
 
 def test_auto_transposed_weight_gradient_values(monkeypatch):

@@ -193,6 +193,10 @@ def test_remat_policies_unrolling_and_wgrad_layout_give_the_same_loss_and_gradie
         dataclasses.replace(mc, remat_policy=policy, transposed_weight_gradient=True), 2)
     loss = lambda p, s=stack: jnp.sum(s.apply(p, x, paddings) ** 2)
     results[f'{policy}, transposed weight gradient'] = jax.jit(jax.value_and_grad(loss))(params)
+  # And the narrowing layers' (feed-forward wo) taken as (dy^T x)^T.
+  stack = ConformerStack(dataclasses.replace(mc, flipped_weight_gradient=True), 2)
+  loss = lambda p, s=stack: jnp.sum(s.apply(p, x, paddings) ** 2)
+  results['none, flipped weight gradient'] = jax.jit(jax.value_and_grad(loss))(params)
   for key in set(results) - {'none'}:
     np.testing.assert_allclose(results[key][0], results['none'][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results[key][1]), jax.tree.leaves(results['none'][1])):
@@ -291,7 +295,8 @@ def test_bfloat16_compute_gives_the_float32_loss_within_bf16_rounding(tiny):
 
 @pytest.mark.parametrize('field, value', [
     ('num_heads', 7), ('conv_groups', 5), ('conv_kernel_size', 4), ('remat_policy', 'no_such_policy'),
-    ('scan_unroll', 0), ('dtype', 'float16'), ('transposed_weight_gradient', 'yes')])
+    ('scan_unroll', 0), ('dtype', 'float16'), ('transposed_weight_gradient', 'yes'),
+    ('flipped_weight_gradient', 'no')])
 def test_model_config_rejects_bad_values_by_name(field, value):
   with pytest.raises(ValueError, match=f'ModelConfig: .*{field}='):
     ModelConfig(**{field: value})

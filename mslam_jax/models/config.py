@@ -115,6 +115,18 @@ class ModelConfig:
       TPU and GPU programs, where the compiler lays out the operands itself
       and the copy's barrier would stop fusion, and on AVX-512 CPUs, where
       these products already ran near the matmul rate.
+    flipped_weight_gradient: the Conformer's narrowing dense layer (the
+      feed-forward's wo, ffn -> d) takes its kernel gradient as (dy^T x)^T
+      instead of x^T dy (ours; `layers.matmul_flipped_weight_gradient`): the
+      same product with its output the other way round, [d, ffn] instead of
+      [ffn, d], which XLA:CPU ran 1.11-1.39x faster alone at d 256 on an
+      AVX-512 CPU (level at the 0.6B width): the stack step 1.02-1.03x faster
+      at d 256 and 1,600 frames, level at d 1024 (benchmarks/RESULTS.md).
+      'auto' (the default) does it for fp32 layers with d_model 256 and up,
+      in programs compiled for the CPU backend of an x86 host with AVX-512;
+      not on AVX2-only CPUs, where it was not measured, nor for the tiny demo
+      model, nor in TPU and GPU programs. True does it everywhere, False
+      nowhere.
   """
   num_mel_bins: int = NUM_MEL_BINS
   frontend_channels: int = 128
@@ -135,6 +147,7 @@ class ModelConfig:
   scan_unroll: int = 1
   merge_passes: bool = True
   transposed_weight_gradient: Union[bool, str] = 'auto'
+  flipped_weight_gradient: Union[bool, str] = 'auto'
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -160,6 +173,10 @@ class ModelConfig:
     if self.transposed_weight_gradient not in (True, False, 'auto'):
       raise ValueError(
           f'ModelConfig: transposed_weight_gradient={self.transposed_weight_gradient!r}; '
+          "use True, False or 'auto'.")
+    if self.flipped_weight_gradient not in (True, False, 'auto'):
+      raise ValueError(
+          f'ModelConfig: flipped_weight_gradient={self.flipped_weight_gradient!r}; '
           "use True, False or 'auto'.")
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(

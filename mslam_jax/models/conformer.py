@@ -35,7 +35,8 @@ class FeedForward(nn.Module):
                      transposed_weight_gradient=cfg.transposed_weight_gradient)(h)
     h = nn.with_logical_constraint(layers.swish(h), ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='wo', dtype=dtype)(h)
+    h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='wo', dtype=dtype,
+                     flipped_weight_gradient=cfg.flipped_weight_gradient)(h)
     return nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
 

@@ -21,6 +21,8 @@ BATCH_LENGTH_EMBED = ('batch', 'length', 'embed')
 # transposed_weight_gradient='auto' writes x^T out for fp32 layers at least this
 # wide, on AVX2-only CPUs: measured faster there at d_in 256 and 1024 (1.01-1.14x
 # steps), slower at 64 (the tiny demo model, 1.19x; benchmarks/RESULTS.md).
+# flipped_weight_gradient='auto' takes the same floor for a layer's output width
+# (d_model), on AVX-512 CPUs: measured at d 256 and 1024.
 AUTO_TRANSPOSED_MIN_WIDTH = 256
 
 
@@ -31,18 +33,27 @@ def logical_init(init, axes: Sequence[str]):
 
 def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
           use_bias: bool = True, kernel_init=None,
-          transposed_weight_gradient: Union[bool, str] = False) -> nn.Dense:
+          transposed_weight_gradient: Union[bool, str] = False,
+          flipped_weight_gradient: Union[bool, str] = False) -> nn.Dense:
   """A Dense layer whose kernel has logical axes `axes` = (in_axis, out_axis).
 
   transposed_weight_gradient: True takes the kernel's gradient as a product of
   a written-out x^T (`matmul_transposed_weight_gradient`), False as autodiff's
   x^T dy; 'auto' does the first only where it was measured to pay
   (`_dot_auto`; `ModelConfig.transposed_weight_gradient` has the figures).
+  flipped_weight_gradient: the same choice for the kernel's gradient taken as
+  (dy^T x)^T (`matmul_flipped_weight_gradient`; 'auto': `_dot_auto_flipped`).
+  A layer takes at most one of the two.
   """
   kernel_init = kernel_init or nn.initializers.lecun_normal()
-  # The setting is checked where users give it (ModelConfig.__post_init__).
-  dot_general = {True: _dot_transposed_weight_gradient, False: None,
-                 'auto': _dot_auto}[transposed_weight_gradient]
+  # The settings are checked where users give them (ModelConfig.__post_init__).
+  if transposed_weight_gradient is not False and flipped_weight_gradient is not False:
+    raise ValueError(f'dense {name!r}: transposed_weight_gradient and flipped_weight_gradient '
+                     'are two forms of one gradient; set at most one.')
+  dot_general = ({True: _dot_flipped_weight_gradient, 'auto': _dot_auto_flipped}
+                 .get(flipped_weight_gradient)
+                 or {True: _dot_transposed_weight_gradient, False: None,
+                     'auto': _dot_auto}[transposed_weight_gradient])
   return FlatDense(
       features,
       use_bias=use_bias,
@@ -52,6 +63,11 @@ def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
       bias_init=logical_init(nn.initializers.zeros_init(), axes[-1:]),
       dot_general=dot_general,
       name=name)
+
+
+def _matmul_fwd(x, w):
+  """The forward pass of both custom products below: x @ w, keeping x and w."""
+  return x @ w, (x, w)
 
 
 @jax.custom_vjp
@@ -69,48 +85,90 @@ def matmul_transposed_weight_gradient(x: jax.Array, w: jax.Array) -> jax.Array:
   return x @ w
 
 
-def _matmul_twg_fwd(x, w):
-  return x @ w, (x, w)
-
-
 def _matmul_twg_bwd(residuals, dy):
   x, w = residuals
   return dy @ w.T, lax.optimization_barrier(x.T) @ dy
 
 
-matmul_transposed_weight_gradient.defvjp(_matmul_twg_fwd, _matmul_twg_bwd)
+matmul_transposed_weight_gradient.defvjp(_matmul_fwd, _matmul_twg_bwd)
 
 
-def _dot_transposed_weight_gradient(lhs, rhs, dimension_numbers, precision=None,
-                                    preferred_element_type=None):
-  """nn.Dense's `dot_general` for FlatDense's [rows, d_in] x [d_in, d_out] product."""
-  if ((lhs.ndim, rhs.ndim) != (2, 2) or dimension_numbers != (((1,), (0,)), ((), ()))
-      or precision is not None or preferred_element_type is not None):
-    raise ValueError(
-        f'transposed_weight_gradient takes FlatDense\'s 2-D product at default precision, got '
-        f'{lhs.shape} x {rhs.shape} with {dimension_numbers}, precision={precision}, '
-        f'preferred_element_type={preferred_element_type}.')
-  return matmul_transposed_weight_gradient(lhs, rhs)
+@jax.custom_vjp
+def matmul_flipped_weight_gradient(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [rows, d_in] @ w [d_in, d_out], whose backward takes dw as (dy^T x)^T.
+
+  Both forms contract the rows of x and dy. XLA:CPU runs that product faster
+  when its output has the fewer rows: for the d 256 feed-forward's wo
+  (x [3200, 1024], dy [3200, 256]) dy^T x ([256, 1024]) was 1.11-1.39x as
+  fast as x^T dy ([1024, 256]) on an AVX-512 CPU, and level at the 0.6B
+  width's [1600, 4096] -> 1024 (`benchmarks/weight_gradient.py`,
+  benchmarks/RESULTS.md). So a narrowing layer (d_in > d_out) takes the
+  product the other way round and transposes its small [d_out, d_in] result;
+  the optimization barrier keeps XLA from folding that transpose back into
+  the product. Same values as `x @ w`, and dx = dy w^T as autodiff's.
+  """
+  return x @ w
 
 
-def _dot_auto(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """nn.Dense's `dot_general` for transposed_weight_gradient='auto'.
+def _matmul_flipped_bwd(residuals, dy):
+  x, w = residuals
+  dw_t = lax.dot_general(dy, x, (((0,), (0,)), ((), ())))  # [d_out, d_in]
+  return dy @ w.T, lax.optimization_barrier(dw_t).T
 
-  The written-out x^T where it was measured faster: fp32 products at least
-  AUTO_TRANSPOSED_MIN_WIDTH wide, compiled for an AVX2-only host CPU. The
+
+matmul_flipped_weight_gradient.defvjp(_matmul_fwd, _matmul_flipped_bwd)
+
+
+def _forced_dot(matmul, setting: str):
+  """nn.Dense's `dot_general` for `setting`=True: FlatDense's product through `matmul`."""
+
+  def dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    if ((lhs.ndim, rhs.ndim) != (2, 2) or dimension_numbers != (((1,), (0,)), ((), ()))
+        or precision is not None or preferred_element_type is not None):
+      raise ValueError(
+          f'{setting} takes FlatDense\'s [rows, d_in] x [d_in, d_out] product at default '
+          f'precision, got {lhs.shape} x {rhs.shape} with {dimension_numbers}, '
+          f'precision={precision}, preferred_element_type={preferred_element_type}.')
+    return matmul(lhs, rhs)
+
+  return dot
+
+
+def _auto_dot(forced, pays):
+  """nn.Dense's `dot_general` for a setting of 'auto': `forced` where it was measured to pay.
+
+  That is fp32 products for which `pays(d_in, d_out)` holds (it asks
+  `mslam_jax.host_cpu` about this host), in programs for the CPU backend. The
   platform is the one lowered for (`lax.platform_dependent`), so a TPU program
-  compiled on such a CPU (`mslam_jax.compile --topology`) keeps autodiff's
+  compiled on a CPU host (`mslam_jax.compile --topology`) keeps autodiff's
   product; elsewhere this is nn.Dense's own `lax.dot_general`.
   """
-  plain = lambda x, w: lax.dot_general(x, w, dimension_numbers, precision,
-                                       preferred_element_type)
-  if (lhs.dtype != jnp.float32 or lhs.shape[-1] < AUTO_TRANSPOSED_MIN_WIDTH
-      or not host_cpu.avx2_without_avx512()):
-    return plain(lhs, rhs)
-  return lax.platform_dependent(
-      lhs, rhs, default=plain,
-      cpu=lambda x, w: _dot_transposed_weight_gradient(x, w, dimension_numbers, precision,
-                                                       preferred_element_type))
+
+  def dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    plain = lambda x, w: lax.dot_general(x, w, dimension_numbers, precision,
+                                         preferred_element_type)
+    if lhs.dtype != jnp.float32 or not pays(lhs.shape[-1], rhs.shape[-1]):
+      return plain(lhs, rhs)
+    return lax.platform_dependent(
+        lhs, rhs, default=plain,
+        cpu=lambda x, w: forced(x, w, dimension_numbers, precision, preferred_element_type))
+
+  return dot
+
+
+_dot_transposed_weight_gradient = _forced_dot(matmul_transposed_weight_gradient,
+                                              'transposed_weight_gradient')
+# The written-out x^T: layers at least AUTO_TRANSPOSED_MIN_WIDTH wide on an AVX2-only host.
+_dot_auto = _auto_dot(
+    _dot_transposed_weight_gradient,
+    lambda d_in, d_out: d_in >= AUTO_TRANSPOSED_MIN_WIDTH and host_cpu.avx2_without_avx512())
+_dot_flipped_weight_gradient = _forced_dot(matmul_flipped_weight_gradient,
+                                           'flipped_weight_gradient')
+# The flipped product: narrowing layers with outputs at least AUTO_TRANSPOSED_MIN_WIDTH
+# wide on an AVX-512 host.
+_dot_auto_flipped = _auto_dot(
+    _dot_flipped_weight_gradient,
+    lambda d_in, d_out: d_in > d_out >= AUTO_TRANSPOSED_MIN_WIDTH and host_cpu.has_avx512())
 
 
 class FlatDense(nn.Dense):
