@@ -40,6 +40,7 @@ from mslam_jax.data import batch_spec
 from mslam_jax.data import sampler as sampler_lib
 from mslam_jax.data.batch_spec import BatchConfig
 from mslam_jax.data.synthetic import SyntheticCorpus
+from mslam_jax.models import conformer
 from mslam_jax.models.config import ModelConfig
 from mslam_jax.train_config import TrainConfig
 
@@ -101,6 +102,11 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
   mesh = partitioning.make_mesh(mesh_config)
   rules = mesh_config.rules
   print(partitioning.describe(mesh, rules, verbose=console.verbose()), flush=True)
+  # The 'auto' weight-gradient forms depend on the host CPU: say which ones this run takes.
+  forms = (conformer.cpu_weight_gradient_forms(model_config)
+           if jax.default_backend() == 'cpu' else None)
+  if forms:
+    print(forms, flush=True)
   partitioning.check_batch_split(batch_config, loss_config.parts, mesh)
   batch_spec.check_num_mel_bins(model_config, batch_config, audio.FeatureConfig())
   batches = make_batches(data_config, batch_config, loss_config.parts, seed=train_config.seed,

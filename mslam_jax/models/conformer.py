@@ -12,6 +12,8 @@ before the depthwise convolution, and are excluded from GroupNorm statistics,
 so outputs at valid positions never depend on padded content or padded length.
 """
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -147,3 +149,25 @@ class ConformerStack(nn.Module):
         metadata_params={nn.PARTITION_NAME: 'layers'})
     x, _ = scanned(self.config, self.deterministic, name='layers')(x, paddings)
     return x
+
+
+def cpu_weight_gradient_forms(cfg: ModelConfig) -> Optional[str]:
+  """The Conformer's dense layers whose weight gradient a CPU program of this host takes
+  other than as autodiff's x^T dy, as one console line; None where all take autodiff's.
+
+  It asks the same rule the layers apply (`layers.takes_form`), for the layers that
+  take each setting above: the widening wi and pointwise_in, the narrowing wo.
+  """
+  d, dtype = cfg.d_model, cfg.compute_dtype
+  transposed = [name for name, (d_in, d_out) in (('feed-forward wi', (d, cfg.ffn_dim)),
+                                                 ('convolution pointwise_in', (d, 2 * d)))
+                if layers.takes_form(cfg.transposed_weight_gradient, layers.transposed_pays,
+                                     d_in, d_out, dtype)]
+  flipped = layers.takes_form(cfg.flipped_weight_gradient, layers.flipped_pays,
+                              cfg.ffn_dim, d, dtype)
+  parts = ([f'{" and ".join(transposed)} from a written-out x^T '
+            f'(transposed_weight_gradient={cfg.transposed_weight_gradient!r})']
+           if transposed else [])
+  parts += ([f'feed-forward wo as (dy^T x)^T '
+             f'(flipped_weight_gradient={cfg.flipped_weight_gradient!r})'] if flipped else [])
+  return f'CPU weight gradients: {"; ".join(parts)}' if parts else None

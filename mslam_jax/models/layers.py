@@ -134,6 +134,27 @@ def _forced_dot(matmul, setting: str):
   return dot
 
 
+def transposed_pays(d_in: int, d_out: int) -> bool:
+  """Where transposed_weight_gradient='auto' writes x^T out (fp32 programs for the CPU):
+  layers at least AUTO_TRANSPOSED_MIN_WIDTH wide on an AVX2-only host."""
+  del d_out  # the widening layers it is given were measured at every output width
+  return d_in >= AUTO_TRANSPOSED_MIN_WIDTH and host_cpu.avx2_without_avx512()
+
+
+def flipped_pays(d_in: int, d_out: int) -> bool:
+  """Where flipped_weight_gradient='auto' flips the product (fp32 programs for the CPU):
+  narrowing layers with outputs at least AUTO_TRANSPOSED_MIN_WIDTH wide on an AVX-512 host."""
+  return d_in > d_out >= AUTO_TRANSPOSED_MIN_WIDTH and host_cpu.has_avx512()
+
+
+def takes_form(setting: Union[bool, str], pays, d_in: int, d_out: int, dtype) -> bool:
+  """Whether a layer with this setting (True, False, 'auto') takes that weight-gradient
+  form in a CPU program; `pays` is `transposed_pays` or `flipped_pays`."""
+  if setting == 'auto':
+    return jnp.dtype(dtype) == jnp.float32 and pays(d_in, d_out)
+  return bool(setting)
+
+
 def _auto_dot(forced, pays):
   """nn.Dense's `dot_general` for a setting of 'auto': `forced` where it was measured to pay.
 
@@ -147,7 +168,7 @@ def _auto_dot(forced, pays):
   def dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     plain = lambda x, w: lax.dot_general(x, w, dimension_numbers, precision,
                                          preferred_element_type)
-    if lhs.dtype != jnp.float32 or not pays(lhs.shape[-1], rhs.shape[-1]):
+    if not takes_form('auto', pays, lhs.shape[-1], rhs.shape[-1], lhs.dtype):
       return plain(lhs, rhs)
     return lax.platform_dependent(
         lhs, rhs, default=plain,
@@ -158,17 +179,10 @@ def _auto_dot(forced, pays):
 
 _dot_transposed_weight_gradient = _forced_dot(matmul_transposed_weight_gradient,
                                               'transposed_weight_gradient')
-# The written-out x^T: layers at least AUTO_TRANSPOSED_MIN_WIDTH wide on an AVX2-only host.
-_dot_auto = _auto_dot(
-    _dot_transposed_weight_gradient,
-    lambda d_in, d_out: d_in >= AUTO_TRANSPOSED_MIN_WIDTH and host_cpu.avx2_without_avx512())
+_dot_auto = _auto_dot(_dot_transposed_weight_gradient, transposed_pays)
 _dot_flipped_weight_gradient = _forced_dot(matmul_flipped_weight_gradient,
                                            'flipped_weight_gradient')
-# The flipped product: narrowing layers with outputs at least AUTO_TRANSPOSED_MIN_WIDTH
-# wide on an AVX-512 host.
-_dot_auto_flipped = _auto_dot(
-    _dot_flipped_weight_gradient,
-    lambda d_in, d_out: d_in > d_out >= AUTO_TRANSPOSED_MIN_WIDTH and host_cpu.has_avx512())
+_dot_auto_flipped = _auto_dot(_dot_flipped_weight_gradient, flipped_pays)
 
 
 class FlatDense(nn.Dense):
