@@ -137,7 +137,7 @@ def _forced_dot(matmul, setting: str):
 def transposed_pays(d_in: int, d_out: int) -> bool:
   """Where transposed_weight_gradient='auto' writes x^T out (fp32 programs for the CPU):
   layers at least AUTO_TRANSPOSED_MIN_WIDTH wide on an AVX2-only host."""
-  del d_out  # the widening layers it is given were measured at every output width
+  del d_out  # measured by the input width (d_model) alone
   return d_in >= AUTO_TRANSPOSED_MIN_WIDTH and host_cpu.avx2_without_avx512()
 
 
