@@ -48,7 +48,9 @@ with the lowest median): as the ratio of the two medians, and pair by pair
 over a run cancels; `workers.paired_ratios`).
 --model_option NAME=VALUE adds this checkout's stack with that ModelConfig
 field set (e.g. transposed_weight_gradient=False, to measure the default's
-'auto' against it on an AVX2-only CPU).
+'auto' against it on an AVX2-only CPU); --xla_flags FLAGS adds it with FLAGS
+appended to XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2: XLA's code without
+AVX-512). Each such worker's time over this checkout's is printed as well.
 
     pip install -c constraints.txt -e '.[bench]'   # torch + transformers
     python benchmarks/side_by_side.py                      # fp32, all shapes
@@ -306,11 +308,14 @@ def worker_main(framework: str, shape_name: str, dtype: str, options: Dict,
 
 def _worker(name: str, framework: str, shape: str, dtype: str, root: str = REPO_ROOT,
             malloc: Optional[str] = None, model_option: Optional[str] = None,
-            device: str = 'cpu') -> Worker:
+            device: str = 'cpu', xla_flags: Optional[str] = None) -> Worker:
   options = ['--model_option', model_option] if model_option else []
+  env = dict(WORKER_ENV[device])
+  if xla_flags:
+    env['XLA_FLAGS'] = ' '.join(f for f in (os.environ.get('XLA_FLAGS'), xla_flags) if f)
   return Worker(name, [os.path.abspath(__file__), '--worker', framework, '--shapes', shape,
                        '--dtype', dtype, '--device', device, *options], root=root,
-                malloc=malloc, env=WORKER_ENV[device])
+                malloc=malloc, env=env)
 
 
 def parse_model_options(items: List[str]) -> Dict:
@@ -385,6 +390,9 @@ def main():
   parser.add_argument('--model_option', action='append', default=[], metavar='NAME=VALUE',
                       help='one more worker: the mslam_jax stack with this ModelConfig field '
                       'set (repeatable, one worker each; e.g. transposed_weight_gradient=True)')
+  parser.add_argument('--xla_flags', action='append', default=[], metavar='FLAGS',
+                      help='one more worker: the mslam_jax stack with FLAGS appended to '
+                      'XLA_FLAGS (repeatable; e.g. --xla_flags=--xla_cpu_max_isa=AVX2)')
   parser.add_argument('--output', default=None, help='JSON file for the figures')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -423,6 +431,9 @@ def main():
       for option in args.model_option:
         workers.append(_worker(f'mslam_jax, {option}', 'jax', name, args.dtype,
                                model_option=option, device=device))
+      for flags in args.xla_flags:
+        workers.append(_worker(f'mslam_jax, XLA_FLAGS={flags}', 'jax', name, args.dtype,
+                               device=device, xla_flags=flags))
       workers.append(_worker('peer', 'torch', name, args.dtype, malloc='system', device=device))
       for setting in args.peer_malloc:
         workers.append(_worker(f'peer, MSLAM_HOST_MALLOC={setting}', 'torch', name, args.dtype,

@@ -68,3 +68,15 @@ def test_gpu_summary_reads_nvidia_smi_or_says_why_not(monkeypatch):
     raise FileNotFoundError(2, 'No such file or directory', 'nvidia-smi')
   monkeypatch.setattr(subprocess, 'run', missing)
   assert machine.gpu_summary().startswith('no GPU summary (nvidia-smi: ')
+
+
+def test_an_xla_flags_worker_appends_to_the_callers_flags(monkeypatch):
+  """--xla_flags: the worker's XLA_FLAGS are the caller's plus the given ones; others get none."""
+  monkeypatch.setattr(side_by_side, 'Worker', lambda name, argv, **kw: kw['env'])
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  env = side_by_side._worker('w', 'jax', 'd256', 'float32', xla_flags='--xla_cpu_max_isa=AVX2')
+  assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2'
+  assert 'XLA_FLAGS' not in side_by_side._worker('w', 'jax', 'd256', 'float32')
+  monkeypatch.delenv('XLA_FLAGS')
+  env = side_by_side._worker('w', 'jax', 'd256', 'float32', xla_flags='--xla_cpu_max_isa=AVX2')
+  assert env['XLA_FLAGS'] == '--xla_cpu_max_isa=AVX2'
