@@ -9,12 +9,11 @@ and compiles everything a first-time user's run does. Prints, per revision,
 the median and min-max seconds from launch to the first progress line
 (`step 1/1`: start-up, state, compiles and one step), its ratio to this
 checkout's round by round (median and range; `workers.paired_ratios`), the
-seconds to exit, and where
-that time went: launch to the trainer's first console line (imports, the
-allocator's re-exec, jax's start), from there to the `train step:` line
-(data, the state's shapes, its initialisation and the matmul peak), and
-from there to the first step (the step's trace, compile and run). A
---variant runs this checkout with extra gin bindings. --warmup untimed runs
+seconds to exit, and where that time went: launch to the trainer's first
+console line (imports, the allocator's re-exec, jax's start), from there to
+the `train step:` line (data, the state's shapes, its initialisation and the
+matmul peak), and from there to the first step (the step's trace, compile
+and run). A --variant runs this checkout with extra gin bindings. --warmup untimed runs
 go first: without one, the first timed process was often several seconds
 slower than the rest, whichever revision it ran (probably files not yet in
 the page cache).

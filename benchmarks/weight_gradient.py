@@ -18,7 +18,6 @@ peak, and checks that the three give numpy's x^T dy.
 
 import argparse
 import statistics
-import time
 from typing import Callable, Dict, List, Tuple
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import machine  # benchmarks/machine.py, beside this script
+from workers import paired_ratios, ratio_summary  # benchmarks/workers.py
 from mslam_jax import flops
 from mslam_jax.models import layers
 
@@ -55,18 +55,6 @@ def weight_gradient(form: Callable) -> Callable:
   return jax.jit(lambda x, w, dy: jax.vjp(lambda w: form(x, w), w)[1](dy)[0])
 
 
-def time_once(fn: Callable, *args) -> float:
-  """Seconds per call of back-to-back calls worth at least flops.PEAK_MIN_SECONDS."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  calls = flops.products_per_timing(time.perf_counter() - start)
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=7, help='alternated rounds per shape')
@@ -91,15 +79,15 @@ def main():
                                  err_msg=f'{form} at {name}')
     times = {form: [] for form in fns}
     for _ in range(args.rounds):
-      peaks.append(2.0 * n ** 3 / time_once(peak_fn, a, a))
+      peaks.append(2.0 * n ** 3 / flops.seconds_per_call(peak_fn, a, a))
       for form, fn in fns.items():
-        times[form].append(time_once(fn, x, w, dy))
+        times[form].append(flops.seconds_per_call(fn, x, w, dy))
     gflop = 2.0 * rows * d_in * d_out / 1e9
     rate = {form: gflop / statistics.median(t) for form, t in times.items()}
-    ratios = [b / a for a, b in zip(times['flipped'], times['autodiff'])]
+    # Autodiff's time over the flipped form's, round by round: flipped's speed-up.
+    speedup = ratio_summary(paired_ratios(times['autodiff'], times['flipped']))
     print(f'| {name} | {rows} x {d_in} -> {d_out} | {gflop:.2f} | '
-          + ' | '.join(f'{rate[form]:.0f} GFLOP/s' for form in FORMS)
-          + f' | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |',
+          + ' | '.join(f'{rate[form]:.0f} GFLOP/s' for form in FORMS) + f' | {speedup} |',
           flush=True)
   print(f'matmul {n}^3 between the shapes: median {statistics.median(peaks) / 1e9:.0f} GFLOP/s '
         f'(min {min(peaks) / 1e9:.0f}, max {max(peaks) / 1e9:.0f}); rates are medians of '

@@ -40,7 +40,7 @@ denominator on the machine at hand.
 import math
 import statistics
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -293,6 +293,22 @@ def products_per_timing(seconds_per_product: float, min_seconds: float = PEAK_MI
   return max(1, math.ceil(min_seconds / max(seconds_per_product, 1e-9)))
 
 
+def seconds_per_call(fn: Callable, *args, calls: Optional[int] = None) -> float:
+  """Seconds per call of fn(*args), from `calls` back-to-back calls waited for once.
+
+  jax dispatches asynchronously, so one wait at the end keeps the launch and
+  the host's wait out of each call's time. None first times one call and runs
+  enough for PEAK_MIN_SECONDS (`products_per_timing`).
+  """
+  if calls is None:
+    calls = products_per_timing(seconds_per_call(fn, *args, calls=1))
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
+
+
 def measure_peak_flops(dtype=jnp.float32, n: Optional[int] = None, *, repeats: int = 5,
                        calls: Optional[int] = None) -> float:
   """Measured matmul FLOP/s of the default device: the MFU denominator.
@@ -318,14 +334,6 @@ def measure_peak_flops(dtype=jnp.float32, n: Optional[int] = None, *, repeats: i
   matmul = jax.jit(jnp.matmul)
   matmul(a, b).block_until_ready()
   if calls is None:
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    calls = products_per_timing(time.perf_counter() - start)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = matmul(a, b)
-    out.block_until_ready()
-    times.append((time.perf_counter() - start) / calls)
+    calls = products_per_timing(seconds_per_call(matmul, a, b, calls=1))
+  times = [seconds_per_call(matmul, a, b, calls=calls) for _ in range(repeats)]
   return 2.0 * n ** 3 / statistics.median(times)

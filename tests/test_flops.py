@@ -258,3 +258,21 @@ def test_products_per_timing_lasts_at_least_the_minimum():
   for seconds in (1e-5, 3e-4, 0.0123, 0.2):
     calls = flops.products_per_timing(seconds, 0.05)
     assert calls * seconds >= 0.05 and (calls == 1 or (calls - 1) * seconds < 0.05)
+
+
+def test_seconds_per_call_sizes_back_to_back_calls_and_waits_once(monkeypatch):
+  """A fake clock that each call advances by 10 ms: one sizing call, then 5 timed
+  (PEAK_MIN_SECONDS = 50 ms), 10 ms each; a given count is used as given."""
+  clock, calls = [0.0], []
+
+  def step(x):
+    clock[0] += 0.01
+    calls.append(x)
+    return jnp.asarray(x)
+
+  monkeypatch.setattr(flops.time, 'perf_counter', lambda: clock[0])
+  assert flops.seconds_per_call(step, 1.0) == pytest.approx(0.01)
+  assert len(calls) == 1 + flops.products_per_timing(0.01) == 6
+  calls.clear()
+  assert flops.seconds_per_call(step, 2.0, calls=3) == pytest.approx(0.01)
+  assert calls == [2.0] * 3
