@@ -11,7 +11,9 @@ for the backward pass), and sums the op time per step:
     or backward;
   * by part: the module that emitted the op (attention, conv, ffn_start, ...)
     and the primitive (reduce_sum, div, dot_general, ...), largest first;
-    for the matmuls also their FLOPs (from the HLO's dot shapes) and rate;
+    for the matmuls also their FLOPs (from the HLO's dot shapes), rate, and
+    what runs them: a YNNPACK fusion, or XLA:CPU's own dot (Eigen), which
+    jax 0.10.2 uses for a product that YNNPACK does not take;
   * each of the step's matmuls again, by itself (same shapes, dimension
     numbers and dtypes, row-major operands), and the rate the step's
     products reach alone against the matmul peak measured in the same rounds:
@@ -153,6 +155,27 @@ def dot_products(hlo_text: str) -> Dict[str, List[Product]]:
   return products
 
 
+def matmul_runners(hlo_text: str) -> Dict[str, str]:
+  """{HLO instruction name: what runs it}, for the dots and the fusions of a kind XLA names.
+
+  A fusion whose backend config names its kind (`"kind":"__ynn_fusion"`) runs
+  in that library: 'YNNPACK' for `__ynn_fusion`, the kind's own name for any
+  other. A bare `dot` instruction is XLA:CPU's dot thunk, which runs Eigen's
+  contraction: 'Eigen'.
+  """
+  runners = {}
+  for line in hlo_text.splitlines():
+    match = re.match(_NAMED, line)
+    if not match:
+      continue
+    kind = re.search(r'"kind":"(__\w+)"', line)
+    if kind:
+      runners[match.group(1)] = 'YNNPACK' if kind.group(1) == '__ynn_fusion' else kind.group(1)
+    elif _DOT.search(line):
+      runners[match.group(1)] = 'Eigen'
+  return runners
+
+
 def op_flops(products: Dict[str, List[Product]]) -> Dict[str, int]:
   """{HLO instruction name: matmul FLOPs it executes}, from `dot_products`' answer."""
   return {name: sum(p.flops for p in op_products) for name, op_products in products.items()}
@@ -290,12 +313,13 @@ def main():
     jax.block_until_ready(state)
   hlo = (step.as_text() if hasattr(step, 'as_text') else
          step.lower(state).compile().as_text())
-  sources, products = op_sources(hlo), dot_products(hlo)
+  sources, products, runners = op_sources(hlo), dot_products(hlo), matmul_runners(hlo)
   flops = op_flops(products)
   events, walls = trace_steps(run, state, args.steps)
   by_kind, by_part = collections.Counter(), collections.Counter()
   by_matmul, matmul_flops = collections.Counter(), collections.Counter()
   executions = collections.Counter()
+  runs_in = collections.defaultdict(set)
   for name, microseconds in op_spans(events, sources):
     if name.startswith('while'):
       continue  # a while loop's own event spans its body's ops
@@ -308,6 +332,7 @@ def main():
       by_matmul[(pass_, part)] += ms
       matmul_flops[(pass_, part)] += flops[name] / args.steps
       executions[(name, pass_, part)] += 1 / args.steps
+      runs_in[(pass_, part)].add(runners.get(name, 'XLA fusion'))
   alone = collections.Counter()
   if args.alone:
     print('timing each of the step\'s matmuls by itself ...', flush=True)
@@ -332,12 +357,13 @@ def main():
   print(f'\nlargest matmul parts (of {sum(by_matmul.values()):.0f} ms, '
         f'{sum(matmul_flops.values()) / 1e9:.1f} GFLOP; a part named by a fused op '
         'other than dot_general runs it with the matmul):\n'
-        '| pass | module / primitive | ms per step | GFLOP | GFLOP/s |'
+        '| pass | module / primitive | runs in | ms per step | GFLOP | GFLOP/s |'
         + (' alone: ms | alone: GFLOP/s |' if alone else '')
-        + '\n|---|---|---|---|---|' + ('---|---|' if alone else ''))
+        + '\n|---|---|---|---|---|---|' + ('---|---|' if alone else ''))
   for (pass_, part), ms in by_matmul.most_common(args.top):
     gflop = matmul_flops[(pass_, part)] / 1e9
-    print(f'| {pass_} | {part} | {ms:.1f} | {gflop:.2f} | {gflop / ms * 1e3:.0f} |'
+    runner = ', '.join(sorted(runs_in[(pass_, part)]))
+    print(f'| {pass_} | {part} | {runner} | {ms:.1f} | {gflop:.2f} | {gflop / ms * 1e3:.0f} |'
           + (f' {alone[(pass_, part)]:.1f} | {gflop / alone[(pass_, part)] * 1e3:.0f} |'
              if alone else ''))
   if alone:

@@ -105,3 +105,31 @@ def test_an_async_op_lasts_from_its_launch_to_its_end_event():
   ]
   spans = step_profile.op_spans(events, {'dot.1', 'fusion.2'})
   assert spans == [('dot.1', 10.0), ('fusion.2', 3.0), ('dot.1', 4.0)]
+
+
+def test_matmul_runners_reads_the_library_from_each_line():
+  hlo = '\n'.join([
+      '%ynn_fusion.3 = f32[8,400]{1,0} fusion(%a, %b), kind=kCustom, calls=%fc.3, '
+      'backend_config={"fusion_config":{"kind":"__ynn_fusion"}}',
+      '  %dot.2 = f32[256,1024]{1,0} dot(%x, %dy), lhs_contracting_dims={0}, '
+      'rhs_contracting_dims={0}, metadata={op_name="jit(f)/transpose(jvp())/dot_general"}',
+      '  ROOT %fusion.7 = f32[4,4]{1,0} fusion(%c), kind=kCustom, calls=%fc.7, '
+      'backend_config={"fusion_config":{"kind":"__onednn_fusion"}}',
+      '  %add.1 = f32[4,4]{1,0} add(%c, %c)',
+  ])
+  assert step_profile.matmul_runners(hlo) == {
+      'ynn_fusion.3': 'YNNPACK', 'dot.2': 'Eigen', 'fusion.7': '__onednn_fusion'}
+
+
+def test_every_executed_matmul_of_a_compiled_step_has_a_runner():
+  """The pinned XLA:CPU's HLO: each op that runs a matmul is a library fusion or a bare dot."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
+  hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w)), argnums=(0, 1))).lower(
+      x, w).compile().as_text()
+  runners = step_profile.matmul_runners(hlo)
+  flops = step_profile.op_flops(step_profile.dot_products(hlo))
+  executed = [name for name in _entry_instructions(hlo) if flops.get(name)]
+  assert len(executed) == 3  # x @ w, dx and dw
+  assert all(name in runners for name in executed), (executed, runners)
