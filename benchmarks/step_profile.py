@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Tuple
 import machine  # benchmarks/machine.py, beside this script
 import side_by_side  # benchmarks/side_by_side.py: the stack step and the peak's sizes
 from mslam_jax import console
+from mslam_jax import flops
 from mslam_jax import host_memory
 
 
@@ -204,19 +205,15 @@ def time_alone(products, rounds: int = 5, min_seconds: float = 0.02) -> Dict[Pro
     lhs = jax.numpy.asarray(rng.standard_normal(product.lhs), product.lhs_dtype)
     rhs = jax.numpy.asarray(rng.standard_normal(product.rhs), product.rhs_dtype)
     function = product.function()
-    jax.block_until_ready(function(lhs, rhs))
-    begin = time.perf_counter()
-    jax.block_until_ready(function(lhs, rhs))
-    repeats = max(1, math.ceil(min_seconds / (time.perf_counter() - begin)))
+    jax.block_until_ready(function(lhs, rhs))  # compile
+    repeats = flops.products_per_timing(flops.seconds_per_call(function, lhs, rhs, calls=1),
+                                        min_seconds)
     calls[product] = (function, lhs, rhs, repeats)
   best = {product: math.inf for product in calls}
   for _ in range(rounds):
     for product, (function, lhs, rhs, repeats) in calls.items():
-      begin = time.perf_counter()
-      for _ in range(repeats):
-        out = function(lhs, rhs)
-      jax.block_until_ready(out)
-      best[product] = min(best[product], (time.perf_counter() - begin) / repeats)
+      best[product] = min(best[product],
+                          flops.seconds_per_call(function, lhs, rhs, calls=repeats))
   return best
 
 
@@ -314,7 +311,7 @@ def main():
   hlo = (step.as_text() if hasattr(step, 'as_text') else
          step.lower(state).compile().as_text())
   sources, products, runners = op_sources(hlo), dot_products(hlo), matmul_runners(hlo)
-  flops = op_flops(products)
+  op_flop_counts = op_flops(products)
   events, walls = trace_steps(run, state, args.steps)
   by_kind, by_part = collections.Counter(), collections.Counter()
   by_matmul, matmul_flops = collections.Counter(), collections.Counter()
@@ -323,14 +320,14 @@ def main():
   for name, microseconds in op_spans(events, sources):
     if name.startswith('while'):
       continue  # a while loop's own event spans its body's ops
-    kind, pass_, part = classify(name, sources[name], flops.get(name, 0))
+    kind, pass_, part = classify(name, sources[name], op_flop_counts.get(name, 0))
     ms = microseconds / 1e3 / args.steps
     by_kind[(kind, pass_)] += ms
     if kind == 'other':
       by_part[(pass_, part)] += ms
     else:
       by_matmul[(pass_, part)] += ms
-      matmul_flops[(pass_, part)] += flops[name] / args.steps
+      matmul_flops[(pass_, part)] += op_flop_counts[name] / args.steps
       executions[(name, pass_, part)] += 1 / args.steps
       runs_in[(pass_, part)].add(runners.get(name, 'XLA fusion'))
   alone = collections.Counter()
