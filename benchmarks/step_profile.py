@@ -13,7 +13,8 @@ for the backward pass), and sums the op time per step:
     and the primitive (reduce_sum, div, dot_general, ...), largest first;
     for the matmuls also their FLOPs (from the HLO's dot shapes), rate, and
     what runs them: a YNNPACK fusion, or XLA:CPU's own dot (Eigen), which
-    jax 0.10.2 uses for a product that YNNPACK does not take;
+    jax 0.10.2 uses for a product that YNNPACK does not take ('XLA fusion'
+    for a dot inside a fusion that XLA emits itself);
   * each of the step's matmuls again, by itself (same shapes, dimension
     numbers and dtypes, row-major operands), and the rate the step's
     products reach alone against the matmul peak measured in the same rounds:

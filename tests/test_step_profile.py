@@ -1,4 +1,5 @@
-"""benchmarks/step_profile.py reads matmul FLOPs from compiled HLO, fused dots included."""
+"""benchmarks/step_profile.py reads matmul FLOPs, fused dots included, and what runs each
+matmul from compiled HLO."""
 
 import jax
 import jax.numpy as jnp
