@@ -45,15 +45,14 @@ def flags() -> FrozenSet[str]:
   return _read()[1]
 
 
-def avx2_without_avx512() -> bool:
-  """True on x86 CPUs with AVX2 but no AVX-512 (e.g. AMD EPYC before Zen 4)."""
-  isa = flags()
-  return 'avx2' in isa and 'avx512f' not in isa
-
-
 def has_avx512() -> bool:
   """True on x86 CPUs with AVX-512 Foundation (e.g. AMD EPYC Zen 4, Intel Xeon since Skylake-SP)."""
   return 'avx512f' in flags()
+
+
+def avx2_without_avx512() -> bool:
+  """True on x86 CPUs with AVX2 but no AVX-512 (e.g. AMD EPYC before Zen 4)."""
+  return 'avx2' in flags() and not has_avx512()
 
 
 def summary() -> str:
