@@ -471,9 +471,11 @@ def main():
       print(f'  matmul {check_size}^3 between the steps: ' + ', '.join(
           f'{k} {v / 1e9:.0f}' for k, v in rates.items()) +
             f' GFLOP/s; MFU below is against {shape_peak / 1e9:.0f} GFLOP/s', flush=True)
+      width = max(len(wname) for wname in row['workers'])  # long flag names stay aligned
       for wname, r in row['workers'].items():
         held = r['peak_device_bytes']
-        print(f'  {wname:24s} {r["median_s"]:.3f} s (min {r["min_s"]:.3f}, max {r["max_s"]:.3f})'
+        print(f'  {wname:{width}s} {r["median_s"]:.3f} s '
+              f'(min {r["min_s"]:.3f}, max {r["max_s"]:.3f})'
               f'  {r["gflops"]:.0f} GFLOP/s  MFU {r["mfu"]:.0%}  warm-up {r["warmup_s"]:.0f} s'
               f'  page faults per step {r["page_faults"]:,.0f}'
               + ('' if held is None else f'  peak GPU memory {held / 2 ** 30:.1f} GiB'),
