@@ -37,6 +37,7 @@ Forward passes of one step (`mslam_jax.models.mslam`, `mslam_jax.pretrain_loss`)
 denominator on the machine at hand.
 """
 
+import functools
 import math
 import statistics
 import time
@@ -313,7 +314,10 @@ def measure_peak_flops(dtype=jnp.float32, n: Optional[int] = None, *, repeats: i
                        calls: Optional[int] = None) -> float:
   """Measured matmul FLOP/s of the default device: the MFU denominator.
 
-  Times a jitted [n, n] x [n, n] product (2 n^3 FLOPs) after one warm-up
+  Times a jitted [n, n] x [n, n] product (2 n^3 FLOPs) of `dtype` operands,
+  accumulated in float32 as the model's bf16 products are (on a CPU with
+  AVX-512 BF16, XLA:CPU runs a bf16 product with a bf16 result through
+  float32 at half that rate: benchmarks/RESULTS.md), after one warm-up
   call (compilation and first-touch allocation) and returns 2 n^3 over the
   median of `repeats` timings: a peak measured on the machine at hand,
   since machines of one kind differ (AVX2 or AVX-512, load). `n` defaults to
@@ -331,7 +335,7 @@ def measure_peak_flops(dtype=jnp.float32, n: Optional[int] = None, *, repeats: i
   key_a, key_b = jax.random.split(jax.random.key(0))
   a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
-  matmul = jax.jit(jnp.matmul)
+  matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
   matmul(a, b).block_until_ready()
   if calls is None:
     calls = products_per_timing(seconds_per_call(matmul, a, b, calls=1))

@@ -50,6 +50,12 @@ def has_avx512() -> bool:
   return 'avx512f' in flags()
 
 
+def has_avx512_bf16() -> bool:
+  """True on x86 CPUs with the AVX-512 BF16 dot-product instructions (e.g. AMD EPYC Zen 4,
+  Intel Xeon since Cooper Lake)."""
+  return 'avx512_bf16' in flags()
+
+
 def avx2_without_avx512() -> bool:
   """True on x86 CPUs with AVX2 but no AVX-512 (e.g. AMD EPYC before Zen 4)."""
   return 'avx2' in flags() and not has_avx512()

@@ -102,8 +102,8 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
   mesh = partitioning.make_mesh(mesh_config)
   rules = mesh_config.rules
   print(partitioning.describe(mesh, rules, verbose=console.verbose()), flush=True)
-  # The 'auto' weight-gradient forms depend on the host CPU: say which ones this run takes.
-  forms = (conformer.cpu_weight_gradient_forms(model_config)
+  # The 'auto' product forms depend on the host CPU: say which ones this run takes.
+  forms = (conformer.cpu_product_forms(model_config)
            if jax.default_backend() == 'cpu' else None)
   if forms:
     print(forms, flush=True)

@@ -93,8 +93,12 @@ def _dot_flops(jaxpr, multiplier=1):
   return total
 
 
-@pytest.mark.parametrize('policy', list(REMAT_POLICIES))
-def test_matmuls_match_traced_program(policy):
+# The bf16 rows take the dense layers' products with float32 accumulation
+# (ModelConfig.cpu_bf16_products), whose forward product a remat policy must save as
+# it saves nn.Dense's.
+@pytest.mark.parametrize('policy, dtype', [(p, 'float32') for p in REMAT_POLICIES]
+                         + [(p, 'bfloat16') for p in ('dots', 'dots_no_batch')])
+def test_matmuls_match_traced_program(policy, dtype):
   """Exact dot_general FLOPs of the jaxpr, scanned layers and remat included.
 
   XLA cannot check several layers or the backward pass (it counts a loop body
@@ -112,7 +116,8 @@ def test_matmuls_match_traced_program(policy):
   """
   model_config, loss_config = tiny_configs(
       'ModelConfig.num_speech_layers = 2', 'ModelConfig.num_shared_layers = 3',
-      f"ModelConfig.remat_policy = '{policy}'")
+      f"ModelConfig.remat_policy = '{policy}'", f"ModelConfig.dtype = '{dtype}'",
+      'ModelConfig.cpu_bf16_products = True')
   loss, args = _loss_and_params(model_config, loss_config, SMALL_BATCH)
   detail = flops.forward_flops_detail(model_config, SMALL_BATCH, loss_config)
 

@@ -16,18 +16,23 @@ _XEON = 'model name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nflags\t\t: avx avx2 avx51
 _ARM = 'processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n'
 
 
-@pytest.mark.parametrize('text, model, flags, avx2_only, avx512', [
-    (_EPYC, 'AMD EPYC 7B12', {'fpu', 'sse2', 'avx', 'avx2', 'fma'}, True, False),
+_ZEN4_NO_BF16 = 'model name\t: AMD EPYC 9B14\nflags\t\t: avx avx2 avx512f avx512bw\n'
+
+
+@pytest.mark.parametrize('text, model, flags, avx2_only, avx512, bf16', [
+    (_EPYC, 'AMD EPYC 7B12', {'fpu', 'sse2', 'avx', 'avx2', 'fma'}, True, False, False),
     (_XEON, 'Intel(R) Xeon(R) CPU @ 2.20GHz', {'avx', 'avx2', 'avx512f', 'avx512_bf16'}, False,
-     True),
-    (_ARM, '?', set(), False, False),
-    ('', '?', set(), False, False),
+     True, True),
+    (_ZEN4_NO_BF16, 'AMD EPYC 9B14', {'avx', 'avx2', 'avx512f', 'avx512bw'}, False, True, False),
+    (_ARM, '?', set(), False, False, False),
+    ('', '?', set(), False, False, False),
 ])
-def test_model_and_flags(monkeypatch, text, model, flags, avx2_only, avx512):
+def test_model_and_flags(monkeypatch, text, model, flags, avx2_only, avx512, bf16):
   assert host_cpu.parse_cpuinfo(text) == (model, frozenset(flags))
   monkeypatch.setattr(host_cpu, '_read', lambda: host_cpu.parse_cpuinfo(text))
   assert host_cpu.avx2_without_avx512() is avx2_only
   assert host_cpu.has_avx512() is avx512
+  assert host_cpu.has_avx512_bf16() is bf16
   summary = host_cpu.summary()
   assert summary.startswith(f'{model}; ')
   assert f'avx2={"avx2" in flags} avx512f={"avx512f" in flags}' in summary

@@ -1,6 +1,7 @@
 """Building blocks against independent references (lax conv, numpy)."""
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -328,3 +329,112 @@ def test_auto_transposed_weight_gradient_values(monkeypatch):
   np.testing.assert_allclose(grads['kernel'], np.einsum('btd,btf->df', x, g), rtol=1e-4,
                              atol=1e-4)
   np.testing.assert_allclose(dx, g @ kernel.T, rtol=1e-4, atol=1e-4)
+
+
+# --- bf16 products accumulated in float32 (cpu_bf16_products) ---------------------------
+
+
+def _bf16(a) -> jax.Array:
+  return jnp.asarray(a, jnp.bfloat16)
+
+
+def _f64(a) -> np.ndarray:
+  return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize('d_in, d_out', [(16, 40), (40, 16)])  # dw from x^T; from dy^T
+def test_float32_accumulation_equals_float64_products_of_the_bf16_values(d_in, d_out):
+  """affine_float32_accumulation and its gradients against float64 numpy on the same bf16
+  values: each result is the exact value rounded once to bf16 (half an ulp, 2^-9 relative),
+  up to float32 accumulation error."""
+  rng = np.random.default_rng(5)
+  x, w, b = (_bf16(rng.standard_normal(s)) for s in ((48, d_in), (d_in, d_out), (d_out,)))
+  g = _bf16(rng.standard_normal((48, d_out)))
+
+  def loss(x, w, b):
+    return jnp.sum(layers.affine_float32_accumulation(x, w, b).astype(jnp.float32)
+                   * g.astype(jnp.float32))
+
+  y = jax.jit(layers.affine_float32_accumulation)(x, w, b)
+  dx, dw, db = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, b)
+  assert {a.dtype for a in (y, dx, dw, db)} == {jnp.dtype(jnp.bfloat16)}
+  rounding = dict(rtol=2 ** -8, atol=1e-4)
+  np.testing.assert_allclose(_f64(y), _f64(x) @ _f64(w) + _f64(b), **rounding)
+  np.testing.assert_allclose(_f64(dx), _f64(g) @ _f64(w).T, **rounding)
+  np.testing.assert_allclose(_f64(dw), _f64(x).T @ _f64(g), **rounding)
+  np.testing.assert_allclose(_f64(db), _f64(g).sum(0), **rounding)
+
+
+_DOT_LINE = re.compile(r'%?[\w.\-]+ = (\w+)\[[^\n]*? dot\(%?([\w.\-]+), %?([\w.\-]+)\)')
+
+
+def _product_dtypes(hlo: str):
+  """(lhs, rhs, result) element types of every dot instruction in compiled HLO text."""
+  types = dict(re.findall(r'%?([\w.\-]+) = (\w+)\[', hlo))
+  return sorted((types[lhs], types[rhs], out) for out, lhs, rhs in _DOT_LINE.findall(hlo))
+
+
+@pytest.mark.parametrize('d_in, d_out', [(32, 48), (48, 32)])
+def test_float32_accumulation_keeps_bf16_operands_in_the_compiled_cpu_program(d_in, d_out):
+  """Forward, input gradient and weight gradient: three bf16 x bf16 -> float32 products
+  (which XLA:CPU runs in YNNPACK), also with the weight gradient's transposed operand;
+  nn.Dense's bf16 products get float32 operands instead (converted first)."""
+  rng = np.random.default_rng(7)
+  x, w, b, g = (_bf16(rng.standard_normal(s))
+                for s in ((64, d_in), (d_in, d_out), (d_out,), (64, d_out)))
+
+  def compiled(affine):
+    loss = lambda x, w, b: jnp.sum(affine(x, w, b) * g, dtype=jnp.float32)
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2))  # the forward product stays live
+    return jax.jit(grad).lower(x, w, b).compile().as_text()
+
+  assert _product_dtypes(compiled(layers.affine_float32_accumulation)) == (
+      [('bf16', 'bf16', 'f32')] * 3)
+  plain = _product_dtypes(compiled(lambda x, w, b: x @ w + b))
+  assert len(plain) == 3 and all(lhs == 'f32' for lhs, _, _ in plain)
+
+
+@pytest.mark.parametrize('make', [
+    lambda bf16: layers.dense(24, ('embed', 'mlp'), name='d', dtype=jnp.bfloat16,
+                              cpu_bf16_products=bf16),
+    lambda bf16: layers.MultiAxisDense((2, 12), 1, ('embed', 'heads', 'kv'), jnp.bfloat16,
+                                       cpu_bf16_products=bf16)])
+def test_bf16_layers_keep_their_parameters_and_outputs_with_float32_accumulation(make):
+  """FlatDense and MultiAxisDense with cpu_bf16_products=True: nn.Dense's parameters (names,
+  shapes, initial values), and the same outputs and gradients within bf16 rounding."""
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((2, 5, 16)).astype(np.float32)
+  results = {}
+  for bf16 in (True, False):
+    module = make(bf16)
+    params = nn.unbox(module.init(jax.random.key(0), x)['params'])
+    loss = lambda p, m=module: jnp.sum(m.apply({'params': p}, x).astype(jnp.float32) ** 2)
+    results[bf16] = params, jax.jit(jax.value_and_grad(loss))(params)
+  (params, (value, grads)), (ref_params, (ref_value, ref_grads)) = results[True], results[False]
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ref_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(value, ref_value, rtol=2e-2)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2 * np.abs(b).max())
+
+
+def _bf16_barriers(monkeypatch, bf16_host: bool, dtype, platforms=('cpu',)) -> int:
+  """Written-out transposes in the exported gradient of a cpu_bf16_products='auto' layer."""
+  monkeypatch.setattr(layers.host_cpu, 'has_avx512_bf16', lambda: bf16_host)
+  module = layers.dense(32, ('embed', 'mlp'), name='d', dtype=dtype, cpu_bf16_products='auto')
+  x = jnp.ones((2, 3, 16), jnp.float32)
+  params = nn.unbox(module.init(jax.random.key(0), x)['params'])
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(module.apply({'params': p}, x))))
+  exported = jax.export.export(grad, platforms=platforms)(params)
+  return exported.mlir_module().count('stablehlo.optimization_barrier')
+
+
+def test_auto_bf16_products_only_where_measured_to_pay(monkeypatch):
+  """'auto': bf16 layers, in CPU programs of hosts with AVX-512 BF16."""
+  assert _bf16_barriers(monkeypatch, True, jnp.bfloat16) == 1
+  assert _bf16_barriers(monkeypatch, False, jnp.bfloat16) == 0
+  assert _bf16_barriers(monkeypatch, True, jnp.float32) == 0
+  assert _bf16_barriers(monkeypatch, True, jnp.bfloat16, platforms=('tpu',)) == 0
+  assert _bf16_barriers(monkeypatch, True, jnp.bfloat16, platforms=('cpu', 'tpu')) == 1

@@ -302,35 +302,49 @@ def test_model_config_rejects_bad_values_by_name(field, value):
     ModelConfig(**{field: value})
 
 
+_BF16_LINE = "CPU bf16 products: the Conformer's dense layers accumulate in float32 "
+
+
 @pytest.mark.parametrize('avx512, d_model, dtype, settings, expected', [
     # AVX-512 host: the feed-forward wo flipped; AVX2-only: wi and pointwise_in transposed.
-    (True, 256, 'float32', {}, "feed-forward wo as (dy^T x)^T (flipped_weight_gradient='auto')"),
-    (False, 256, 'float32', {}, 'feed-forward wi and convolution pointwise_in from a written-out '
-     "x^T (transposed_weight_gradient='auto')"),
+    (True, 256, 'float32', {}, "CPU weight gradients: feed-forward wo as (dy^T x)^T "
+     "(flipped_weight_gradient='auto')"),
+    (False, 256, 'float32', {}, 'CPU weight gradients: feed-forward wi and convolution '
+     "pointwise_in from a written-out x^T (transposed_weight_gradient='auto')"),
     (True, 64, 'float32', {}, None),        # the tiny demo's width
-    (True, 256, 'bfloat16', {}, None),
     (True, 256, 'float32', {'flipped_weight_gradient': False}, None),
     (True, 64, 'float32', {'transposed_weight_gradient': True, 'flipped_weight_gradient': True},
-     'feed-forward wi and convolution pointwise_in from a written-out x^T '
+     'CPU weight gradients: feed-forward wi and convolution pointwise_in from a written-out x^T '
      '(transposed_weight_gradient=True); feed-forward wo as (dy^T x)^T '
      '(flipped_weight_gradient=True)'),
+    # bf16: every dense layer's products with float32 accumulation on an AVX-512 BF16 host.
+    (True, 256, 'bfloat16', {}, _BF16_LINE + "(cpu_bf16_products='auto')"),
+    (False, 64, 'bfloat16', {}, None),
+    (False, 64, 'bfloat16', {'cpu_bf16_products': True}, _BF16_LINE + '(cpu_bf16_products=True)'),
+    (True, 256, 'bfloat16', {'cpu_bf16_products': False}, None),
 ])
-def test_the_weight_gradient_line_names_what_the_cpu_program_does(monkeypatch, avx512, d_model,
-                                                                  dtype, settings, expected):
-  """conformer.cpu_weight_gradient_forms against the barriers in the stack's CPU gradient:
-  one per written-out x^T (2 feed-forward wi + 1 pointwise_in) and per flipped wo (2)."""
+def test_the_cpu_products_line_names_what_the_cpu_program_does(monkeypatch, avx512, d_model,
+                                                               dtype, settings, expected):
+  """conformer.cpu_product_forms against the barriers in the stack's CPU gradient:
+  one per written-out x^T (2 feed-forward wi + 1 pointwise_in) and per flipped wo (2);
+  with bf16 products, one per written-out transpose of a weight gradient's smaller
+  operand (10 layers) and one more on each wo's flipped result (2)."""
   from mslam_jax.models import conformer  # pylint: disable=g-import-not-at-top
   from mslam_jax.models import layers  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(layers.host_cpu, 'has_avx512', lambda: avx512)
+  monkeypatch.setattr(layers.host_cpu, 'has_avx512_bf16', lambda: avx512)
   monkeypatch.setattr(layers.host_cpu, 'avx2_without_avx512', lambda: not avx512)
   mc = ModelConfig(d_model=d_model, num_heads=4, ffn_dim=4 * d_model, conv_groups=4,
                    dtype=dtype, dropout_rate=0.0, **settings)
-  line = conformer.cpu_weight_gradient_forms(mc)
-  assert line == (None if expected is None else f'CPU weight gradients: {expected}')
+  line = conformer.cpu_product_forms(mc)
+  assert line == expected
+  if line and line.startswith('CPU bf16'):
+    line = 'bf16'
   stack = conformer.ConformerStack(mc, 1)
   x, paddings = jnp.ones((1, 4, d_model), mc.compute_dtype), jnp.zeros((1, 4))
   params = jax.eval_shape(stack.init, jax.random.key(0), x, paddings)
   grad = jax.jit(jax.grad(lambda p: jnp.sum(stack.apply(p, x, paddings))))
   barriers = jax.export.export(grad, platforms=('cpu',))(params).mlir_module().count(
       'stablehlo.optimization_barrier')
-  assert barriers == (3 if 'x^T (' in (line or '') else 0) + (2 if 'wo as' in (line or '') else 0)
+  assert barriers == ((3 if 'x^T (' in (line or '') else 0) + (2 if 'wo as' in (line or '') else 0)
+                      + (12 if line == 'bf16' else 0))

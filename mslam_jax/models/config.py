@@ -127,6 +127,18 @@ class ModelConfig:
       not on AVX2-only CPUs, where it was not measured, nor for the tiny demo
       model, nor in TPU and GPU programs. True does it everywhere, False
       nowhere.
+    cpu_bf16_products: for bfloat16 models, the Conformer's dense layers
+      multiply bf16 operands into a float32 result, add the bias in float32
+      and round to bf16 once, and take their gradients the same way (ours;
+      `layers.affine_float32_accumulation`). XLA:CPU runs such a product with
+      the CPU's AVX-512 BF16 instructions at about twice its float32 rate,
+      while it converts the operands of nn.Dense's bf16 -> bf16 product to
+      float32: the bf16 stack step 1.3-1.7x faster on a 2-core AMD EPYC with
+      AVX-512 BF16 (benchmarks/RESULTS.md). 'auto' (the default) does it in
+      programs compiled for the CPU backend of a host with AVX-512 BF16
+      (`mslam_jax.host_cpu`); True does it in every program, False nowhere.
+      Where it applies, the two weight-gradient options above do not.
+      float32 models are unaffected.
   """
   num_mel_bins: int = NUM_MEL_BINS
   frontend_channels: int = 128
@@ -148,6 +160,7 @@ class ModelConfig:
   merge_passes: bool = True
   transposed_weight_gradient: Union[bool, str] = 'auto'
   flipped_weight_gradient: Union[bool, str] = 'auto'
+  cpu_bf16_products: Union[bool, str] = 'auto'
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -177,6 +190,10 @@ class ModelConfig:
     if self.flipped_weight_gradient not in (True, False, 'auto'):
       raise ValueError(
           f'ModelConfig: flipped_weight_gradient={self.flipped_weight_gradient!r}; '
+          "use True, False or 'auto'.")
+    if self.cpu_bf16_products not in (True, False, 'auto'):
+      raise ValueError(
+          f'ModelConfig: cpu_bf16_products={self.cpu_bf16_products!r}; '
           "use True, False or 'auto'.")
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(

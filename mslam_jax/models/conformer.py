@@ -34,11 +34,13 @@ class FeedForward(nn.Module):
     dtype = cfg.compute_dtype
     h = layers.layer_norm(name='ln', dtype=dtype)(x)
     h = layers.dense(cfg.ffn_dim, ('embed', 'mlp'), name='wi', dtype=dtype,
-                     transposed_weight_gradient=cfg.transposed_weight_gradient)(h)
+                     transposed_weight_gradient=cfg.transposed_weight_gradient,
+                     cpu_bf16_products=cfg.cpu_bf16_products)(h)
     h = nn.with_logical_constraint(layers.swish(h), ('batch', 'length', 'mlp'))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
     h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='wo', dtype=dtype,
-                     flipped_weight_gradient=cfg.flipped_weight_gradient)(h)
+                     flipped_weight_gradient=cfg.flipped_weight_gradient,
+                     cpu_bf16_products=cfg.cpu_bf16_products)(h)
     return nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
 
@@ -57,14 +59,16 @@ class SelfAttention(nn.Module):
 
     def projection(name):
       return layers.MultiAxisDense((cfg.num_heads, head_dim), num_in_axes=1,
-                                   axes=('embed', 'heads', 'kv'), dtype=dtype, name=name)
+                                   axes=('embed', 'heads', 'kv'), dtype=dtype, name=name,
+                                   cpu_bf16_products=cfg.cpu_bf16_products)
 
     q, k, v = (projection(n)(h) for n in ('query', 'key', 'value'))  # [B, T, N, H]
     # Keys at padded positions get PAD_LOGIT; an all-pad example gets uniform weights.
     out = layers.dot_product_attention(q, k, v, layers.attention_bias(paddings))
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
     out = layers.MultiAxisDense((cfg.d_model,), num_in_axes=2, axes=('heads', 'kv', 'embed'),
-                                dtype=dtype, name='out')(out)
+                                dtype=dtype, name='out',
+                                cpu_bf16_products=cfg.cpu_bf16_products)(out)
     return nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
 
 
@@ -80,7 +84,8 @@ class ConvolutionModule(nn.Module):
     dtype = cfg.compute_dtype
     h = layers.layer_norm(name='ln', dtype=dtype)(x)
     h = layers.dense(2 * cfg.d_model, ('embed', 'mlp'), name='pointwise_in', dtype=dtype,
-                     transposed_weight_gradient=cfg.transposed_weight_gradient)(h)
+                     transposed_weight_gradient=cfg.transposed_weight_gradient,
+                     cpu_bf16_products=cfg.cpu_bf16_products)(h)
     h = layers.glu(h)
     h = layers.zero_padded(h, paddings)
     kernel = self.param(
@@ -92,7 +97,8 @@ class ConvolutionModule(nn.Module):
     h = layers.MaskedGroupNorm(cfg.conv_groups, dtype=dtype, axis_name='mlp',
                                name='group_norm')(h, paddings)
     h = layers.swish(h)
-    h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='pointwise_out', dtype=dtype)(h)
+    h = layers.dense(cfg.d_model, ('mlp', 'embed'), name='pointwise_out', dtype=dtype,
+                     cpu_bf16_products=cfg.cpu_bf16_products)(h)
     return nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
 
 
@@ -151,14 +157,19 @@ class ConformerStack(nn.Module):
     return x
 
 
-def cpu_weight_gradient_forms(cfg: ModelConfig) -> Optional[str]:
-  """The Conformer's dense layers whose weight gradient a CPU program of this host takes
-  other than as autodiff's x^T dy, as one console line; None where all take autodiff's.
+def cpu_product_forms(cfg: ModelConfig) -> Optional[str]:
+  """How a CPU program of this host takes the Conformer's dense products where that is
+  not nn.Dense's way, as one console line; None where every layer takes nn.Dense's.
 
-  It asks the same rule the layers apply (`layers.takes_form`), for the layers that
-  take each setting above: the widening wi and pointwise_in, the narrowing wo.
+  It asks the same rules the layers apply: `layers.takes_bf16_products` (bf16
+  models: every dense layer), else `layers.takes_form` for the layers that take
+  each weight-gradient setting above: the widening wi and pointwise_in, the
+  narrowing wo.
   """
   d, dtype = cfg.d_model, cfg.compute_dtype
+  if layers.takes_bf16_products(cfg.cpu_bf16_products, dtype):
+    return ('CPU bf16 products: the Conformer\'s dense layers accumulate in float32 '
+            f'(cpu_bf16_products={cfg.cpu_bf16_products!r})')
   transposed = [name for name, (d_in, d_out) in (('feed-forward wi', (d, cfg.ffn_dim)),
                                                  ('convolution pointwise_in', (d, 2 * d)))
                 if layers.takes_form(cfg.transposed_weight_gradient, layers.transposed_pays,

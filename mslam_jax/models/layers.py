@@ -34,7 +34,8 @@ def logical_init(init, axes: Sequence[str]):
 def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
           use_bias: bool = True, kernel_init=None,
           transposed_weight_gradient: Union[bool, str] = False,
-          flipped_weight_gradient: Union[bool, str] = False) -> nn.Dense:
+          flipped_weight_gradient: Union[bool, str] = False,
+          cpu_bf16_products: Union[bool, str] = False) -> nn.Dense:
   """A Dense layer whose kernel has logical axes `axes` = (in_axis, out_axis).
 
   transposed_weight_gradient: True takes the kernel's gradient as a product of
@@ -44,6 +45,8 @@ def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
   flipped_weight_gradient: the same choice for the kernel's gradient taken as
   (dy^T x)^T (`matmul_flipped_weight_gradient`; 'auto': `_dot_auto_flipped`).
   A layer takes at most one of the two.
+  cpu_bf16_products: where `takes_bf16_products`, the product, its bias and
+  their gradients go through `affine` (and the two options above are not used).
   """
   kernel_init = kernel_init or nn.initializers.lecun_normal()
   # The settings are checked where users give them (ModelConfig.__post_init__).
@@ -62,6 +65,7 @@ def dense(features: int, axes: Sequence[str], *, name: str, dtype=jnp.float32,
       kernel_init=logical_init(kernel_init, axes),
       bias_init=logical_init(nn.initializers.zeros_init(), axes[-1:]),
       dot_general=dot_general,
+      cpu_bf16_products=cpu_bf16_products,
       name=name)
 
 
@@ -185,6 +189,103 @@ _dot_flipped_weight_gradient = _forced_dot(matmul_flipped_weight_gradient,
 _dot_auto_flipped = _auto_dot(_dot_flipped_weight_gradient, flipped_pays)
 
 
+def written_transpose(a: jax.Array) -> jax.Array:
+  """a [m, n] -> a^T [n, m], written out in row-major order.
+
+  XLA lays a transpose that feeds a product out as the operand's layout
+  (column-major) instead of copying it; XLA:CPU's YNNPACK products take
+  row-major operands only, so a bf16 product on such an operand is converted
+  to float32 or, with a float32 result, fails at run time (jaxlib 0.10.2's
+  Eigen fallback has no bf16 x bf16 -> float32 kernel). A reshape of the
+  transposed layout to one axis cannot be a bitcast, so it makes the copy;
+  the barrier keeps XLA from cancelling it with the reshape back.
+  """
+  rows, cols = a.shape
+  return lax.optimization_barrier(a.T.reshape(-1)).reshape(cols, rows)
+
+
+def _float32_product(a: jax.Array, b: jax.Array, contracting) -> jax.Array:
+  """a . b over `contracting` = ((a's axes), (b's axes)), accumulated and returned in float32."""
+  return lax.dot_general(a, b, (contracting, ((), ())), preferred_element_type=jnp.float32)
+
+
+def affine_float32_accumulation(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """x [rows, d_in] @ w [d_in, d_out] + b [d_out] for bf16 operands, accumulated in float32.
+
+  The product's float32 result takes the bias in float32 and is rounded to
+  bf16 once. XLA:CPU runs a bf16 x bf16 -> float32 product in YNNPACK with
+  the CPU's AVX-512 BF16 dot instructions: 370-430 GFLOP/s on a 2-core
+  AMD EPYC at the Conformer's shapes, against 200-215 for float32; the
+  bf16 -> bf16 product of nn.Dense it converts to float32 first (190;
+  benchmarks/RESULTS.md). The gradients (`_float32_accumulation_gradients`)
+  take their products the same way, and the bias's is a float32 sum (XLA:CPU
+  splits a bf16 sum into slow windowed partial sums). The forward product is
+  a plain dot_general, so remat policies that save products save it.
+  """
+  product = lax.stop_gradient(_float32_product(x, w, ((1,), (0,))))
+  y = _float32_accumulation_gradients(product, x, w)
+  return (y + b.astype(jnp.float32)).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _float32_accumulation_gradients(product: jax.Array, x: jax.Array, w: jax.Array):
+  """`product` (= x @ w in float32), through which x and w get their gradients as products
+  of bf16 operands accumulated in float32: dx = dy w^T, and dw from the written-out
+  transpose (`written_transpose`) of the smaller of x and dy (on a transpose that XLA
+  leaves in place the product would run in float32)."""
+  del x, w
+  return product
+
+
+def _gradients_fwd(product, x, w):
+  return product, (x, w)
+
+
+def _gradients_bwd(residuals, dy):
+  x, w = residuals
+  dy = dy.astype(x.dtype)
+  dx = _float32_product(dy, w, ((1,), (1,))).astype(x.dtype)
+  if x.shape[1] <= dy.shape[1]:
+    dw = _float32_product(written_transpose(x), dy, ((1,), (0,)))
+  else:  # (dy^T x)^T; the barrier keeps the small transpose off the product's layout
+    dw = lax.optimization_barrier(_float32_product(written_transpose(dy), x, ((1,), (0,)))).T
+  return None, dx, dw.astype(w.dtype)
+
+
+_float32_accumulation_gradients.defvjp(_gradients_fwd, _gradients_bwd)
+
+
+def bf16_products_pay() -> bool:
+  """Where cpu_bf16_products='auto' takes `affine_float32_accumulation` (bf16 layers,
+  CPU programs): hosts with AVX-512 BF16, where it was measured."""
+  return host_cpu.has_avx512_bf16()
+
+
+def takes_bf16_products(setting: Union[bool, str], dtype) -> bool:
+  """Whether a layer of `dtype` with `cpu_bf16_products=setting` (True, False, 'auto';
+  `ModelConfig.cpu_bf16_products`) goes through `affine_float32_accumulation`
+  (for 'auto', in CPU programs only: `affine`)."""
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return False
+  return setting is True or (setting == 'auto' and bf16_products_pay())
+
+
+def affine(x: jax.Array, w: jax.Array, b: jax.Array, cpu_bf16_products: Union[bool, str]):
+  """x [rows, d_in] @ w [d_in, d_out] + b [d_out] in x's dtype (x, w and b of one dtype).
+
+  Through `affine_float32_accumulation` where `takes_bf16_products`: with
+  True in every program, with 'auto' in programs for the CPU backend
+  (`lax.platform_dependent`; a TPU program compiled on this host keeps the
+  plain product). Elsewhere the plain product.
+  """
+  plain = lambda x, w, b: x @ w + b
+  if not takes_bf16_products(cpu_bf16_products, x.dtype):
+    return plain(x, w, b)
+  if cpu_bf16_products is True:
+    return affine_float32_accumulation(x, w, b)
+  return lax.platform_dependent(x, w, b, default=plain, cpu=affine_float32_accumulation)
+
+
 class FlatDense(nn.Dense):
   """nn.Dense (same parameters) that multiplies x [..., d_in] as one [rows, d_in] matrix.
 
@@ -198,8 +299,20 @@ class FlatDense(nn.Dense):
   the batch axis's sharding (batch is the major axis).
   """
 
+  cpu_bf16_products: Union[bool, str] = False
+
+  @nn.compact
   def __call__(self, x):
-    y = super().__call__(x.reshape(-1, x.shape[-1]))
+    rows = x.reshape(-1, x.shape[-1])
+    if self.use_bias and takes_bf16_products(self.cpu_bf16_products, self.dtype):
+      # nn.Dense's parameters (names, shapes, initializers), through `affine`.
+      kernel = self.param('kernel', self.kernel_init, (rows.shape[-1], self.features),
+                          self.param_dtype)
+      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      y = affine(rows.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype),
+                 self.cpu_bf16_products)
+    else:
+      y = super().__call__(rows)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -221,6 +334,7 @@ class MultiAxisDense(nn.Module):
   num_in_axes: int
   axes: Sequence[str]
   dtype: jnp.dtype = jnp.float32
+  cpu_bf16_products: Union[bool, str] = False
 
   @nn.compact
   def __call__(self, x):
@@ -235,8 +349,12 @@ class MultiAxisDense(nn.Module):
                       out_shape, jnp.float32)
     # One [rows, prod(in_shape)] x [prod(in_shape), prod(out_shape)] product, as in FlatDense.
     fan_in = math.prod(in_shape)
-    y = (x.astype(self.dtype).reshape(-1, fan_in)
-         @ kernel.astype(self.dtype).reshape(fan_in, -1))
+    rows = x.astype(self.dtype).reshape(-1, fan_in)
+    kernel = kernel.astype(self.dtype).reshape(fan_in, -1)
+    if takes_bf16_products(self.cpu_bf16_products, self.dtype):
+      y = affine(rows, kernel, bias.astype(self.dtype).reshape(-1), self.cpu_bf16_products)
+      return y.reshape(*x.shape[:x.ndim - n_in], *out_shape)
+    y = rows @ kernel
     return y.reshape(*x.shape[:x.ndim - n_in], *out_shape) + bias.astype(self.dtype)
 
 
