@@ -133,7 +133,7 @@ class ModelConfig:
       `layers.affine_float32_accumulation`). XLA:CPU runs such a product with
       the CPU's AVX-512 BF16 instructions at about twice its float32 rate,
       while it converts the operands of nn.Dense's bf16 -> bf16 product to
-      float32: the bf16 stack step 1.3-1.7x faster on a 2-core AMD EPYC with
+      float32: the bf16 stack step 1.6-1.9x faster on a 2-core AMD EPYC with
       AVX-512 BF16 (benchmarks/RESULTS.md). 'auto' (the default) does it in
       programs compiled for the CPU backend of a host with AVX-512 BF16
       (`mslam_jax.host_cpu`); True does it in every program, False nowhere.
