@@ -1,5 +1,6 @@
 """Building blocks against independent references (lax conv, numpy)."""
 
+import functools
 import math
 import re
 
@@ -438,3 +439,41 @@ def test_auto_bf16_products_only_where_measured_to_pay(monkeypatch):
   assert _bf16_barriers(monkeypatch, True, jnp.float32) == 0
   assert _bf16_barriers(monkeypatch, True, jnp.bfloat16, platforms=('tpu',)) == 0
   assert _bf16_barriers(monkeypatch, True, jnp.bfloat16, platforms=('cpu', 'tpu')) == 1
+
+
+def test_attention_float32_accumulation_equals_float64_attention_of_the_bf16_values():
+  """attention_float32_accumulation within bf16 rounding of float64 references on the same
+  bf16 values (its output: the numpy loop; its gradients: jax.grad of dot_product_attention
+  in float64); padded keys still do not leak; six bf16 x bf16 -> float32 products in the
+  compiled CPU program."""
+  rng = np.random.default_rng(8)
+  q, k, v, g = (_bf16(rng.standard_normal((2, 24, 2, 16))) for _ in range(4))
+  paddings = np.zeros((2, 24), np.float32)
+  paddings[1, 17:] = 1.0
+  bias = layers.attention_bias(jnp.asarray(paddings))
+
+  def loss(attention, q, k, v):
+    return jnp.sum(attention(q, k, v, bias).astype(jnp.float32) * g.astype(jnp.float32))
+
+  grad = jax.jit(jax.value_and_grad(functools.partial(loss, layers.attention_float32_accumulation),
+                                    argnums=(0, 1, 2)))
+  value, grads = grad(q, k, v)
+  out = jax.jit(layers.attention_float32_accumulation)(q, k, v, bias)
+  assert out.dtype == jnp.bfloat16 and all(d.dtype == jnp.bfloat16 for d in grads)
+  np.testing.assert_allclose(_f64(out), _numpy_attention(*(_f64(a) for a in (q, k, v)), paddings),
+                             rtol=2 ** -7, atol=2e-2)
+  with jax.enable_x64():
+    ref_value, ref_grads = jax.value_and_grad(
+        lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v, bias.astype(jnp.float64))
+                                * jnp.asarray(_f64(g))), argnums=(0, 1, 2))(
+                                    *(jnp.asarray(_f64(a)) for a in (q, k, v)))
+  np.testing.assert_allclose(float(value), float(ref_value), rtol=2e-2)
+  for ours, ref in zip(grads, ref_grads):
+    ref = np.asarray(ref)
+    assert np.linalg.norm(_f64(ours) - ref) <= 2e-2 * np.linalg.norm(ref)
+  k2, v2 = np.array(_f64(k)), np.array(_f64(v))
+  k2[1, 17:], v2[1, 17:] = 100.0, -100.0
+  again = jax.jit(layers.attention_float32_accumulation)(q, _bf16(k2), _bf16(v2), bias)
+  np.testing.assert_array_equal(_f64(again), _f64(out))
+  hlo = grad.lower(q, k, v).compile().as_text()
+  assert _product_dtypes(hlo) == [('bf16', 'bf16', 'f32')] * 6

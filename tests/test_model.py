@@ -302,7 +302,8 @@ def test_model_config_rejects_bad_values_by_name(field, value):
     ModelConfig(**{field: value})
 
 
-_BF16_LINE = "CPU bf16 products: the Conformer's dense layers accumulate in float32 "
+_BF16_LINE = ("CPU bf16 products: the Conformer's dense layers and attention accumulate in "
+              'float32 ')
 
 
 @pytest.mark.parametrize('avx512, d_model, dtype, settings, expected', [
@@ -328,7 +329,8 @@ def test_the_cpu_products_line_names_what_the_cpu_program_does(monkeypatch, avx5
   """conformer.cpu_product_forms against the barriers in the stack's CPU gradient:
   one per written-out x^T (2 feed-forward wi + 1 pointwise_in) and per flipped wo (2);
   with bf16 products, one per written-out transpose of a weight gradient's smaller
-  operand (10 layers) and one more on each wo's flipped result (2)."""
+  operand (10 layers) and one more on each wo's flipped result (2), and the attention's
+  ten written-out transposes (q, k, v and the output forward; six in the backward)."""
   from mslam_jax.models import conformer  # pylint: disable=g-import-not-at-top
   from mslam_jax.models import layers  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(layers.host_cpu, 'has_avx512', lambda: avx512)
@@ -347,4 +349,4 @@ def test_the_cpu_products_line_names_what_the_cpu_program_does(monkeypatch, avx5
   barriers = jax.export.export(grad, platforms=('cpu',))(params).mlir_module().count(
       'stablehlo.optimization_barrier')
   assert barriers == ((3 if 'x^T (' in (line or '') else 0) + (2 if 'wo as' in (line or '') else 0)
-                      + (12 if line == 'bf16' else 0))
+                      + (12 + 10 if line == 'bf16' else 0))

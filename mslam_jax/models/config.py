@@ -129,11 +129,12 @@ class ModelConfig:
       nowhere.
     cpu_bf16_products: for bfloat16 models, the Conformer's dense layers
       multiply bf16 operands into a float32 result, add the bias in float32
-      and round to bf16 once, and take their gradients the same way (ours;
-      `layers.affine_float32_accumulation`). XLA:CPU runs such a product with
+      and round to bf16 once, and take their gradients the same way, and so do
+      the attention's six products (ours; `layers.affine_float32_accumulation`,
+      `layers.attention_float32_accumulation`). XLA:CPU runs such a product with
       the CPU's AVX-512 BF16 instructions at about twice its float32 rate,
       while it converts the operands of nn.Dense's bf16 -> bf16 product to
-      float32: the bf16 stack step 1.6-1.9x faster on a 2-core AMD EPYC with
+      float32: the bf16 stack step 1.75-1.94x faster on a 2-core AMD EPYC with
       AVX-512 BF16 (benchmarks/RESULTS.md). 'auto' (the default) does it in
       programs compiled for the CPU backend of a host with AVX-512 BF16
       (`mslam_jax.host_cpu`); True does it in every program, False nowhere.

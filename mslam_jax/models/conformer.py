@@ -64,7 +64,7 @@ class SelfAttention(nn.Module):
 
     q, k, v = (projection(n)(h) for n in ('query', 'key', 'value'))  # [B, T, N, H]
     # Keys at padded positions get PAD_LOGIT; an all-pad example gets uniform weights.
-    out = layers.dot_product_attention(q, k, v, layers.attention_bias(paddings))
+    out = layers.attention(q, k, v, layers.attention_bias(paddings), cfg.cpu_bf16_products)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
     out = layers.MultiAxisDense((cfg.d_model,), num_in_axes=2, axes=('heads', 'kv', 'embed'),
                                 dtype=dtype, name='out',
@@ -168,8 +168,8 @@ def cpu_product_forms(cfg: ModelConfig) -> Optional[str]:
   """
   d, dtype = cfg.d_model, cfg.compute_dtype
   if layers.takes_bf16_products(cfg.cpu_bf16_products, dtype):
-    return ('CPU bf16 products: the Conformer\'s dense layers accumulate in float32 '
-            f'(cpu_bf16_products={cfg.cpu_bf16_products!r})')
+    return ('CPU bf16 products: the Conformer\'s dense layers and attention accumulate in '
+            f'float32 (cpu_bf16_products={cfg.cpu_bf16_products!r})')
   transposed = [name for name, (d_in, d_out) in (('feed-forward wi', (d, cfg.ffn_dim)),
                                                  ('convolution pointwise_in', (d, 2 * d)))
                 if layers.takes_form(cfg.transposed_weight_gradient, layers.transposed_pays,
