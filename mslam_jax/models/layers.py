@@ -318,15 +318,15 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Arra
 
 
 def bf16_products_pay() -> bool:
-  """Where cpu_bf16_products='auto' takes `affine_float32_accumulation` (bf16 layers,
-  CPU programs): hosts with AVX-512 BF16, where it was measured."""
+  """Where cpu_bf16_products='auto' takes the float32-accumulation products (bf16 layers,
+  CPU programs): hosts with AVX-512 BF16, where they were measured."""
   return host_cpu.has_avx512_bf16()
 
 
 def takes_bf16_products(setting: Union[bool, str], dtype) -> bool:
   """Whether a layer of `dtype` with `cpu_bf16_products=setting` (True, False, 'auto';
-  `ModelConfig.cpu_bf16_products`) goes through `affine_float32_accumulation`
-  (for 'auto', in CPU programs only: `affine`)."""
+  `ModelConfig.cpu_bf16_products`) goes through `affine_float32_accumulation` or
+  `attention_float32_accumulation` (for 'auto', in CPU programs only: `affine`)."""
   if jnp.dtype(dtype) != jnp.bfloat16:
     return False
   return setting is True or (setting == 'auto' and bf16_products_pay())
