@@ -296,7 +296,7 @@ def test_bfloat16_compute_gives_the_float32_loss_within_bf16_rounding(tiny):
 @pytest.mark.parametrize('field, value', [
     ('num_heads', 7), ('conv_groups', 5), ('conv_kernel_size', 4), ('remat_policy', 'no_such_policy'),
     ('scan_unroll', 0), ('dtype', 'float16'), ('transposed_weight_gradient', 'yes'),
-    ('flipped_weight_gradient', 'no')])
+    ('flipped_weight_gradient', 'no'), ('cpu_bf16_products', 'maybe')])
 def test_model_config_rejects_bad_values_by_name(field, value):
   with pytest.raises(ValueError, match=f'ModelConfig: .*{field}='):
     ModelConfig(**{field: value})

@@ -184,18 +184,9 @@ class ModelConfig:
       raise ValueError(
           f'ModelConfig: scan_unroll={self.scan_unroll} must be at least 1 '
           '(1 = one layer per loop iteration).')
-    if self.transposed_weight_gradient not in (True, False, 'auto'):
-      raise ValueError(
-          f'ModelConfig: transposed_weight_gradient={self.transposed_weight_gradient!r}; '
-          "use True, False or 'auto'.")
-    if self.flipped_weight_gradient not in (True, False, 'auto'):
-      raise ValueError(
-          f'ModelConfig: flipped_weight_gradient={self.flipped_weight_gradient!r}; '
-          "use True, False or 'auto'.")
-    if self.cpu_bf16_products not in (True, False, 'auto'):
-      raise ValueError(
-          f'ModelConfig: cpu_bf16_products={self.cpu_bf16_products!r}; '
-          "use True, False or 'auto'.")
+    for name in ('transposed_weight_gradient', 'flipped_weight_gradient', 'cpu_bf16_products'):
+      if getattr(self, name) not in (True, False, 'auto'):
+        raise ValueError(f"ModelConfig: {name}={getattr(self, name)!r}; use True, False or 'auto'.")
     if self.dtype not in ('float32', 'bfloat16'):
       raise ValueError(
           f"ModelConfig: dtype={self.dtype!r}; use 'float32' or 'bfloat16'.")

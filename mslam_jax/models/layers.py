@@ -307,14 +307,10 @@ attention_float32_accumulation.defvjp(_attention_fwd, _attention_bwd)
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array,
               cpu_bf16_products: Union[bool, str]) -> jax.Array:
-  """`dot_product_attention`, or `attention_float32_accumulation` where `takes_bf16_products`
-  (with True in every program, with 'auto' in CPU programs, as `affine`)."""
-  if not takes_bf16_products(cpu_bf16_products, query.dtype):
-    return dot_product_attention(query, key, value, bias)
-  if cpu_bf16_products is True:
-    return attention_float32_accumulation(query, key, value, bias)
-  return lax.platform_dependent(query, key, value, bias, default=dot_product_attention,
-                                cpu=attention_float32_accumulation)
+  """`dot_product_attention`, or `attention_float32_accumulation` where
+  `takes_bf16_products` (`_plain_or_float32_accumulation`)."""
+  return _plain_or_float32_accumulation(cpu_bf16_products, dot_product_attention,
+                                        attention_float32_accumulation, query, key, value, bias)
 
 
 def bf16_products_pay() -> bool:
@@ -326,26 +322,32 @@ def bf16_products_pay() -> bool:
 def takes_bf16_products(setting: Union[bool, str], dtype) -> bool:
   """Whether a layer of `dtype` with `cpu_bf16_products=setting` (True, False, 'auto';
   `ModelConfig.cpu_bf16_products`) goes through `affine_float32_accumulation` or
-  `attention_float32_accumulation` (for 'auto', in CPU programs only: `affine`)."""
+  `attention_float32_accumulation` (for 'auto', in CPU programs only:
+  `_plain_or_float32_accumulation`)."""
   if jnp.dtype(dtype) != jnp.bfloat16:
     return False
   return setting is True or (setting == 'auto' and bf16_products_pay())
 
 
-def affine(x: jax.Array, w: jax.Array, b: jax.Array, cpu_bf16_products: Union[bool, str]):
-  """x [rows, d_in] @ w [d_in, d_out] + b [d_out] in x's dtype (x, w and b of one dtype).
+def _plain_or_float32_accumulation(setting: Union[bool, str], plain, float32_accumulation,
+                                   *args: jax.Array) -> jax.Array:
+  """`float32_accumulation(*args)` where `takes_bf16_products(setting, args[0].dtype)`:
+  with True in every program, with 'auto' in programs for the CPU backend
+  (`lax.platform_dependent`; a TPU program compiled on this host keeps `plain`).
+  Elsewhere `plain(*args)`."""
+  if not takes_bf16_products(setting, args[0].dtype):
+    return plain(*args)
+  if setting is True:
+    return float32_accumulation(*args)
+  return lax.platform_dependent(*args, default=plain, cpu=float32_accumulation)
 
-  Through `affine_float32_accumulation` where `takes_bf16_products`: with
-  True in every program, with 'auto' in programs for the CPU backend
-  (`lax.platform_dependent`; a TPU program compiled on this host keeps the
-  plain product). Elsewhere the plain product.
-  """
-  plain = lambda x, w, b: x @ w + b
-  if not takes_bf16_products(cpu_bf16_products, x.dtype):
-    return plain(x, w, b)
-  if cpu_bf16_products is True:
-    return affine_float32_accumulation(x, w, b)
-  return lax.platform_dependent(x, w, b, default=plain, cpu=affine_float32_accumulation)
+
+def affine(x: jax.Array, w: jax.Array, b: jax.Array, cpu_bf16_products: Union[bool, str]):
+  """x [rows, d_in] @ w [d_in, d_out] + b [d_out] in x's dtype (x, w and b of one dtype),
+  through `affine_float32_accumulation` where `takes_bf16_products`
+  (`_plain_or_float32_accumulation`)."""
+  return _plain_or_float32_accumulation(cpu_bf16_products, lambda x, w, b: x @ w + b,
+                                        affine_float32_accumulation, x, w, b)
 
 
 class FlatDense(nn.Dense):
