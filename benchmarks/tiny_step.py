@@ -42,15 +42,14 @@ from mslam_jax import host_memory
 GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
 
 
-def build_step(bindings=()):
+def make_step(bindings=()):
   """The trainer's sharded step for GIN_FILE (+ gin `bindings`) of the checkout in the working directory.
 
-  Returns (lowered step, state, batch, rng, lower seconds): the step as
-  jax.stages.Lowered for (state, batch, rng), on one device, batch synthetic.
-  Uses only APIs that 2b369fa already had, and TrainConfig.compiler_options
-  where the revision has them.
+  Returns (step, state, batch, rng, mesh, rules): the step as
+  `trainer.jit_train_step` gives it to `trainer.run`, its state on one
+  device, a synthetic host batch. Uses only APIs that 2b369fa already had,
+  and TrainConfig.compiler_options where the revision has them.
   """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import gin  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from mslam_jax import optimizer as optimizer_lib  # pylint: disable=import-outside-toplevel
@@ -74,9 +73,17 @@ def build_step(bindings=()):
       trainer.make_train_step(optimizer, model_config=model_config, loss_config=loss_config),
       shardings, mesh, mesh_config.rules, *([options] if options else []))
   batch = next(train_lib.synthetic_batches(0, batch_config, loss_config.parts))
-  rng = jax.random.key(1)
+  return step, state, batch, jax.random.key(1), mesh, mesh_config.rules
+
+
+def build_step(bindings=()):
+  """(lowered step, state, batch, rng, lower seconds): `make_step`'s step as
+  jax.stages.Lowered for (state, batch, rng)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  step, state, batch, rng, mesh, rules = make_step(bindings)
   start = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_config.rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = step.jitted.lower(state, batch, rng)
   return lowered, state, batch, rng, time.perf_counter() - start
 

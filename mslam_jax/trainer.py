@@ -6,8 +6,9 @@
      gradient accumulation over micro-batches equal to the whole batch
      (accumulation.py); a non-finite loss or gradient leaves the state
      unchanged and is counted
-  -> loop: batches from the sampler, metrics every log_every steps, orbax
-     saves every save_every steps and on SIGTERM.
+  -> loop: batches from the sampler (the next one fetched and sent while the
+     step runs), metrics every log_every steps, orbax saves every save_every
+     steps and on SIGTERM.
 """
 
 import dataclasses
@@ -340,6 +341,44 @@ def _throughput(batch, frame_seconds: float) -> Dict[str, float]:
   return {'examples': float(examples), 'audio_seconds': frames * frame_seconds}
 
 
+class _SkipCounter:
+  """Counts skipped (NaN/Inf) steps from each step's `skipped` flag, read late.
+
+  Reading a step's flag waits for that step. The loop reads the flag of the
+  step before the one it has just dispatched, so the host fetches, transfers
+  and dispatches step n + 1 while step n runs, instead of the device waiting
+  for the host between steps. At a log step and at the run's end every flag
+  is read.
+  """
+
+  def __init__(self, max_consecutive: int, checkpointer=None):
+    self.max_consecutive = max_consecutive
+    self.checkpointer = checkpointer
+    self.total = 0
+    self.run = 0
+    self._unread: List[tuple] = []  # (step, skipped flag on the device), oldest first
+
+  def add(self, step: int, skipped: jax.Array) -> None:
+    self._unread.append((step, skipped))
+
+  def read(self, keep_newest: bool) -> None:
+    """Reads the flags not read yet (all but the newest if keep_newest); raises
+    NonFiniteLossError at `max_consecutive` skipped steps in a row."""
+    while len(self._unread) > (1 if keep_newest else 0):
+      step, skipped = self._unread.pop(0)
+      skipped = int(float(skipped))
+      self.total += skipped
+      self.run = self.run + 1 if skipped else 0
+      if self.run >= self.max_consecutive:
+        if self.checkpointer is not None:
+          self.checkpointer.wait()
+        raise NonFiniteLossError(
+            f'{self.run} steps in a row (up to step {step}) had a non-finite loss or '
+            'gradient; their updates were skipped and the last checkpoint is intact. Lower '
+            'the learning rate, check the data (see the bad-input report), or enable '
+            'gradient clipping (make_optimizer.clip_norm).')
+
+
 def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
         num_steps: int, log_every: int, writer: MetricsWriter, checkpointer=None,
         sampler=None, eval_step: Callable = None, step_flops: Optional[float] = None,
@@ -353,6 +392,13 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
   Saves through `checkpointer` on its interval, at the end, and on SIGTERM
   (then returns early). The first step's time (mostly compilation) is
   reported on its own line and left out of the rates.
+
+  The step number is counted on the host (every step advances state.step by
+  one, skipped or not), and between log steps the loop waits only for the
+  step before the one it dispatches (`_SkipCounter`): the next batch is
+  fetched and sent while the device computes. So a run of
+  `max_consecutive_nonfinite` skipped steps stops the run one step later
+  than it happened, with the same message.
   """
   history = []
   if eval_step is not None:
@@ -361,38 +407,32 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
       metrics = jax.jit(eval_step)(state.params, partitioning.global_batch(batch, mesh), rng)
     history.append(writer.write(int(state.step), jax.device_get(metrics)))
     batches = itertools.chain([batch], batches)
-  last_time, last_step = time.perf_counter(), int(state.step)
+  step = int(state.step)
+  last_time, last_step = time.perf_counter(), step
   counts = {'examples': 0.0, 'audio_seconds': 0.0}
-  nonfinite_run, skipped_total = 0, 0
-  compiling = None if last_step >= num_steps else console.Compiling()
+  skips = _SkipCounter(max_consecutive_nonfinite, checkpointer)
+  compiling = None if step >= num_steps else console.Compiling()
   with _SigtermFlag() as sigterm:
-    while int(state.step) < num_steps:
+    while step < num_steps:
       batch = next(batches)
       for k, v in _throughput(batch, frame_seconds or 0.0).items():
         counts[k] += v * jax.process_count()
       state, metrics = step_fn(state, partitioning.global_batch(batch, mesh), rng)
-      step = int(state.step)
+      step += 1
+      skips.add(step, metrics['skipped'])
       if compiling is not None:
+        jax.block_until_ready(metrics)
         compiling.done()
         compiling = None
         # The first step's time is mostly compilation: rates start after it.
         last_time, last_step = time.perf_counter(), step
         counts = {'examples': 0.0, 'audio_seconds': 0.0}
-      skipped = float(metrics['skipped'])
-      skipped_total += int(skipped)
-      nonfinite_run = nonfinite_run + 1 if skipped else 0
-      if nonfinite_run >= max_consecutive_nonfinite:
-        if checkpointer is not None:
-          checkpointer.wait()
-        raise NonFiniteLossError(
-            f'{nonfinite_run} steps in a row (up to step {step}) had a non-finite loss or '
-            'gradient; their updates were skipped and the last checkpoint is intact. Lower '
-            'the learning rate, check the data (see the bad-input report), or enable '
-            'gradient clipping (make_optimizer.clip_norm).')
       stop = sigterm.raised  # read once: the signal may arrive at any moment
+      log = step % log_every == 0 or step == num_steps or stop
+      skips.read(keep_newest=not log)
       if checkpointer is not None:
         checkpointer.save(step, state, sampler, force=stop or step == num_steps)
-      if step % log_every == 0 or step == num_steps or stop:
+      if log:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
         elapsed, steps = now - last_time, step - last_step
@@ -406,13 +446,14 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
             if peak_flops_per_device:
               metrics['mfu'] = flops.mfu(step_flops, metrics['step_time_s'],
                                          mesh.devices.size, peak_flops_per_device)
-        metrics['skipped_total'] = skipped_total
+        metrics['skipped_total'] = skips.total
         last_time, last_step = now, step
         counts = {'examples': 0.0, 'audio_seconds': 0.0}
         history.append(writer.write(step, metrics, num_steps))
       if stop:
         print(f'SIGTERM: saved step {step}; exiting', flush=True)
         break
+  skips.read(keep_newest=False)
   if checkpointer is not None:
     checkpointer.wait()
   return state, history

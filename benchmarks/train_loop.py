@@ -1,0 +1,137 @@
+"""The training loop's time per step against the step's own, with a slow input: does the host's
+wait for the next batch overlap the device's work?
+
+Each revision (this checkout, uncommitted changes included, and every
+--baseline) runs as a worker in its own git worktree with the tiny demo's
+step (`tiny_step.make_step`: gin/pretrain_tiny_cpu.gin, synthetic batch, one
+CPU device). A worker times, in turn:
+  - the step alone: step after step, each waited for (the device's time);
+  - `trainer.run` over --steps steps, its batches from an iterator that sleeps
+    L ms before each one, for every L of --latency_ms: an input that is not
+    ready when asked (a file system, a remote reader; on a TPU or GPU host
+    also the batch's copy to the device, which the host does while the chip
+    waits).
+A loop that waits for each step before it asks for the next batch takes about
+step + L per step; one that asks while the step runs takes about max(step, L).
+The sleep leaves the CPU free, so on this machine the overlap is visible
+without an accelerator. The workers take turns, --rounds times; the table
+gives medians and the per-round ratio to this checkout
+(`workers.paired_ratios`).
+
+    python benchmarks/train_loop.py --baseline 861f886 --latency_ms 0,25,50
+"""
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import machine  # benchmarks/machine.py, beside this script
+import tiny_step  # benchmarks/tiny_step.py, beside this script
+from workers import Worker, alternate, paired_ratios, ratio_summary, reply, worktree
+
+
+class _Writer:
+  """trainer.run's writer, keeping nothing: the loop's own cost is what is timed."""
+
+  def write(self, step, metrics, total_steps=None):  # pylint: disable=unused-argument
+    return {'step': step}
+
+
+def worker_main(steps: int) -> None:
+  """Runs in a revision's tree: builds the tiny step, then times on demand."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from mslam_jax import partitioning, trainer  # pylint: disable=import-outside-toplevel
+  step_fn, state, batch, rng, mesh, _ = tiny_step.make_step()
+  holder = [state]
+
+  def delayed(latency_s):
+    while True:
+      time.sleep(latency_s)
+      yield batch
+
+  def loop(latency_s):
+    start_step = int(holder[0].step)
+    start = time.perf_counter()
+    # The loop's console lines (compiling) would break the JSON replies on stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+      holder[0], _ = trainer.run(holder[0], step_fn, delayed(latency_s), rng, mesh=mesh,
+                                 num_steps=start_step + steps, log_every=steps,
+                                 writer=_Writer())
+    jax.block_until_ready(holder[0])
+    return (time.perf_counter() - start) / steps
+
+  def alone():
+    global_batch = partitioning.global_batch(batch, mesh)
+    start = time.perf_counter()
+    for _ in range(steps):
+      holder[0], metrics = step_fn(holder[0], global_batch, rng)
+      jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / steps
+
+  loop(0.0)  # compiles
+  reply(ready=True)
+  for line in sys.stdin:
+    command = line.split()
+    if command[0] == 'alone':
+      reply(seconds=alone())
+    elif command[0] == 'loop':
+      reply(seconds=loop(float(command[1]) / 1e3))
+    elif command[0] == 'quit':
+      return
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--baseline', action='append', default=[],
+                      help='git revision to compare (repeatable)')
+  parser.add_argument('--latency_ms', default='0,25,50',
+                      help='comma-separated input latencies L, ms per batch')
+  parser.add_argument('--steps', type=int, default=20, help='steps per timed loop')
+  parser.add_argument('--rounds', type=int, default=7, help='alternated loops per setting')
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    worker_main(args.steps)
+    return
+  latencies = [int(x) for x in args.latency_ms.split(',')]
+  print(f'train_loop: {machine.cpu_summary()}', flush=True)
+  env = {'XLA_FLAGS': ''}  # one device, as the demo
+  command = [os.path.abspath(__file__), '--worker', f'--steps={args.steps}']
+  with contextlib.ExitStack() as stack:
+    roots = {'this checkout': stack.enter_context(tiny_step.current_tree())}
+    for rev in args.baseline:
+      roots[rev] = stack.enter_context(worktree(rev))
+    workers = []
+    try:
+      for name, root in roots.items():
+        workers.append(Worker(name, command, root=root, env=env))
+        print(f'{name}: compiled', flush=True)
+      rows = [('step alone', alternate(workers, 'alone', args.rounds))]
+      for latency in latencies:
+        rows.append((f'trainer.run, input {latency} ms',
+                     alternate(workers, f'loop {latency}', args.rounds)))
+    finally:
+      for w in workers:
+        w.close()
+  ours = workers[0].name
+  print(f'\nms per step, median (min-max) of {args.rounds} rounds of {args.steps} steps; '
+        'in brackets after the median: its time over this checkout\'s, per round')
+  print('| what | ' + ' | '.join(w.name for w in workers) + ' |')
+  print('|---|' + '---|' * len(workers))
+  for label, times in rows:
+    cells = []
+    for w in workers:
+      ts = times[w.name]
+      cell = (f'{statistics.median(ts) * 1e3:.1f} ({min(ts) * 1e3:.1f}-'
+              f'{max(ts) * 1e3:.1f})')
+      if w.name != ours:
+        cell += f'; {ratio_summary(paired_ratios(ts, times[ours]))}'
+      cells.append(cell)
+    print(f'| {label} | ' + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+  main()
