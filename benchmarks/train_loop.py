@@ -11,6 +11,9 @@ CPU device). A worker times, in turn:
     ready when asked (a file system, a remote reader; on a TPU or GPU host
     also the batch's copy to the device, which the host does while the chip
     waits).
+  - with --save_every K, `trainer.run` (input ready) saving an orbax checkpoint
+    every K steps through `checkpoints.Checkpointer`, written in the
+    background (async, the default) and not: what a save adds to the steps.
 A loop that waits for each step before it asks for the next batch takes about
 step + L per step; one that asks while the step runs takes about max(step, L).
 The sleep leaves the CPU free, so on this machine the overlap is visible
@@ -19,6 +22,7 @@ gives medians and the per-round ratio to this checkout
 (`workers.paired_ratios`).
 
     python benchmarks/train_loop.py --baseline 861f886 --latency_ms 0,25,50
+    python benchmarks/train_loop.py --latency_ms 0 --save_every 5
 """
 
 import argparse
@@ -26,6 +30,7 @@ import contextlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import machine  # benchmarks/machine.py, beside this script
@@ -43,7 +48,7 @@ class _Writer:
 def worker_main(steps: int) -> None:
   """Runs in a revision's tree: builds the tiny step, then times on demand."""
   import jax  # pylint: disable=import-outside-toplevel
-  from mslam_jax import partitioning, trainer  # pylint: disable=import-outside-toplevel
+  from mslam_jax import checkpoints, partitioning, trainer  # pylint: disable=import-outside-toplevel
   step_fn, state, batch, rng, mesh, _ = tiny_step.make_step()
   holder = [state]
 
@@ -52,16 +57,27 @@ def worker_main(steps: int) -> None:
       time.sleep(latency_s)
       yield batch
 
-  def loop(latency_s):
+  def loop(latency_s, checkpointer=None):
     start_step = int(holder[0].step)
     start = time.perf_counter()
     # The loop's console lines (compiling) would break the JSON replies on stdout.
     with contextlib.redirect_stdout(sys.stderr):
       holder[0], _ = trainer.run(holder[0], step_fn, delayed(latency_s), rng, mesh=mesh,
                                  num_steps=start_step + steps, log_every=steps,
-                                 writer=_Writer())
+                                 writer=_Writer(), checkpointer=checkpointer)
     jax.block_until_ready(holder[0])
     return (time.perf_counter() - start) / steps
+
+  def saving(every, async_save):
+    # A fresh directory per loop, made outside the timing; the loop's end waits
+    # for the last write (trainer.run does), so both kinds time every write.
+    with tempfile.TemporaryDirectory() as directory:
+      checkpointer = checkpoints.Checkpointer(directory, save_every=every,
+                                              async_save=async_save)
+      try:
+        return loop(0.0, checkpointer)
+      finally:
+        checkpointer.close()
 
   def alone():
     global_batch = partitioning.global_batch(batch, mesh)
@@ -79,6 +95,8 @@ def worker_main(steps: int) -> None:
       reply(seconds=alone())
     elif command[0] == 'loop':
       reply(seconds=loop(float(command[1]) / 1e3))
+    elif command[0] == 'save':
+      reply(seconds=saving(int(command[1]), command[2] == 'async'))
     elif command[0] == 'quit':
       return
 
@@ -91,6 +109,9 @@ def main():
                       help='comma-separated input latencies L, ms per batch')
   parser.add_argument('--steps', type=int, default=20, help='steps per timed loop')
   parser.add_argument('--rounds', type=int, default=7, help='alternated loops per setting')
+  parser.add_argument('--save_every', type=int, default=0,
+                      help='also time the loop (input ready) saving an orbax checkpoint every '
+                      'this many steps, async and not; 0: no saves')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -113,6 +134,10 @@ def main():
       for latency in latencies:
         rows.append((f'trainer.run, input {latency} ms',
                      alternate(workers, f'loop {latency}', args.rounds)))
+      if args.save_every:
+        for kind in ('async', 'sync'):
+          rows.append((f'trainer.run, input 0 ms, {kind} save every {args.save_every} steps',
+                       alternate(workers, f'save {args.save_every} {kind}', args.rounds)))
     finally:
       for w in workers:
         w.close()
