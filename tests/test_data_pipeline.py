@@ -263,8 +263,10 @@ def test_a_non_utf8_manifest_names_its_path_and_line(tmp_path):
     sources.ManifestSource.read_manifest(str(manifest))
 
 
-def test_the_sampler_keeps_a_skipped_example_as_an_empty_row(tmp_path):
-  """A batch's rows never shift: bad examples are all padding, counted in the report."""
+@pytest.mark.parametrize('feature_cache_mb', [0.0, 256.0])
+def test_the_sampler_keeps_a_skipped_example_as_an_empty_row(tmp_path, feature_cache_mb):
+  """A batch's rows never shift: bad examples are all padding, counted in the report;
+  decoded at every reading or served from memory (DataConfig.feature_cache_mb)."""
   from mslam_jax.data import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(6)
@@ -278,10 +280,12 @@ def test_the_sampler_keeps_a_skipped_example_as_an_empty_row(tmp_path):
   batch = BatchConfig(speech_batch_size=2, text_batch_size=2, paired_batch_size=4,
                       paired_frames=LIMITS['features'], paired_text_length=LIMITS['ids'])
   config = sampler_lib.DataConfig(task_modules=(), paired_tasks=('test_blank_paired',),
-                                  vocabulary_path=registry.SHARED_VOCABULARY.path)
+                                  vocabulary_path=registry.SHARED_VOCABULARY.path,
+                                  feature_cache_mb=feature_cache_mb)
   s = sampler_lib.ThreeStreamSampler(batch, config, parts=('paired',), shard_index=0,
                                      num_shards=1, with_metadata=True)
   part = next(s)['paired']
+  assert s.cached_kinds() == (['paired'] if feature_cache_mb else [])
   s.close()
   by_id = {i.decode(): n for n, i in enumerate(part['id'])}
   assert sorted(by_id) == sorted(r[0] for r in rows)  # one epoch, every record has its row

@@ -36,11 +36,12 @@ def corpus(tmp_path_factory):
   return root, meta
 
 
-def make(corpus, seed=0, **kwargs):
+def make(corpus, seed=0, feature_cache_mb=256.0, **kwargs):
   root, _ = corpus
   config = sampler_lib.DataConfig(task_modules=(), speech_tasks=('toy_*',),
                                   text_tasks=('toy_*',), paired_tasks=('toy_*',),
-                                  vocabulary_path=os.path.join(root, 'vocab.txt'), seed=seed)
+                                  vocabulary_path=os.path.join(root, 'vocab.txt'), seed=seed,
+                                  feature_cache_mb=feature_cache_mb)
   kwargs.setdefault('shard_index', 0)
   kwargs.setdefault('num_shards', 1)
   return sampler_lib.ThreeStreamSampler(kwargs.pop('batch', BATCH), config, **kwargs)
@@ -181,6 +182,37 @@ def test_deterministic_for_a_seed_and_restored_state_gives_the_same_next_batches
   other_seed = next(make(corpus, seed=1, with_metadata=True))
   assert list(other_seed['text']['id']) != list(expected[0]['text']['id']) or list(
       other_seed['speech']['id']) != list(expected[0]['speech']['id'])
+
+
+def test_audio_served_from_memory_gives_the_batches_of_decoding_each_time(corpus):
+  """DataConfig.feature_cache_mb: the speech and paired examples are decoded once and
+  served from memory after. Over several epochs (21 speech records, 4 a batch) the
+  batches and their metadata equal those of decoding at every reading, also after a
+  resume, and a cropped example is still counted at every reading."""
+  from mslam_jax.data import bad_input  # pylint: disable=g-import-not-at-top
+  results = {}
+  for cache_mb in (0.0, 256.0, 0.001):  # off; on; too small for the toy corpus
+    bad_input.LOG.reset()
+    s = make(corpus, feature_cache_mb=cache_mb, with_metadata=True)
+    batches = _take(s, 10)
+    resumed = make(corpus, feature_cache_mb=cache_mb, with_metadata=True)
+    resumed.load_state(s.state())
+    batches += _take(resumed, 6)
+    results[cache_mb] = (batches, bad_input.LOG.total(bad_input.Problem.CROPPED_AUDIO),
+                         s.cached_kinds())
+    s.close()
+    resumed.close()
+  bad_input.LOG.reset()
+  (off, _, off_kinds), (on, on_cropped, on_kinds), (small, _, small_kinds) = (
+      results[0.0], results[256.0], results[0.001])
+  assert off_kinds == [] and sorted(on_kinds) == ['paired', 'speech'] and small_kinds == []
+  _assert_same(off, on)
+  _assert_same(off, small)
+  # Cropped speech has no padding left. The count includes rows read ahead, so it is
+  # at least the readings consumed, which exceed the distinct records read.
+  cropped = [i for b in on for i, p in zip(b['speech']['id'], b['speech']['feature_paddings'])
+             if not p.any()]
+  assert len(cropped) > len(set(cropped)) and on_cropped >= len(cropped)
 
 
 def _global_batches(corpus, hosts, count, state=None, batch=BATCH):
