@@ -343,13 +343,31 @@ class ThreeStreamSampler:
 
   def _dataset(self, kind: str) -> tf.data.Dataset:
     """This host's batches of `kind` from the current position: fetch, decode, pad."""
+    global_size = getattr(self.batch_config, f'{kind}_batch_size')
+    per_host = self.per_host_batch_size(kind)
+    start = self.examples[kind]  # fixed for this iterator; `examples` counts on
+
+    def host_rows(batch) -> range:
+      """Global example numbers of this host's rows of the `batch`-th global batch from `start`."""
+      first = start + int(batch) * global_size + self.shard_index * per_host
+      return range(first, first + per_host)
+
+    cached = self._cached_features(kind)
+    if cached is None:
+      ds = self._features(kind, self._from_records(kind, host_rows, per_host))
+    else:
+      ds = self._from_cache(kind, cached, host_rows, per_host)
+    lengths = self._lengths(kind)
+    ds = preprocessors.blank_bad(ds, num_mel_bins=self.batch_config.num_mel_bins)
+    return _pad_and_batch(ds, per_host, lengths.get('features'),
+                          lengths.get('ids'), self.batch_config.num_mel_bins)
+
+  def _from_records(self, kind: str, host_rows, per_host: int) -> tf.data.Dataset:
+    """This host's raw records of `kind`, in `_dataset`'s order, fetched by number."""
     plan = self._plans[kind]
     pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, f'mslam_{kind}_reader')
     self._pools.append(pool)
     keys = _RAW_KEYS[kind] + ('task',)
-    global_size = getattr(self.batch_config, f'{kind}_batch_size')
-    per_host = self.per_host_batch_size(kind)
-    start = self.examples[kind]  # fixed for this iterator; `examples` counts on
     # Object stores answer in tens of milliseconds: fetch a batch's rows in
     # parallel there; local reads are faster one by one (no thread hand-offs).
     remote = any(paths.is_uri(f) for reader in plan.readers
@@ -360,9 +378,8 @@ class ThreeStreamSampler:
       return _raw_columns(plan, task, int(record), keys)
 
     def fetch_batch(batch):
-      """This host's raw records of the `batch`-th global batch from `start`, as columns."""
-      first = start + int(batch) * global_size + self.shard_index * per_host
-      rows = range(first, first + per_host)
+      """The batch's raw records, as columns."""
+      rows = host_rows(batch)
       rows = list(pool.map(fetch_row, rows) if remote else map(fetch_row, rows))
       return tuple(np.array(column, dtype=object) for column in zip(*rows))
 
@@ -374,17 +391,8 @@ class ThreeStreamSampler:
                                   stateful=False)
       return {k: tf.reshape(c, [per_host]) for k, c in zip(keys, columns)}
 
-    cached = self._cached_features(kind)
-    if cached is None:
-      ds = tf.data.Dataset.range(2**62).map(fetch, num_parallel_calls=tf.data.AUTOTUNE,
+    return tf.data.Dataset.range(2**62).map(fetch, num_parallel_calls=tf.data.AUTOTUNE,
                                             deterministic=True).unbatch()
-      ds = self._features(kind, ds)
-    else:
-      ds = self._from_cache(kind, cached, start, global_size, per_host)
-    lengths = self._lengths(kind)
-    ds = preprocessors.blank_bad(ds, num_mel_bins=self.batch_config.num_mel_bins)
-    return _pad_and_batch(ds, per_host, lengths.get('features'),
-                          lengths.get('ids'), self.batch_config.num_mel_bins)
 
   def _features(self, kind: str, ds: tf.data.Dataset) -> tf.data.Dataset:
     """Raw records -> examples with features, ids and a problem code (the kind's steps)."""
@@ -444,10 +452,9 @@ class ThreeStreamSampler:
     self._feature_cache[kind] = cache
     return cache
 
-  def _from_cache(self, kind: str, cached, start: int, global_size: int,
-                  per_host: int) -> tf.data.Dataset:
-    """This host's examples of `kind` from `start`, in `_dataset`'s order, from memory:
-    the same elements `_features` gives for the raw records."""
+  def _from_cache(self, kind: str, cached, host_rows, per_host: int) -> tf.data.Dataset:
+    """This host's examples of `kind` (the rows `host_rows` names), in `_dataset`'s order,
+    from memory: the same elements `_features` gives for the raw records."""
     plan = self._plans[kind]
     examples, spec = cached
     keys = sorted(spec)
@@ -455,9 +462,8 @@ class ThreeStreamSampler:
 
     def fetch_batch(batch):
       """Row-major columns of the batch's examples; arrays padded, with their lengths."""
-      first = start + int(batch) * global_size + self.shard_index * per_host
       rows = []
-      for g in range(first, first + per_host):
+      for g in host_rows(batch):
         task, record = plan.order[g]
         rows.append(examples[task][int(record)])
       columns = []
