@@ -80,6 +80,9 @@ def make_batches(data_config: sampler_lib.DataConfig, batch_config: BatchConfig,
   warning = sampler.paired_length_warning()
   if warning:
     print(warning, flush=True)
+  cache = sampler.fill_feature_cache()
+  if cache:
+    print(cache, flush=True)
   return sampler
 
 

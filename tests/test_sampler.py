@@ -215,6 +215,28 @@ def test_audio_served_from_memory_gives_the_batches_of_decoding_each_time(corpus
   assert len(cropped) > len(set(cropped)) and on_cropped >= len(cropped)
 
 
+def test_fill_feature_cache_says_what_is_held_in_memory(corpus):
+  """train.py fills the cache before the first step and prints what it holds: the
+  record counts of the toy corpus (21 speech, 21 paired), at most the static limit's
+  bytes for cropped speech, and the kinds that did not fit; nothing when it is off."""
+  held = make(corpus)
+  line = held.fill_feature_cache()
+  match = re.fullmatch(r'input held in memory: speech 21 examples \(([\d.]+) MB\), paired 21 '
+                       r'examples \(([\d.]+) MB\), decoded once in [\d.]+ s '
+                       r'\(DataConfig.feature_cache_mb = 256\)', line)
+  assert match, line
+  speech_limit = 21 * (BATCH.speech_frames * 80 * 4 + 1024) / 2**20  # features + names
+  assert 0 < float(match.group(1)) <= speech_limit and float(match.group(2)) > 0
+  assert sorted(held.cached_kinds()) == ['paired', 'speech']
+  assert held.fill_feature_cache() == line  # filled once
+  held.close()
+  assert make(corpus, feature_cache_mb=0.001).fill_feature_cache() == (
+      'input decoded at every reading: speech, paired '
+      '(larger than DataConfig.feature_cache_mb = 0.001)')
+  assert make(corpus, feature_cache_mb=0.0).fill_feature_cache() is None
+  assert make(corpus, parts=('text',)).fill_feature_cache() is None
+
+
 def _global_batches(corpus, hosts, count, state=None, batch=BATCH):
   """`count` global batches read by `hosts` samplers, rows concatenated in host order."""
   samplers = [make(corpus, shard_index=h, num_shards=hosts, with_metadata=True, batch=batch)

@@ -55,6 +55,10 @@ def test_the_console_shows_a_line_per_stage_and_a_summary(tmp_path, capsys):
   mesh = [l for l in lines if l.startswith('mesh: ')]
   assert len(mesh) == 1 and 'split: batch->' in mesh[0] and 'logical axis rules' not in lines
   assert any(l.startswith('mixtures: speech 12 tasks (rates ') for l in lines)
+  # The embedded corpus' audio fits the default cache: decoded before the step compiles.
+  held = [i for i, l in enumerate(lines) if l.startswith('input held in memory: speech ')]
+  assert len(held) == 1 and 'paired' in lines[held[0]]
+  assert held[0] < lines.index('compiling the train step (the first step includes it)...')
   assert 'compiling the train step (the first step includes it)...' in lines
   # The demo's float32 d 64 model keeps nn.Dense's products on every CPU: no line for them.
   assert not any(l.startswith(('CPU weight gradients', 'CPU bf16 products')) for l in lines)

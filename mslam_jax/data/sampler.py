@@ -40,6 +40,7 @@ import inspect
 import os
 import re
 import threading
+import time
 import weakref
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -101,11 +102,11 @@ class DataConfig:
     seed: shuffling and mixing seed (the same on every host).
     feature_cache_mb: a speech or paired kind whose examples, once decoded
       (log-mel, character ids), fit in this many MB on a host is decoded once,
-      at its first batch, and served from memory after (ours: the embedded
-      corpus' speech is read about 17 times in the 300-step demo, where
-      decoding takes a quarter of the 2 CPU cores; 0: off). The batches are
-      the same either way, and a bad example is still counted each time it is
-      read.
+      before the first step (train.py; else at its first batch), and served
+      from memory after (ours: the embedded corpus' speech is read about 17
+      times in the 300-step demo, where decoding takes a quarter of the 2 CPU
+      cores; 0: off). The batches are the same either way, and a bad example
+      is still counted each time it is read.
   """
   source: str = 'tasks'
   task_modules: Tuple[str, ...] = ('tasks.embedded',)
@@ -307,6 +308,9 @@ class ThreeStreamSampler:
     # kind -> (examples[task][record] after the feature steps, their element_spec),
     # or None when over DataConfig.feature_cache_mb; filled at the first batch.
     self._feature_cache: Dict[str, Optional[Tuple[List[List[Dict[str, Any]]], Any]]] = {}
+    # kind -> (examples, bytes, seconds) of the cache's fill; examples None when
+    # the kind did not fit (bytes None when its static limits alone ruled it out).
+    self._cache_fill: Dict[str, Tuple[Optional[int], Optional[int], float]] = {}
     _OPEN_SAMPLERS.add(self)
 
   def per_host_batch_size(self, kind: str) -> int:
@@ -423,9 +427,12 @@ class ThreeStreamSampler:
     per_example = 4 * (lengths.get('features', 0) * self.batch_config.num_mel_bins +
                        lengths.get('ids', 0))
     cache = None
+    records = sum(len(r) for r in plan.readers)
     # Only audio is worth it: text's steps cost about what serving from memory does.
-    if ('features' in lengths and budget > 0 and
-        sum(len(r) for r in plan.readers) * per_example <= budget):
+    if 'features' in lengths and budget > 0 and records * per_example > budget:
+      self._cache_fill[kind] = (None, None, 0.0)
+    elif 'features' in lengths and budget > 0:
+      started = time.perf_counter()
       keys = _RAW_KEYS[kind] + ('task',)
       # One pipeline over every record of every task (a pipeline per task costs
       # more to build than its records take to decode).
@@ -449,6 +456,8 @@ class ThreeStreamSampler:
         examples[task].append(example)
       if examples is not None:
         cache = (examples, ds.element_spec)
+      self._cache_fill[kind] = (records if cache else None, used,
+                                time.perf_counter() - started)
     self._feature_cache[kind] = cache
     return cache
 
@@ -508,6 +517,32 @@ class ThreeStreamSampler:
   def cached_kinds(self) -> List[str]:
     """The kinds served from memory (DataConfig.feature_cache_mb), once batches started."""
     return [kind for kind, cache in self._feature_cache.items() if cache is not None]
+
+  def fill_feature_cache(self) -> Optional[str]:
+    """Decodes the kinds that fit DataConfig.feature_cache_mb now rather than at the first
+    batch, and says which kinds are held in memory and which are not, in console lines
+    (None when the cache is off or no kind has audio)."""
+    for kind in self.parts:
+      self._cached_features(kind)
+    if not self._cache_fill:
+      return None
+    limit = f'DataConfig.feature_cache_mb = {self.data_config.feature_cache_mb:g}'
+    held, read, seconds = [], [], 0.0
+    for kind in self.parts:
+      if kind in self._cache_fill:
+        examples, used, took = self._cache_fill[kind]
+        seconds += took
+        if examples is None:
+          read.append(kind)
+        else:
+          held.append(f'{kind} {examples} examples ({used / 2**20:.1f} MB)')
+    lines = []
+    if held:
+      lines.append(f'input held in memory: {", ".join(held)}, decoded once in '
+                   f'{seconds:.1f} s ({limit})')
+    if read:
+      lines.append(f'input decoded at every reading: {", ".join(read)} (larger than {limit})')
+    return '\n'.join(lines)
 
   def _start(self) -> None:
     streams = {kind: self._dataset(kind) for kind in self.parts}
