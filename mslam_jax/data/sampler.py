@@ -27,7 +27,7 @@ restored on any number of hosts reads exactly the global batches the
 uninterrupted run would have read, and the batch size may change on resume.
 
 An example that fails its checks (bad_input.py) is counted and keeps its row
-as an empty, all-padding row (preprocessors.blank_bad) instead of being
+as an empty, all-padding row (`_pad_and_batch`) instead of being
 dropped: dropping would shift every later row, and which rows shift would
 depend on how the batch is split over hosts.
 """
@@ -139,18 +139,28 @@ def resolve_path(path: str) -> str:
 
 def _pad_and_batch(ds: tf.data.Dataset, batch_size: int, frames: Optional[int],
                    chars: Optional[int], num_mel_bins: int) -> tf.data.Dataset:
-  """Pads every example to the static limits and adds float paddings (1 = pad)."""
+  """Pads every example to the static limits and adds float paddings (1 = pad).
+
+  Examples carry the feature steps' problem code and their task's name; each
+  batch's problems are recorded in bad_input.LOG in one call, and a row to be
+  skipped becomes all padding (zero features, PAD ids), as an empty example
+  would pad to.
+  """
 
   def add_lengths(ex):
+    # Past the limit only a skipped example (paired audio and transcripts are
+    # skipped, not cropped): cut so it pads; its row is blanked below.
     out = dict(ex)
     if frames is not None:
-      out['num_frames'] = tf.shape(ex['features'])[0]
+      out['features'] = ex['features'][:frames]
+      out['num_frames'] = tf.shape(out['features'])[0]
     if chars is not None:
-      out['num_ids'] = tf.shape(ex['ids'])[0]
+      out['ids'] = ex['ids'][:chars]
+      out['num_ids'] = tf.shape(out['ids'])[0]
     return out
 
-  shapes = {'id': [], 'language': []}
-  values = {'id': '', 'language': ''}
+  shapes = {'id': [], 'language': [], 'task': [], preprocessors.PROBLEM: []}
+  values = {'id': '', 'language': '', 'task': '', preprocessors.PROBLEM: 0}
   if frames is not None:
     shapes.update(features=[frames, num_mel_bins], num_frames=[])
     values.update(features=0.0, num_frames=0)
@@ -159,15 +169,18 @@ def _pad_and_batch(ds: tf.data.Dataset, batch_size: int, frames: Optional[int],
     values.update(ids=special_ids.PAD_ID, num_ids=0)
 
   def finish(batch):
+    keep = preprocessors.keep_flags(batch[preprocessors.PROBLEM], batch['id'], batch['task'])
     out = {'id': batch['id'], 'language': batch['language']}
     if frames is not None:
-      out['features'] = batch['features']
+      # tf.where, not a product: a skipped example's features may be NaN.
+      out['features'] = tf.where(keep[:, None, None], batch['features'], 0.0)
       out['feature_paddings'] = tf.cast(
-          tf.range(frames)[None, :] >= batch['num_frames'][:, None], tf.float32)
+          tf.range(frames)[None, :] >= tf.where(keep, batch['num_frames'], 0)[:, None],
+          tf.float32)
     if chars is not None:
-      out['ids'] = batch['ids']
+      out['ids'] = tf.where(keep[:, None], batch['ids'], special_ids.PAD_ID)
       out['id_paddings'] = tf.cast(
-          tf.range(chars)[None, :] >= batch['num_ids'][:, None], tf.float32)
+          tf.range(chars)[None, :] >= tf.where(keep, batch['num_ids'], 0)[:, None], tf.float32)
     return out
 
   ds = ds.map(add_lengths, num_parallel_calls=tf.data.AUTOTUNE)
@@ -362,7 +375,6 @@ class ThreeStreamSampler:
     else:
       ds = self._from_cache(kind, cached, host_rows, per_host)
     lengths = self._lengths(kind)
-    ds = preprocessors.blank_bad(ds, num_mel_bins=self.batch_config.num_mel_bins)
     return _pad_and_batch(ds, per_host, lengths.get('features'),
                           lengths.get('ids'), self.batch_config.num_mel_bins)
 
