@@ -122,6 +122,24 @@ def test_unlabeled_speech_and_text_are_cropped_not_skipped(tmp_path):
   assert bad_input.LOG.total(Problem.CROPPED_TEXT) == 1
 
 
+def test_a_crop_does_not_move_with_the_folder_the_corpus_is_in(tmp_path):
+  """A text line's id names its file's path; its crop offset comes from the id without
+  the folders, so a corpus checked out elsewhere gives the same batches."""
+  lines = [' '.join(['abcdefgh'] * 4) for _ in range(6)]  # 35 characters, 24 offsets each
+  crops = []
+  for folder in ('here', 'elsewhere/deeper'):
+    path = tmp_path / folder / 'aa.txt'
+    path.parent.mkdir(parents=True)
+    path.write_text('\n'.join(f'{n}{line}' for n, line in enumerate(lines)) + '\n',
+                    encoding='utf-8')
+    name = f'test_crop_{folder.replace("/", "_")}'
+    registry.add_task(name, kind='text', language='aa', source=sources.text_lines(str(path), 'aa'))
+    kept = _examples(name)
+    crops.append([kept[f'{path}:{n + 1}']['ids'].tolist() for n in range(len(lines))])
+  assert crops[0] == crops[1]
+  assert len({tuple(c) for c in crops[0]}) > 1  # the offsets differ from line to line
+
+
 def test_manifest_source_reads_relative_paths_and_counts_missing_files(tmp_path):
   rng = np.random.default_rng(2)
   os.makedirs(tmp_path / 'clips')

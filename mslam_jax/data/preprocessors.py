@@ -37,8 +37,13 @@ def _merge_problem(old: tf.Tensor, new: tf.Tensor) -> tf.Tensor:
 
 
 def _crop_start(example_id: tf.Tensor, length: tf.Tensor, limit: int) -> tf.Tensor:
-  """A start in [0, length - limit], fixed per example id (stateless, so resumable)."""
-  seed = tf.stack([tf.strings.to_hash_bucket_fast(example_id, 2**31 - 1),
+  """A start in [0, length - limit], fixed per example id (stateless, so resumable).
+
+  The id is hashed without its folders: a text line's id is its file's path
+  (sources.py), and the crop must not move with where the corpus is checked out.
+  """
+  name = tf.strings.regex_replace(example_id, r'^.*/', '')
+  seed = tf.stack([tf.strings.to_hash_bucket_fast(name, 2**31 - 1),
                    tf.constant(0, tf.int64)])
   # tf.where evaluates both branches, so this also runs for short examples.
   return tf.random.stateless_uniform([], seed, minval=0,

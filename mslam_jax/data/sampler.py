@@ -319,10 +319,11 @@ class ThreeStreamSampler:
     self._iterator = None
     self._pools: List[concurrent.futures.ThreadPoolExecutor] = []
     # kind -> (examples[task][record] after the feature steps, their element_spec),
-    # or None when over DataConfig.feature_cache_mb; filled at the first batch.
+    # or None when over DataConfig.feature_cache_mb; filled by fill_feature_cache (train.py)
+    # or else at the first batch.
     self._feature_cache: Dict[str, Optional[Tuple[List[List[Dict[str, Any]]], Any]]] = {}
-    # kind -> (examples, bytes, seconds) of the cache's fill; examples None when
-    # the kind did not fit (bytes None when its static limits alone ruled it out).
+    # kind -> (examples held, bytes decoded, seconds) of the cache's fill; examples
+    # None when the kind did not fit (bytes None: its static limits ruled it out).
     self._cache_fill: Dict[str, Tuple[Optional[int], Optional[int], float]] = {}
     _OPEN_SAMPLERS.add(self)
 
