@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import seqio
 import soundfile as sf
 import tensorflow as tf
 
@@ -323,6 +324,32 @@ def test_user_task_module_joins_the_mixture(corpus, tmp_path):
   for _ in range(10):
     languages.update(l.decode() for l in next(s)['text']['language'])
   assert languages['zz'] > 0
+
+
+def test_the_sampler_normalises_text_as_the_seqio_task_does(corpus, tmp_path):
+  """The sampler normalises a batch's text in its fetch (not per example in tf.data): a
+  line with a combining accent and runs of spaces gives the ids of its NFC,
+  single-spaced form, and the same ids as the task's own seqio stream."""
+  from mslam_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+  lines = ['abc   abc', 'cafe\u0301 \t a']  # 'e' + combining acute; tabs and spaces
+  module = toy_corpus.write_user_task_module(str(tmp_path), lines)
+  root, _ = corpus
+  config = sampler_lib.DataConfig(task_modules=(), vocabulary_path=os.path.join(root, 'vocab.txt'),
+                                  text_tasks=('user_*',))
+  s = sampler_lib.ThreeStreamSampler(BATCH, config, parts=('text',), shard_index=0,
+                                     num_shards=1, with_metadata=True,
+                                     extra_task_modules=[str(module)])
+  text = next(s)['text']
+  s.close()
+  vocab = s.vocabulary
+  want = {n + 1: vocab.encode(vocabulary.normalize_text(line)) for n, line in enumerate(lines)}
+  assert len(want[2]) == len('caf\u00e9 a')  # the normalisation is not a no-op here
+  seqio_ids = {ex['id'].decode(): ex['ids'].tolist() for ex in seqio.get_mixture_or_task(
+      'user_text_zz').get_dataset({'ids': BATCH.text_length}, split='train', shuffle=False,
+                                  num_epochs=1).as_numpy_iterator()}
+  for example_id, ids, paddings in zip(text['id'], text['ids'], text['id_paddings']):
+    line = int(example_id.decode().rsplit(':', 1)[1])
+    assert ids[paddings == 0].tolist() == want[line] == seqio_ids[example_id.decode()]
 
 
 def _paired_lengths(root):

@@ -269,9 +269,13 @@ class _KindPlan:
 
 
 def _raw_columns(plan: _KindPlan, task: int, record: int, keys: Sequence[str]) -> List[bytes]:
-  """One record's raw `keys` (sources.py schema; 'task': its task's name), b'' where absent."""
+  """One record's raw `keys` (sources.py schema; 'task': its task's name), b'' where absent,
+  its text normalised (preprocessors.normalize_bytes; the feature steps are told so)."""
   raw = plan.readers[task][record]
-  return [plan.tasks[task].encode('utf-8') if k == 'task' else raw.get(k, b'') for k in keys]
+  text_keys = preprocessors.TEXT_KEYS.values()
+  return [plan.tasks[task].encode('utf-8') if k == 'task' else
+          preprocessors.normalize_bytes(raw.get(k, b'')) if k in text_keys else raw.get(k, b'')
+          for k in keys]
 
 
 class ThreeStreamSampler:
@@ -414,7 +418,7 @@ class ThreeStreamSampler:
   def _features(self, kind: str, ds: tf.data.Dataset) -> tf.data.Dataset:
     """Raw records -> examples with features, ids and a problem code (the kind's steps)."""
     lengths = self._lengths(kind)
-    for step in preprocessors.feature_steps(kind):
+    for step in preprocessors.feature_steps(kind, text_normalized=True):  # by _raw_columns
       wanted = inspect.signature(step).parameters
       kwargs = {}
       if 'sequence_length' in wanted:
