@@ -20,13 +20,12 @@ import argparse
 import contextlib
 import os
 import resource
-import statistics
 import sys
 import time
 
 import machine  # benchmarks/machine.py, beside this script
 import tiny_step  # benchmarks/tiny_step.py, beside this script
-from workers import Worker, paired_ratios, ratio_summary, reply, worktree
+from workers import Worker, ms_cell, reply, worktree
 
 SETS = ('speech', 'text', 'paired', 'speech,text,paired')
 
@@ -108,15 +107,9 @@ def main():
   print('|---|---|' + '---|' * len(workers))
   for kinds in SETS:
     for what, column in (('CPU', 1), ('wall', 0)):
-      cells = []
-      for w in workers:
-        values = [t[column] for t in times[(kinds, w.name)]]
-        cell = (f'{statistics.median(values) * 1e3:.1f} ({min(values) * 1e3:.1f}-'
-                f'{max(values) * 1e3:.1f})')
-        if w.name != ours:
-          reference = [t[column] for t in times[(kinds, ours)]]
-          cell += f'; {ratio_summary(paired_ratios(values, reference))}'
-        cells.append(cell)
+      column_of = lambda name, c=column: [t[c] for t in times[(kinds, name)]]
+      cells = [ms_cell(column_of(w.name), None if w.name == ours else column_of(ours))
+               for w in workers]
       print(f'| {kinds.replace(",", " + ")} | {what} | ' + ' | '.join(cells) + ' |')
 
 

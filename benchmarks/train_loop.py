@@ -28,14 +28,13 @@ gives medians and the per-round ratio to this checkout
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 import machine  # benchmarks/machine.py, beside this script
 import tiny_step  # benchmarks/tiny_step.py, beside this script
-from workers import Worker, alternate, paired_ratios, ratio_summary, reply, worktree
+from workers import Worker, alternate, ms_cell, reply, worktree
 
 
 class _Writer:
@@ -147,14 +146,7 @@ def main():
   print('| what | ' + ' | '.join(w.name for w in workers) + ' |')
   print('|---|' + '---|' * len(workers))
   for label, times in rows:
-    cells = []
-    for w in workers:
-      ts = times[w.name]
-      cell = (f'{statistics.median(ts) * 1e3:.1f} ({min(ts) * 1e3:.1f}-'
-              f'{max(ts) * 1e3:.1f})')
-      if w.name != ours:
-        cell += f'; {ratio_summary(paired_ratios(ts, times[ours]))}'
-      cells.append(cell)
+    cells = [ms_cell(times[w.name], None if w.name == ours else times[ours]) for w in workers]
     print(f'| {label} | ' + ' | '.join(cells) + ' |')
 
 

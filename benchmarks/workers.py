@@ -131,6 +131,15 @@ def ratio_summary(ratios: Sequence[float]) -> str:
   return f'{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})'
 
 
+def ms_cell(seconds: Sequence[float], reference: Optional[Sequence[float]] = None) -> str:
+  """'12.3 (11.9-14.0)': the median and range of `seconds` in ms; with `reference` (the same
+  rounds of another worker) '; ' and `ratio_summary` of the per-round ratios to it."""
+  cell = f'{statistics.median(seconds) * 1e3:.1f} ({min(seconds) * 1e3:.1f}-{max(seconds) * 1e3:.1f})'
+  if reference is not None:
+    cell += f'; {ratio_summary(paired_ratios(seconds, reference))}'
+  return cell
+
+
 def entry_point_malloc(root: str) -> Optional[str]:
   """The host allocator setting the entry points of the checkout at `root` ran with.
 

@@ -63,3 +63,10 @@ def test_paired_ratios_are_taken_round_by_round():
   assert workers.ratio_summary(workers.paired_ratios([2.0], [4.0])) == '0.50x'
   with pytest.raises(ValueError, match='same rounds'):
     workers.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_a_table_cell_gives_the_median_range_and_per_round_ratio_in_ms():
+  ours, theirs = [0.010, 0.012, 0.011], [0.020, 0.030, 0.022]
+  assert workers.ms_cell(ours) == '11.0 (10.0-12.0)'
+  # Per round: 2.0, 2.5, 2.0 -> median 2.0, range 2.0-2.5.
+  assert workers.ms_cell(theirs, ours) == '22.0 (20.0-30.0); 2.00x (2.00-2.50)'
