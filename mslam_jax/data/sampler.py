@@ -27,7 +27,7 @@ restored on any number of hosts reads exactly the global batches the
 uninterrupted run would have read, and the batch size may change on resume.
 
 An example that fails its checks (bad_input.py) is counted and keeps its row
-as an empty, all-padding row (`_pad_and_batch`) instead of being
+as an empty, all-padding row (`_finish`) instead of being
 dropped: dropping would shift every later row, and which rows shift would
 depend on how the batch is split over hosts.
 """
@@ -137,19 +137,14 @@ def resolve_path(path: str) -> str:
   return os.path.join(mslam_jax.REPO_ROOT, path)
 
 
-def _pad_and_batch(ds: tf.data.Dataset, batch_size: int, frames: Optional[int],
-                   chars: Optional[int], num_mel_bins: int) -> tf.data.Dataset:
-  """Pads every example to the static limits and adds float paddings (1 = pad).
-
-  Examples carry the feature steps' problem code and their task's name; each
-  batch's problems are recorded in bad_input.LOG in one call, and a row to be
-  skipped becomes all padding (zero features, PAD ids), as an empty example
-  would pad to.
-  """
+def _padded_batches(ds: tf.data.Dataset, batch_size: int, frames: Optional[int],
+                    chars: Optional[int], num_mel_bins: int) -> tf.data.Dataset:
+  """Examples -> batches padded to the static limits, with their lengths ('num_frames',
+  'num_ids'); the examples' other keys (id, language, task, problem code) ride along."""
 
   def add_lengths(ex):
     # Past the limit only a skipped example (paired audio and transcripts are
-    # skipped, not cropped): cut so it pads; its row is blanked below.
+    # skipped, not cropped): cut so it pads; `_finish` blanks its row.
     out = dict(ex)
     if frames is not None:
       out['features'] = ex['features'][:frames]
@@ -167,6 +162,20 @@ def _pad_and_batch(ds: tf.data.Dataset, batch_size: int, frames: Optional[int],
   if chars is not None:
     shapes.update(ids=[chars], num_ids=[])
     values.update(ids=special_ids.PAD_ID, num_ids=0)
+  ds = ds.map(add_lengths, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.padded_batch(batch_size, padded_shapes=shapes,
+                         padding_values={k: tf.constant(v, dtype=ds.element_spec[k].dtype)
+                                         for k, v in values.items()},
+                         drop_remainder=True)
+
+
+def _finish(frames: Optional[int], chars: Optional[int]):
+  """A padded batch -> the model's arrays, with float paddings (1 = pad).
+
+  The batch's problem codes are recorded in bad_input.LOG in one call, and a
+  row to be skipped becomes all padding (zero features, PAD ids), as an empty
+  example would pad to.
+  """
 
   def finish(batch):
     keep = preprocessors.keep_flags(batch[preprocessors.PROBLEM], batch['id'], batch['task'])
@@ -183,12 +192,7 @@ def _pad_and_batch(ds: tf.data.Dataset, batch_size: int, frames: Optional[int],
           tf.range(chars)[None, :] >= tf.where(keep, batch['num_ids'], 0)[:, None], tf.float32)
     return out
 
-  ds = ds.map(add_lengths, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.padded_batch(batch_size, padded_shapes=shapes,
-                       padding_values={k: tf.constant(v, dtype=ds.element_spec[k].dtype)
-                                       for k, v in values.items()},
-                       drop_remainder=True)
-  return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+  return finish
 
 
 # The raw-record keys each kind's preprocessors read (sources.py schema).
@@ -375,13 +379,14 @@ class ThreeStreamSampler:
       return range(first, first + per_host)
 
     cached = self._cached_features(kind)
+    lengths = self._lengths(kind)
+    frames, chars = lengths.get('features'), lengths.get('ids')
     if cached is None:
-      ds = self._features(kind, self._from_records(kind, host_rows, per_host))
+      ds = _padded_batches(self._features(kind, self._from_records(kind, host_rows, per_host)),
+                           per_host, frames, chars, self.batch_config.num_mel_bins)
     else:
       ds = self._from_cache(kind, cached, host_rows, per_host)
-    lengths = self._lengths(kind)
-    return _pad_and_batch(ds, per_host, lengths.get('features'),
-                          lengths.get('ids'), self.batch_config.num_mel_bins)
+    return ds.map(_finish(frames, chars), num_parallel_calls=tf.data.AUTOTUNE)
 
   def _from_records(self, kind: str, host_rows, per_host: int) -> tf.data.Dataset:
     """This host's raw records of `kind`, in `_dataset`'s order, fetched by number."""
@@ -479,15 +484,20 @@ class ThreeStreamSampler:
     return cache
 
   def _from_cache(self, kind: str, cached, host_rows, per_host: int) -> tf.data.Dataset:
-    """This host's examples of `kind` (the rows `host_rows` names), in `_dataset`'s order,
-    from memory: the same elements `_features` gives for the raw records."""
+    """This host's batches of `kind` (the rows `host_rows` names) built from memory, as
+    `_padded_batches` builds them from `_features`' examples of the raw records."""
     plan = self._plans[kind]
     examples, spec = cached
+    limits = {'features': self._lengths(kind).get('features'),
+              'ids': self._lengths(kind).get('ids')}
+    pad = {'features': 0.0, 'ids': special_ids.PAD_ID}
+    length_key = {'features': 'num_frames', 'ids': 'num_ids'}
     keys = sorted(spec)
     ranked = [k for k in keys if spec[k].shape.rank]
 
     def fetch_batch(batch):
-      """Row-major columns of the batch's examples; arrays padded, with their lengths."""
+      """The batch's columns: scalars as they are, arrays padded to the limit (cut past it,
+      as `_padded_batches` does) with their lengths."""
       rows = []
       for g in host_rows(batch):
         task, record = plan.order[g]
@@ -499,11 +509,13 @@ class ThreeStreamSampler:
           columns.append(np.array(values, dtype=object if spec[k].dtype == tf.string
                                   else spec[k].dtype.as_numpy_dtype))
           continue
-        longest = max(len(v) for v in values)
-        padded = np.zeros((per_host, longest) + values[0].shape[1:], values[0].dtype)
+        limit = limits[k]
+        padded = np.full((per_host, limit) + values[0].shape[1:], pad[k], values[0].dtype)
+        lengths = np.zeros([per_host], np.int32)
         for n, v in enumerate(values):
-          padded[n, :len(v)] = v
-        columns += [padded, np.array([len(v) for v in values], np.int32)]
+          lengths[n] = min(len(v), limit)
+          padded[n, :lengths[n]] = v[:limit]
+        columns += [padded, lengths]
       return columns
 
     types = []
@@ -515,21 +527,14 @@ class ThreeStreamSampler:
       out = {}
       for k in keys:
         if k in ranked:
-          out[k] = tf.ensure_shape(next(columns), [per_host, None] + spec[k].shape[1:])
-          out[f'{k}/length'] = tf.reshape(next(columns), [per_host])
+          out[k] = tf.ensure_shape(next(columns), [per_host, limits[k]] + spec[k].shape[1:])
+          out[length_key[k]] = tf.ensure_shape(next(columns), [per_host])
         else:
-          out[k] = tf.reshape(next(columns), [per_host])
+          out[k] = tf.ensure_shape(next(columns), [per_host])
       return out
 
-    def unpad(ex):
-      out = {}
-      for k in keys:
-        out[k] = ex[k][:ex[f'{k}/length']] if k in ranked else ex[k]
-      return out
-
-    ds = tf.data.Dataset.range(2**62).map(fetch, num_parallel_calls=tf.data.AUTOTUNE,
-                                          deterministic=True)
-    return ds.unbatch().map(unpad)
+    return tf.data.Dataset.range(2**62).map(fetch, num_parallel_calls=tf.data.AUTOTUNE,
+                                            deterministic=True)
 
   def cached_kinds(self) -> List[str]:
     """The kinds served from memory (DataConfig.feature_cache_mb), once batches started."""
