@@ -17,9 +17,12 @@ pipeline): each task's records are shuffled per epoch by a seeded
 permutation of record numbers (numpy, or grain's index_shuffle for tasks
 too large to hold one), and the tasks of a kind are interleaved in
 proportion to their mixture rates (grain.MapDataset.mix), so the g-th
-example of a kind's stream is a pure function of (seed, tasks, g). Global batch k holds examples [g0 + kB,
-g0 + (k+1)B); host i of n fetches (by random access, sources.RecordReader)
-and decodes only rows [i B/n, (i+1) B/n) of it.
+example of a kind's stream is a pure function of (seed, tasks, g). Global
+batch k holds examples [g0 + kB, g0 + (k+1)B); host i of n fetches (by random
+access, sources.RecordReader) and decodes only rows [i B/n, (i+1) B/n) of it,
+with one Python call per batch: the records' fetch (and their text's
+normalisation) and the bad-input check (a call per example costs about as
+much as decoding the text).
 
 The data position is therefore one number per kind, the examples consumed,
 the same on every host (`state()` / `load_state()`, a small JSON dict): a run
@@ -27,9 +30,9 @@ restored on any number of hosts reads exactly the global batches the
 uninterrupted run would have read, and the batch size may change on resume.
 
 An example that fails its checks (bad_input.py) is counted and keeps its row
-as an empty, all-padding row (`_finish`) instead of being
-dropped: dropping would shift every later row, and which rows shift would
-depend on how the batch is split over hosts.
+as an empty, all-padding row (`_finish`) instead of being dropped: dropping
+would shift every later row, and which rows shift would depend on how the
+batch is split over hosts.
 """
 
 import atexit
