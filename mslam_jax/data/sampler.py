@@ -21,8 +21,8 @@ example of a kind's stream is a pure function of (seed, tasks, g). Global
 batch k holds examples [g0 + kB, g0 + (k+1)B); host i of n fetches (by random
 access, sources.RecordReader) and decodes only rows [i B/n, (i+1) B/n) of it,
 with one Python call per batch: the records' fetch (and their text's
-normalisation) and the bad-input check (a call per example costs about as
-much as decoding the text).
+normalisation) and the bad-input check (a call costs about 0.17 ms of CPU,
+about what a text line's other steps take together).
 
 The data position is therefore one number per kind, the examples consumed,
 the same on every host (`state()` / `load_state()`, a small JSON dict): a run
