@@ -252,7 +252,7 @@ def main(argv=None):
   try:
     train(ModelConfig(), pretrain_loss.LossConfig(), BatchConfig(), train_config,
           sampler_lib.DataConfig(), partitioning.MeshConfig(), task_modules=args.task_module)
-  except (paths.NotWritableError, checkpoints.CheckpointError) as e:
+  except (paths.NotWritableError, checkpoints.CheckpointError, bad_input.AllSkippedError) as e:
     raise SystemExit(f'error: {e}') from None
 
 

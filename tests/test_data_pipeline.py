@@ -212,6 +212,32 @@ def test_a_task_that_skips_everything_stops_with_a_message(tmp_path):
     bad_input.LOG.max_consecutive_skips = old
 
 
+def test_the_sampler_stops_on_a_task_that_skips_everything_with_the_message(tmp_path):
+  """Raised inside tf.data, the AllSkippedError reaches the sampler's caller as itself
+  (its message names the task, the problem and the fix), not wrapped in a TF error."""
+  from mslam_jax.data import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
+  registry.add_task('test_sampler_all_skipped', kind='paired', language='aa',
+                    source=sources.manifest(str(tmp_path / 'm.tsv')))
+  (tmp_path / 'm.tsv').write_text('missing.flac\taa\tabc\n', encoding='utf-8')
+  config = sampler_lib.DataConfig(task_modules=(), paired_tasks=('test_sampler_all_skipped',),
+                                  vocabulary_path=registry.SHARED_VOCABULARY.path)
+  s = sampler_lib.ThreeStreamSampler(BatchConfig(paired_batch_size=2), config, parts=('paired',),
+                                     shard_index=0, num_shards=1)
+  old = bad_input.LOG.max_consecutive_skips
+  bad_input.LOG.max_consecutive_skips = 6
+  try:
+    with pytest.raises(bad_input.AllSkippedError, match=r'(?s)test_sampler_all_skipped: the last '
+                       r'6 examples were all skipped.*missing.flac.*Fix the data'):
+      for _ in range(10):
+        next(s)
+  finally:
+    bad_input.LOG.max_consecutive_skips = old
+    s.close()
+    bad_input.LOG.reset()
+  assert bad_input.LOG.stopped() is None  # a reset forgets it
+
+
 def test_tfds_source_reencodes_decoded_audio(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(4)

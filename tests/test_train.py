@@ -3,10 +3,15 @@
 import json
 import os
 
+import pytest
+
 import toy_corpus
 from mslam_jax import flops
 from mslam_jax import pretrain_loss
 from mslam_jax import train
+from mslam_jax.data import bad_input
+from mslam_jax.data import registry
+from mslam_jax.data import sources
 from mslam_jax.data.batch_spec import BatchConfig
 from mslam_jax.models.config import ModelConfig
 from mslam_jax.train_config import TrainConfig
@@ -73,6 +78,24 @@ def test_the_console_shows_a_line_per_stage_and_a_summary(tmp_path, capsys):
     assert lines[done + 3].startswith('input examples cleaned or skipped')
     assert all(l.startswith('  ') and 'tasks)' in l for l in lines[done + 4:])
     assert os.path.exists(os.path.join(model_dir, 'bad_input.txt'))
+
+
+def test_a_task_that_skips_everything_stops_the_run_with_one_line(tmp_path, monkeypatch):
+  (tmp_path / 'm.tsv').write_text('missing.flac\taa\tabc\n', encoding='utf-8')
+  registry.add_task('test_train_all_skipped', kind='paired', language='aa',
+                    source=sources.manifest(str(tmp_path / 'm.tsv')))
+  monkeypatch.setattr(bad_input.LOG, 'max_consecutive_skips', 6)
+  try:
+    with pytest.raises(SystemExit) as stop:
+      train.main(['--gin_file=gin/pretrain_tiny_cpu.gin', '--gin.TRAIN_STEPS=20',
+                  f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                  "--gin.DataConfig.paired_tasks=('test_train_all_skipped',)", *SMALL])
+  finally:
+    bad_input.LOG.reset()
+  message = str(stop.value)
+  assert message.startswith('error: task test_train_all_skipped: the last 6 examples were all '
+                            'skipped'), message
+  assert 'missing.flac' in message and 'Traceback' not in message
 
 
 def test_the_mfu_peak_is_measured_in_the_models_compute_dtype(monkeypatch):

@@ -13,7 +13,7 @@ again from its resume point).
 import collections
 import enum
 import threading
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 class Problem(enum.IntEnum):
@@ -74,6 +74,10 @@ class BadInputLog:
     self._streaks = collections.Counter()
     self._names_kept = names_kept
     self.max_consecutive_skips = max_consecutive_skips
+    # The AllSkippedError raised, if any: raised inside a tf.data function it
+    # reaches the caller wrapped in a TensorFlow error, and the sampler raises
+    # this one in its place (`stopped`).
+    self._stopped: Optional[AllSkippedError] = None
 
   def record(self, task: str, problem: int, name: str) -> bool:
     """Counts one example's outcome; returns whether to keep it."""
@@ -88,11 +92,19 @@ class BadInputLog:
         if len(names) < self._names_kept and name not in names:
           names.append(name)
     if streak >= self.max_consecutive_skips:
-      raise AllSkippedError(
+      error = AllSkippedError(
           f'task {task}: the last {streak} examples were all skipped; so far:\n'
           f'{self.report(task)}\nFix the data, or the limits it breaks (BatchConfig lengths, '
           'preprocessors.audio_features.min_frames).')
+      with self._lock:  # the first: batches read ahead on other threads go on counting
+        self._stopped = self._stopped or error
+      raise error
     return keep
+
+  def stopped(self) -> Optional[AllSkippedError]:
+    """The first AllSkippedError `record` raised since the last reset, if any."""
+    with self._lock:
+      return self._stopped
 
   def counts(self) -> Dict[Tuple[str, Problem], int]:
     with self._lock:
@@ -111,6 +123,7 @@ class BadInputLog:
       self._counts.clear()
       self._names.clear()
       self._streaks.clear()
+      self._stopped = None
 
   def report(self, task: str = None) -> str:
     """One line per (task, problem): count, skipped or kept, message, first names."""

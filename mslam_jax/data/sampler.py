@@ -600,7 +600,13 @@ class ThreeStreamSampler:
   def __next__(self) -> Dict[str, Dict[str, Any]]:
     if self._iterator is None:
       self._start()
-    batch = next(self._iterator)
+    try:
+      batch = next(self._iterator)
+    except tf.errors.OpError:
+      stopped = bad_input.LOG.stopped()
+      if stopped is not None:  # the message names the task and the fix: no TF wrapping
+        raise stopped from None
+      raise
     for kind in self.parts:
       self.examples[kind] += getattr(self.batch_config, f'{kind}_batch_size')
     out = {}
