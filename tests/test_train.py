@@ -80,7 +80,7 @@ def test_the_console_shows_a_line_per_stage_and_a_summary(tmp_path, capsys):
     assert os.path.exists(os.path.join(model_dir, 'bad_input.txt'))
 
 
-def test_a_task_that_skips_everything_stops_the_run_with_one_line(tmp_path, monkeypatch):
+def test_a_task_that_skips_everything_stops_the_run_with_an_error_not_a_traceback(tmp_path, monkeypatch):
   (tmp_path / 'm.tsv').write_text('missing.flac\taa\tabc\n', encoding='utf-8')
   registry.add_task('test_train_all_skipped', kind='paired', language='aa',
                     source=sources.manifest(str(tmp_path / 'm.tsv')))
