@@ -17,15 +17,13 @@ the per-round ratio to this checkout (`workers.paired_ratios`).
 """
 
 import argparse
-import contextlib
 import os
 import resource
 import sys
 import time
 
 import machine  # benchmarks/machine.py, beside this script
-import tiny_step  # benchmarks/tiny_step.py, beside this script
-from workers import Worker, ms_cell, reply, worktree
+from workers import ms_cell, reply, revision_workers  # benchmarks/workers.py
 
 SETS = ('speech', 'text', 'paired', 'speech,text,paired')
 
@@ -83,23 +81,12 @@ def main():
   command = [os.path.abspath(__file__), '--worker', f'--gin_file={args.gin_file}',
              f'--warmup={args.warmup}', f'--batches={args.batches}']
   times = {}  # (kinds, worker) -> [(wall, cpu)] per round
-  with contextlib.ExitStack() as stack:
-    roots = {'this checkout': stack.enter_context(tiny_step.current_tree())}
-    for rev in args.baseline:
-      roots[rev] = stack.enter_context(worktree(rev))
-    workers = []
-    try:
-      for name, root in roots.items():
-        workers.append(Worker(name, command, root=root))
-        print(f'{name}: ready', flush=True)
-      for r in range(args.rounds):
-        for kinds in SETS:
-          for w in (workers if r % 2 == 0 else workers[::-1]):
-            got = w.ask(f'time {kinds}')
-            times.setdefault((kinds, w.name), []).append((got['seconds'], got['cpu']))
-    finally:
-      for w in workers:
-        w.close()
+  with revision_workers(command, args.baseline) as workers:
+    for r in range(args.rounds):
+      for kinds in SETS:
+        for w in (workers if r % 2 == 0 else workers[::-1]):
+          got = w.ask(f'time {kinds}')
+          times.setdefault((kinds, w.name), []).append((got['seconds'], got['cpu']))
   ours = workers[0].name
   print(f'\nms per batch, median (min-max) of {args.rounds} rounds of {args.batches} batches; '
         'after the median, its time over this checkout\'s, per round')

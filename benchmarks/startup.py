@@ -32,8 +32,8 @@ import tempfile
 import time
 
 import machine  # benchmarks/machine.py, beside this script
-from tiny_step import GIN_FILE, current_tree  # benchmarks/tiny_step.py
-from workers import paired_ratios, ratio_summary, worktree  # benchmarks/workers.py
+from tiny_step import GIN_FILE  # benchmarks/tiny_step.py
+from workers import current_tree, paired_ratios, ratio_summary, worktree  # benchmarks/workers.py
 
 
 def gin_flags(bindings):

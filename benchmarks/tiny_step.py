@@ -28,15 +28,13 @@ the setting its revision's entry points use (workers.entry_point_malloc).
 import argparse
 import contextlib
 import os
-import shutil
 import statistics
-import subprocess
 import time
 
 import machine  # benchmarks/machine.py, beside this script
 from workers import (  # benchmarks/workers.py
-    REPO_ROOT, Worker, alternate, entry_point_malloc, median_faults, paired_ratios, ratio_summary,
-    reply, timed, worktree)
+    REPO_ROOT, Worker, alternate, current_tree, entry_point_malloc, median_faults, paired_ratios,
+    ratio_summary, reply, timed, worktree)
 from mslam_jax import host_memory
 
 GIN_FILE = 'gin/pretrain_tiny_cpu.gin'
@@ -126,26 +124,6 @@ def step_flops() -> float:
   gin.parse_config_files_and_bindings([os.path.join(REPO_ROOT, GIN_FILE)],
                                       ["MODEL_DIR = '/tmp/unused'"], skip_unknown=True)
   return flops.train_step_flops(ModelConfig(), BatchConfig(), pretrain_loss.LossConfig())['total']
-
-
-@contextlib.contextmanager
-def current_tree():
-  """This checkout as it is, in a worktree like the others.
-
-  HEAD, then the uncommitted changes to tracked files, then the untracked
-  files git does not ignore (new modules not yet added).
-  """
-  with worktree('HEAD') as path:
-    diff = subprocess.run(['git', 'diff', 'HEAD', '--binary'], cwd=REPO_ROOT,
-                          capture_output=True, check=True).stdout
-    if diff:
-      subprocess.run(['git', 'apply', '--whitespace=nowarn'], input=diff, cwd=path, check=True)
-    untracked = subprocess.run(['git', 'ls-files', '--others', '--exclude-standard', '-z'],
-                               cwd=REPO_ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, untracked.decode().split('\0')):
-      os.makedirs(os.path.dirname(os.path.join(path, name)) or path, exist_ok=True)
-      shutil.copy2(os.path.join(REPO_ROOT, name), os.path.join(path, name))
-    yield path
 
 
 def seconds_range(values) -> str:

@@ -34,7 +34,7 @@ import time
 
 import machine  # benchmarks/machine.py, beside this script
 import tiny_step  # benchmarks/tiny_step.py, beside this script
-from workers import Worker, alternate, ms_cell, reply, worktree
+from workers import alternate, ms_cell, reply, revision_workers
 
 
 class _Writer:
@@ -120,26 +120,15 @@ def main():
   print(f'train_loop: {machine.cpu_summary()}', flush=True)
   env = {'XLA_FLAGS': ''}  # one device, as the demo
   command = [os.path.abspath(__file__), '--worker', f'--steps={args.steps}']
-  with contextlib.ExitStack() as stack:
-    roots = {'this checkout': stack.enter_context(tiny_step.current_tree())}
-    for rev in args.baseline:
-      roots[rev] = stack.enter_context(worktree(rev))
-    workers = []
-    try:
-      for name, root in roots.items():
-        workers.append(Worker(name, command, root=root, env=env))
-        print(f'{name}: compiled', flush=True)
-      rows = [('step alone', alternate(workers, 'alone', args.rounds))]
-      for latency in latencies:
-        rows.append((f'trainer.run, input {latency} ms',
-                     alternate(workers, f'loop {latency}', args.rounds)))
-      if args.save_every:
-        for kind in ('async', 'sync'):
-          rows.append((f'trainer.run, input 0 ms, {kind} save every {args.save_every} steps',
-                       alternate(workers, f'save {args.save_every} {kind}', args.rounds)))
-    finally:
-      for w in workers:
-        w.close()
+  with revision_workers(command, args.baseline, env=env, started='compiled') as workers:
+    rows = [('step alone', alternate(workers, 'alone', args.rounds))]
+    for latency in latencies:
+      rows.append((f'trainer.run, input {latency} ms',
+                   alternate(workers, f'loop {latency}', args.rounds)))
+    if args.save_every:
+      for kind in ('async', 'sync'):
+        rows.append((f'trainer.run, input 0 ms, {kind} save every {args.save_every} steps',
+                     alternate(workers, f'save {args.save_every} {kind}', args.rounds)))
   ours = workers[0].name
   print(f'\nms per step, median (min-max) of {args.rounds} rounds of {args.steps} steps; '
         'in brackets after the median: its time over this checkout\'s, per round')

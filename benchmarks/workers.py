@@ -166,3 +166,44 @@ def worktree(rev: str):
     subprocess.run(['git', 'worktree', 'remove', '--force', path], cwd=REPO_ROOT, check=False,
                    capture_output=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def current_tree():
+  """This checkout as it is, in a worktree like the others.
+
+  HEAD, then the uncommitted changes to tracked files, then the untracked
+  files git does not ignore (new modules not yet added).
+  """
+  with worktree('HEAD') as path:
+    diff = subprocess.run(['git', 'diff', 'HEAD', '--binary'], cwd=REPO_ROOT,
+                          capture_output=True, check=True).stdout
+    if diff:
+      subprocess.run(['git', 'apply', '--whitespace=nowarn'], input=diff, cwd=path, check=True)
+    untracked = subprocess.run(['git', 'ls-files', '--others', '--exclude-standard', '-z'],
+                               cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, untracked.decode().split('\0')):
+      os.makedirs(os.path.dirname(os.path.join(path, name)) or path, exist_ok=True)
+      shutil.copy2(os.path.join(REPO_ROOT, name), os.path.join(path, name))
+    yield path
+
+
+@contextlib.contextmanager
+def revision_workers(command: Sequence[str], baselines: Sequence[str], *, env=None,
+                     started: str = 'ready'):
+  """One Worker running `command` per revision: 'this checkout' (`current_tree`) first,
+  then each git revision of `baselines` in its own worktree, named by it. Prints
+  '<name>: <started>' as each comes up; closes them all, and removes the trees, on exit."""
+  with contextlib.ExitStack() as stack:
+    roots = {'this checkout': stack.enter_context(current_tree())}
+    for rev in baselines:
+      roots[rev] = stack.enter_context(worktree(rev))
+    workers = []
+    try:
+      for name, root in roots.items():
+        workers.append(Worker(name, command, root=root, env=env))
+        print(f'{name}: {started}', flush=True)
+      yield workers
+    finally:
+      for w in workers:
+        w.close()
