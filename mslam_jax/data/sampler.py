@@ -491,8 +491,7 @@ class ThreeStreamSampler:
     `_padded_batches` builds them from `_features`' examples of the raw records."""
     plan = self._plans[kind]
     examples, spec = cached
-    limits = {'features': self._lengths(kind).get('features'),
-              'ids': self._lengths(kind).get('ids')}
+    limits = self._lengths(kind)  # the static length of each ranked key
     pad = {'features': 0.0, 'ids': special_ids.PAD_ID}
     length_key = {'features': 'num_frames', 'ids': 'num_ids'}
     keys = sorted(spec)
