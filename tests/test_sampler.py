@@ -326,16 +326,20 @@ def test_user_task_module_joins_the_mixture(corpus, tmp_path):
   assert languages['zz'] > 0
 
 
-def test_the_sampler_normalises_text_as_the_seqio_task_does(corpus, tmp_path):
-  """The sampler normalises a batch's text in its fetch (not per example in tf.data): a
-  line with a combining accent and runs of spaces gives the ids of its NFC,
-  single-spaced form, and the same ids as the task's own seqio stream."""
+def test_the_sampler_encodes_text_as_the_seqio_task_does(corpus, tmp_path):
+  """The sampler normalises, encodes and crops a whole batch of text at once (not
+  example by example in tf.data): each row holds the ids of its line's NFC,
+  single-spaced form (unknown characters as UNK), an over-long line a contiguous
+  window of them, an empty line nothing; and the same ids as the task's seqio stream."""
+  from mslam_jax.data import bad_input  # pylint: disable=g-import-not-at-top
   from mslam_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
-  lines = ['abc   abc', 'cafe\u0301 \t a']  # 'e' + combining acute; tabs and spaces
+  lines = ['abc   abc', 'cafe\u0301 \t a',  # 'e' + combining acute; tabs and spaces
+           'abcdefgh abcdefgh', '', 'ab\u2603c']  # over the 12-character limit; empty; unknown
   module = toy_corpus.write_user_task_module(str(tmp_path), lines)
   root, _ = corpus
   config = sampler_lib.DataConfig(task_modules=(), vocabulary_path=os.path.join(root, 'vocab.txt'),
                                   text_tasks=('user_*',))
+  bad_input.LOG.reset()
   s = sampler_lib.ThreeStreamSampler(BATCH, config, parts=('text',), shard_index=0,
                                      num_shards=1, with_metadata=True,
                                      extra_task_modules=[str(module)])
@@ -344,12 +348,46 @@ def test_the_sampler_normalises_text_as_the_seqio_task_does(corpus, tmp_path):
   vocab = s.vocabulary
   want = {n + 1: vocab.encode(vocabulary.normalize_text(line)) for n, line in enumerate(lines)}
   assert len(want[2]) == len('caf\u00e9 a')  # the normalisation is not a no-op here
+  assert special_ids.UNK_ID in want[5]
   seqio_ids = {ex['id'].decode(): ex['ids'].tolist() for ex in seqio.get_mixture_or_task(
       'user_text_zz').get_dataset({'ids': BATCH.text_length}, split='train', shuffle=False,
                                   num_epochs=1).as_numpy_iterator()}
+  assert len(text['id']) == BATCH.text_batch_size > len(lines)  # every line, some twice
   for example_id, ids, paddings in zip(text['id'], text['ids'], text['id_paddings']):
     line = int(example_id.decode().rsplit(':', 1)[1])
-    assert ids[paddings == 0].tolist() == want[line] == seqio_ids[example_id.decode()]
+    got = ids[paddings == 0].tolist()
+    assert ids[paddings == 1].tolist() == [special_ids.PAD_ID] * int(paddings.sum())
+    if line == 4:
+      assert got == [] and example_id.decode() not in seqio_ids
+      continue
+    assert got == seqio_ids[example_id.decode()]
+    if line == 3:
+      full = want[3]
+      assert len(got) == BATCH.text_length
+      assert any(full[i:i + len(got)] == got for i in range(len(full) - len(got) + 1))
+    else:
+      assert got == want[line]
+  unknown = {line for line, ids in want.items() if special_ids.UNK_ID in ids}
+  for lines_with, problem in (({3}, bad_input.Problem.CROPPED_TEXT),
+                              ({4}, bad_input.Problem.EMPTY_TEXT),
+                              (unknown, bad_input.Problem.UNKNOWN_CHARS_CLEANED)):
+    examples = bad_input.LOG.examples('user_text_zz', problem)
+    assert {int(e.rsplit(':', 1)[1]) for e in examples} == lines_with, problem
+
+
+def test_crop_starts_are_spread_evenly_over_the_windows():
+  """The crop offset (a hash of the example's name) falls in [0, length - limit] and is
+  about uniform there; it is 0 when the example fits."""
+  from mslam_jax.data import preprocessors  # pylint: disable=g-import-not-at-top
+  names = tf.constant([f'corpus/xx.txt:{n}' for n in range(6000)])
+  windows = 6
+  starts = preprocessors._crop_start(names, tf.fill([6000], 10 + windows - 1), 10).numpy()
+  counts = np.bincount(starts, minlength=windows)
+  assert len(counts) == windows
+  # Binomial(6000, 1/6): sd 29; 5 sd either side.
+  assert np.all(np.abs(counts - 1000) < 150), counts
+  fits = preprocessors._crop_start(names[:5], tf.fill([5], 10), 10).numpy()
+  assert fits.tolist() == [0] * 5
 
 
 def _paired_lengths(root):

@@ -33,23 +33,27 @@ TEXT_KEYS = {'text': 'text', 'paired': 'transcript'}
 
 
 def _merge_problem(old: tf.Tensor, new: tf.Tensor) -> tf.Tensor:
-  """A skip reason already set wins; otherwise a new non-OK code replaces the old."""
-  old_skips = tf.reduce_all([tf.not_equal(old, int(p)) for p in bad_input.KEPT])
+  """A skip reason already set wins; otherwise a new non-OK code replaces the old.
+
+  Elementwise: one example's codes (scalars) or a batch's ([B] each).
+  """
+  old_skips = tf.reduce_all(tf.stack([tf.not_equal(old, int(p)) for p in bad_input.KEPT]),
+                            axis=0)
   return tf.where(old_skips, old, tf.where(tf.equal(new, 0), old, new))
 
 
 def _crop_start(example_id: tf.Tensor, length: tf.Tensor, limit: int) -> tf.Tensor:
   """A start in [0, length - limit], fixed per example id (stateless, so resumable).
 
-  The id is hashed without its folders: a text line's id is its file's path
-  (sources.py), and the crop must not move with where the corpus is checked out.
+  Elementwise over ids and lengths of any one shape, so a batch's starts are
+  one op. The id is hashed without its folders: a text line's id is its file's
+  path (sources.py), and the crop must not move with where the corpus is
+  checked out. A 31-bit hash modulo a window count of at most a few thousand
+  is uniform to within 1e-6.
   """
   name = tf.strings.regex_replace(example_id, r'^.*/', '')
-  seed = tf.stack([tf.strings.to_hash_bucket_fast(name, 2**31 - 1),
-                   tf.constant(0, tf.int64)])
-  # tf.where evaluates both branches, so this also runs for short examples.
-  return tf.random.stateless_uniform([], seed, minval=0,
-                                     maxval=tf.maximum(length - limit + 1, 1), dtype=tf.int32)
+  windows = tf.cast(tf.maximum(length - limit + 1, 1), tf.int64)
+  return tf.cast(tf.strings.to_hash_bucket_fast(name, 2**31 - 1) % windows, tf.int32)
 
 
 def _fit_to_limit(example_id: tf.Tensor, values: tf.Tensor, limit: Optional[int], crop: bool,
@@ -104,6 +108,31 @@ def normalize_bytes(text: bytes) -> bytes:
   return vocabulary_lib.normalize_text(text.decode('utf-8', errors='replace')).encode('utf-8')
 
 
+def _encode_and_fit(texts: tf.Tensor, example_ids: tf.Tensor, vocab: seqio.Vocabulary,
+                    limit: Optional[int], crop: bool):
+  """Normalised texts [B] -> (ids tf.RaggedTensor [B, None] int32, problem codes [B]).
+
+  Unknown characters become UNK and are counted (the row is kept); empty text
+  is skipped; over-long text is cropped to `limit` at a per-example offset
+  (`crop`) or marked to be skipped (and left whole).
+  """
+  ids = vocab.encode_tf(texts)
+  lengths = tf.cast(ids.row_lengths(), tf.int32)
+  problem = tf.where(tf.reduce_any(tf.equal(ids, special_ids.UNK_ID), axis=1),
+                     int(Problem.UNKNOWN_CHARS_CLEANED), 0)
+  if limit is not None:
+    over = lengths > limit
+    if crop:
+      start = tf.where(over, _crop_start(example_ids, lengths, limit), 0)
+      first = tf.cast(ids.row_starts(), tf.int32) + start
+      ids = tf.gather(ids.flat_values,
+                      tf.ragged.range(first, first + tf.minimum(lengths, limit)))
+    problem = _merge_problem(problem, tf.where(
+        over, int(Problem.CROPPED_TEXT if crop else Problem.TOO_LONG_TEXT), 0))
+  problem = _merge_problem(problem, tf.where(lengths == 0, int(Problem.EMPTY_TEXT), 0))
+  return ids, problem
+
+
 def char_ids(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, int]],
              output_features: Mapping[str, seqio.Feature], *, key: str,
              crop: bool, normalized: bool = False) -> tf.data.Dataset:
@@ -111,9 +140,8 @@ def char_ids(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, in
 
   Unknown characters become UNK and are counted (the example is kept); empty
   text is skipped; over-long text is cropped at a per-example offset (`crop`)
-  or skipped. normalized: record[key] went through `normalize_bytes` already
-  (the sampler does it for a batch of records in one Python call; a call per
-  example costs about 0.2 ms).
+  or skipped. normalized: record[key] went through `normalize_bytes` already.
+  `char_ids_batched` does the same for whole batches.
   """
   vocab = output_features['ids'].vocabulary
   limit = (sequence_length or {}).get('ids')
@@ -122,34 +150,59 @@ def char_ids(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, in
     text = ex[key]
     if not normalized:
       text = tf.reshape(tf.numpy_function(normalize_bytes, [text], tf.string, stateful=False), [])
-    ids = tf.cast(vocab.encode_tf(text), tf.int32)
-    length = tf.shape(ids)[0]
-    problem = tf.where(tf.reduce_any(tf.equal(ids, special_ids.UNK_ID)),
-                       int(Problem.UNKNOWN_CHARS_CLEANED), 0)
-    ids, fit = _fit_to_limit(ex['id'], ids, limit, crop, Problem.CROPPED_TEXT,
-                             Problem.TOO_LONG_TEXT)
-    problem = _merge_problem(problem, fit)
-    problem = _merge_problem(problem, tf.where(length == 0, int(Problem.EMPTY_TEXT), 0))
+    ids, problem = _encode_and_fit(text[None], ex['id'][None], vocab, limit, crop)
     out = {k: v for k, v in ex.items() if k != key}
-    out['ids'] = ids
-    out[PROBLEM] = _merge_problem(ex.get(PROBLEM, tf.constant(0)), problem)
+    out['ids'] = ids[0]
+    out[PROBLEM] = _merge_problem(ex.get(PROBLEM, tf.constant(0)), problem[0])
     return out
 
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def feature_steps(kind: str, *, text_normalized: bool = False) -> List[Callable]:
+def char_ids_batched(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+                     output_features: Mapping[str, seqio.Feature], *, key: str,
+                     crop: bool) -> tf.data.Dataset:
+  """`char_ids` on batches of records whose record[key] [B] is normalised already.
+
+  Adds 'ids' [B, limit] int32 (PAD after each row's end), 'num_ids' [B] and
+  'problem' [B]; a row over the limit and not cropped is cut to it (its problem
+  code skips it). The sampler's text takes this path: per-example tf.data ops
+  cost more than the encoding itself (benchmarks/RESULTS.md).
+  """
+  vocab = output_features['ids'].vocabulary
+  limit = sequence_length['ids']
+
+  def fn(batch):
+    ids, problem = _encode_and_fit(batch[key], batch['id'], vocab, limit, crop)
+    out = {k: v for k, v in batch.items() if k != key}
+    out['ids'] = ids.to_tensor(special_ids.PAD_ID, shape=[None, limit])
+    out['num_ids'] = tf.minimum(tf.cast(ids.row_lengths(), tf.int32), limit)
+    out[PROBLEM] = _merge_problem(batch.get(PROBLEM, tf.zeros_like(problem)), problem)
+    return out
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def feature_steps(kind: str, *, text_normalized: bool = False,
+                  batched: bool = False) -> List[Callable]:
   """The seqio preprocessors that turn `kind`'s raw records into features.
 
   One list for the seqio tasks (registry.add_task, followed by drop_bad) and
   the sampler (whose batches blank the skipped rows, and whose records come
-  with their text normalised: `text_normalized`).
+  with their text normalised: `text_normalized`). batched: steps that take
+  batches of records ([B] per key) and give padded batches, for the kinds
+  without audio (whose decoding is per example); implies text_normalized.
   """
+  if batched and kind != 'text':
+    raise ValueError(f'{kind} examples are decoded one by one; only text has batched steps')
   steps = []
   if kind in ('speech', 'paired'):
     steps.append(functools.partial(audio_features, crop=kind == 'speech'))
   if kind in ('text', 'paired'):
-    steps.append(functools.partial(char_ids, key=TEXT_KEYS[kind], crop=kind == 'text',
+    crop = kind == 'text'
+    steps.append(functools.partial(char_ids_batched, key=TEXT_KEYS[kind], crop=crop)
+                 if batched else
+                 functools.partial(char_ids, key=TEXT_KEYS[kind], crop=crop,
                                    normalized=text_normalized))
   return steps
 

@@ -384,15 +384,21 @@ class ThreeStreamSampler:
     cached = self._cached_features(kind)
     lengths = self._lengths(kind)
     frames, chars = lengths.get('features'), lengths.get('ids')
-    if cached is None:
-      ds = _padded_batches(self._features(kind, self._from_records(kind, host_rows, per_host)),
-                           per_host, frames, chars, self.batch_config.num_mel_bins)
-    else:
+    if cached is not None:
       ds = self._from_cache(kind, cached, host_rows, per_host)
+    elif frames is None:
+      # Text alone: its steps take whole batches; per-example tf.data ops (unbatch,
+      # a map per line, padded_batch) cost more than the encoding itself.
+      ds = self._features(kind, self._from_records(kind, host_rows, per_host), batched=True)
+    else:
+      records = self._from_records(kind, host_rows, per_host).unbatch()
+      ds = _padded_batches(self._features(kind, records), per_host, frames, chars,
+                           self.batch_config.num_mel_bins)
     return ds.map(_finish(frames, chars), num_parallel_calls=tf.data.AUTOTUNE)
 
   def _from_records(self, kind: str, host_rows, per_host: int) -> tf.data.Dataset:
-    """This host's raw records of `kind`, in `_dataset`'s order, fetched by number."""
+    """This host's raw records of `kind`, in `_dataset`'s order, fetched by number, as
+    batches of `per_host` rows (a [per_host] column per key)."""
     plan = self._plans[kind]
     pool = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, f'mslam_{kind}_reader')
     self._pools.append(pool)
@@ -421,12 +427,14 @@ class ThreeStreamSampler:
       return {k: tf.reshape(c, [per_host]) for k, c in zip(keys, columns)}
 
     return tf.data.Dataset.range(2**62).map(fetch, num_parallel_calls=tf.data.AUTOTUNE,
-                                            deterministic=True).unbatch()
+                                            deterministic=True)
 
-  def _features(self, kind: str, ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Raw records -> examples with features, ids and a problem code (the kind's steps)."""
+  def _features(self, kind: str, ds: tf.data.Dataset, batched: bool = False) -> tf.data.Dataset:
+    """Raw records -> examples with features, ids and a problem code (the kind's steps);
+    batched: batches of records -> padded batches with lengths (text only)."""
     lengths = self._lengths(kind)
-    for step in preprocessors.feature_steps(kind, text_normalized=True):  # by _raw_columns
+    # The text is normalised by _raw_columns.
+    for step in preprocessors.feature_steps(kind, text_normalized=True, batched=batched):
       wanted = inspect.signature(step).parameters
       kwargs = {}
       if 'sequence_length' in wanted:
