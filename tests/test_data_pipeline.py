@@ -291,6 +291,38 @@ def test_random_access_reads_the_records_of_the_stream(tmp_path):
       reader[len(reader)]
 
 
+def test_reads_from_tf_data_threads_open_each_file_once(tmp_path, monkeypatch):
+  """The sampler reads records inside tf.numpy_function, on tf.data's threads, where each
+  call gets a fresh Python thread state: the open files must outlive the call (a
+  threading.local cache reopened every file at every batch)."""
+  folder = tmp_path / 'text'
+  folder.mkdir()
+  for name in ('a', 'b'):
+    (folder / f'{name}.txt').write_text(''.join(f'{name}{n}\n' for n in range(10)),
+                                        encoding='utf-8')
+  reader = sources.text_lines(str(folder / '*.txt'), 'aa').random_access('train')
+  opened = []
+  real_path = sources.paths.path
+
+  def counting_path(name):
+    path = real_path(name)
+    return type('Counted', (), {'open': lambda _, mode: opened.append(name) or path.open(mode)})()
+
+  monkeypatch.setattr(sources.paths, 'path', counting_path)
+
+  def read_all(_):
+    return np.array([reader[i]['text'] for i in range(len(reader))], dtype=object)
+
+  calls = 12
+  ds = tf.data.Dataset.range(calls).map(
+      lambda n: tf.numpy_function(read_all, [n], tf.string, stateful=False)).prefetch(1)
+  batches = list(ds.as_numpy_iterator())
+  assert len(batches) == calls
+  assert batches[0].tolist() == [f'{name}{n}'.encode() for name in 'ab' for n in range(10)]
+  # One prefetch thread runs the map: each file opened once there, not once per call.
+  assert sorted(set(opened)) == sorted(reader.files) and len(opened) <= 2 * len(reader.files)
+
+
 def test_a_truncated_tfrecord_is_reported_with_its_path(tmp_path):
   path = tmp_path / 'cut.tfrecord'
   _write_records(str(path), [('a', b'x' * 100, 'abc'), ('b', b'y' * 100, 'abc')])
