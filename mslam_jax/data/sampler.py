@@ -581,6 +581,12 @@ class ThreeStreamSampler:
     dataset = tf.data.Dataset.zip(streams).prefetch(2)
     options = tf.data.Options()
     options.deterministic = True
+    # No autotuning thread: at the end of a train.py run, destroying the iterator
+    # waited for that thread's current tuning period, 8-28 s after a 300-step demo
+    # (benchmarks/RESULTS.md). Each parallel map then runs on min(16, CPU cores)
+    # threads, which is what autotuning gave on 2 cores and enough for decoding
+    # audio on a pod host (its share of a paper-size step: a few core-seconds).
+    options.autotune.enabled = False
     self._iterator = iter(dataset.with_options(options))
 
   def paired_length_warning(self, records_per_task: int = 256) -> Optional[str]:
