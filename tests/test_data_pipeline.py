@@ -323,6 +323,30 @@ def test_reads_from_tf_data_threads_open_each_file_once(tmp_path, monkeypatch):
   assert sorted(set(opened)) == sorted(reader.files) and len(opened) <= 2 * len(reader.files)
 
 
+def test_the_files_of_threads_that_ended_are_closed(tmp_path):
+  """Handles are kept per thread; a thread's are closed once it has ended and another
+  thread starts reading, so restarted pipelines do not pile up open files."""
+  import threading  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir('/proc/self/task'):
+    pytest.skip('needs /proc/self/task (Linux) to tell which threads have ended')
+  for name in ('a', 'b'):
+    (tmp_path / f'{name}.txt').write_text('x\ny\n', encoding='utf-8')
+  reader = sources.text_lines(str(tmp_path / '[ab].txt'), 'aa').random_access('train')
+
+  def read_all():
+    assert [reader[i]['text'] for i in range(len(reader))] == [b'x', b'y'] * 2
+
+  thread = threading.Thread(target=read_all)
+  thread.start()
+  thread.join()
+  ended = [h for handles in reader._open._by_thread.values() for h in handles.values()]
+  assert len(ended) == reader._open.count() == 2 and not any(h.closed for h in ended)
+  read_all()  # this thread's first read: the ended thread's files are closed
+  assert all(h.closed for h in ended) and reader._open.count() == 2
+  read_all()  # the same thread again: no new handles
+  assert reader._open.count() == 2
+
+
 def test_a_truncated_tfrecord_is_reported_with_its_path(tmp_path):
   path = tmp_path / 'cut.tfrecord'
   _write_records(str(path), [('a', b'x' * 100, 'abc'), ('b', b'y' * 100, 'abc')])

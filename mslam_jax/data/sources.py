@@ -51,18 +51,24 @@ def _as_splits(patterns: SplitPatterns) -> Mapping[str, List[str]]:
 class _OpenFiles:
   """Open file handles, one set per OS thread (a handle's seek and read must not interleave).
 
-  Keyed by `threading.get_ident()`, not a `threading.local`: the sampler reads
+  Keyed by the thread's native id, not a `threading.local`: the sampler reads
   from tf.data's threads (`tf.numpy_function`), and Python gives such a thread a
   fresh thread state at every call, so a thread-local cache was empty at every
   batch and reopened each file it read (the demo's text reads took 2.3 ms of CPU
   per batch that way, 1.0 ms with the files kept open: benchmarks/RESULTS.md).
+  Nothing tells Python when such a thread ends, so when a new thread starts
+  reading, the handles of threads that have ended are closed (Linux: the
+  threads of /proc/self/task; elsewhere they stay open until the reader goes).
   """
 
   def __init__(self):
     self._by_thread: Dict[int, Dict[str, object]] = {}
+    self._lock = threading.Lock()
 
   def get(self, name: str):
-    handles = self._by_thread.setdefault(threading.get_ident(), {})  # atomic under the GIL
+    handles = self._by_thread.get(threading.get_native_id())
+    if handles is None:
+      handles = self._new_thread()
     handle = handles.get(name)
     if handle is None:
       if len(handles) >= 64:  # bound the descriptors of a many-file corpus
@@ -71,6 +77,19 @@ class _OpenFiles:
         handles.clear()
       handle = handles[name] = paths.path(name).open('rb')
     return handle
+
+  def _new_thread(self) -> Dict[str, object]:
+    with self._lock:
+      if os.path.isdir('/proc/self/task'):
+        for thread in list(self._by_thread):
+          if not os.path.exists(f'/proc/self/task/{thread}'):
+            for old in self._by_thread.pop(thread).values():
+              old.close()
+      return self._by_thread.setdefault(threading.get_native_id(), {})
+
+  def count(self) -> int:
+    """Open handles, all threads together."""
+    return sum(len(handles) for handles in list(self._by_thread.values()))
 
 
 class RecordReader:
