@@ -1,6 +1,7 @@
 """Task preprocessing: sources, features and every bad-input case (skipped or cleaned, counted)."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -339,6 +340,11 @@ def test_the_files_of_threads_that_ended_are_closed(tmp_path):
   thread = threading.Thread(target=read_all)
   thread.start()
   thread.join()
+  # join() returns once Python has let go of the thread, which can be a moment
+  # before the OS removes it from /proc/self/task (CI under load saw that).
+  deadline = time.monotonic() + 120
+  while os.path.exists(f'/proc/self/task/{thread.native_id}') and time.monotonic() < deadline:
+    time.sleep(0.01)
   ended = [h for handles in reader._open._by_thread.values() for h in handles.values()]
   assert len(ended) == reader._open.count() == 2 and not any(h.closed for h in ended)
   read_all()  # this thread's first read: the ended thread's files are closed

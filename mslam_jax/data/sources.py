@@ -59,6 +59,8 @@ class _OpenFiles:
   Nothing tells Python when such a thread ends, so when a new thread starts
   reading, the handles of threads that have ended are closed (Linux: the
   threads of /proc/self/task; elsewhere they stay open until the reader goes).
+  A thread counts as ended once the OS has removed it, which can be a moment
+  after `Thread.join()` returns; its files are then closed at a later new thread.
   """
 
   def __init__(self):
