@@ -250,7 +250,7 @@ def test_local_stops_the_others_and_names_the_process_that_failed(tmp_path):
   start = time.monotonic()
   result = launch('local_multiprocess.py', '--num_processes=2', '--module=echo_flags', '--',
                   '--fail_in_1', env=env)
-  assert time.monotonic() - start < 20  # process 0 would sleep 60 s
+  assert time.monotonic() - start < 50  # process 0 would sleep 60 s (loose: CI may be oversubscribed)
   assert result.returncode == 1
   assert 'error: process 1 exited with code 1; stopped the others' in result.stderr
   assert prefixed(result.stdout, 0) and prefixed(result.stdout, 1)
@@ -380,7 +380,7 @@ def test_tpu_pod_worker_scripts_start_detached_then_watch_and_stop(tmp_path, tra
     again = on_worker(*start)
     assert again.returncode == 1
     assert f'worker 3: training already runs (pid {pid}, log {log}); stop it first' in again.stderr
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300
     while 'step 1' not in log.read_text() and time.monotonic() < deadline:
       time.sleep(0.2)
     status = on_worker('status', *WATCH_FLAGS)
