@@ -221,8 +221,10 @@ def test_the_sampler_stops_on_a_task_that_skips_everything_with_the_message(tmp_
   registry.add_task('test_sampler_all_skipped', kind='paired', language='aa',
                     source=sources.manifest(str(tmp_path / 'm.tsv')))
   (tmp_path / 'm.tsv').write_text('missing.flac\taa\tabc\n', encoding='utf-8')
+  # Streamed (not held in memory, where a task that keeps nothing stops at once: below).
   config = sampler_lib.DataConfig(task_modules=(), paired_tasks=('test_sampler_all_skipped',),
-                                  vocabulary_path=registry.SHARED_VOCABULARY.path)
+                                  vocabulary_path=registry.SHARED_VOCABULARY.path,
+                                  feature_cache_mb=0)
   s = sampler_lib.ThreeStreamSampler(BatchConfig(paired_batch_size=2), config, parts=('paired',),
                                      shard_index=0, num_shards=1)
   old = bad_input.LOG.max_consecutive_skips
@@ -237,6 +239,53 @@ def test_the_sampler_stops_on_a_task_that_skips_everything_with_the_message(tmp_
     s.close()
     bad_input.LOG.reset()
   assert bad_input.LOG.stopped() is None  # a reset forgets it
+
+
+def test_a_task_held_in_memory_that_keeps_nothing_stops_before_the_first_batch(tmp_path):
+  """Decoded whole into memory, a task with no example to keep stops the sampler at
+  once, naming each problem and file; a task that keeps one of them goes on."""
+  from mslam_jax.data import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from mslam_jax.data.batch_spec import BatchConfig  # pylint: disable=g-import-not-at-top
+  sf.write(str(tmp_path / 'silent.wav'), np.zeros(16000, np.float32), 16000)
+  sf.write(str(tmp_path / 'tone.wav'),
+           np.sin(np.arange(16000) * 0.1).astype(np.float32) * 0.5, 16000)
+  rows = {'bad': ['missing.flac\taa\tabc', 'silent.wav\taa\tabc', 'tone.wav\taa\t'],
+          'one_good': ['missing.flac\taa\tabc', 'tone.wav\taa\tabc']}
+  for name, lines in rows.items():
+    (tmp_path / f'{name}.tsv').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    registry.add_task(f'test_sampler_keeps_{name}', kind='paired', language='aa',
+                      source=sources.manifest(str(tmp_path / f'{name}.tsv')))
+
+  def sampler(task):
+    config = sampler_lib.DataConfig(task_modules=(), paired_tasks=(task,),
+                                    vocabulary_path=registry.SHARED_VOCABULARY.path)
+    return sampler_lib.ThreeStreamSampler(BatchConfig(paired_batch_size=2), config,
+                                          parts=('paired',), shard_index=0, num_shards=1)
+
+  s = sampler('test_sampler_keeps_bad')
+  try:
+    with pytest.raises(bad_input.AllSkippedError) as stop:
+      s.fill_feature_cache()
+  finally:
+    s.close()
+  lines = str(stop.value).splitlines()
+  assert lines[0] == 'task test_sampler_keeps_bad: none of its 3 examples is kept:'
+  assert lines[1:-1] == [
+      'test_sampler_keeps_bad: 1 skipped: unreadable audio (missing file, or not WAV/FLAC/OGG) '
+      f'(e.g. {tmp_path / "missing.flac"})',
+      f'test_sampler_keeps_bad: 1 skipped: empty or all-zero audio (e.g. {tmp_path / "silent.wav"})',
+      f'test_sampler_keeps_bad: 1 skipped: empty text or transcript (e.g. {tmp_path / "tone.wav"})']
+  assert lines[-1] == bad_input.FIX
+  # Counted in LOG when batches take them, not here as well.
+  assert not [k for k in bad_input.LOG.counts() if k[0] == 'test_sampler_keeps_bad']
+  s = sampler('test_sampler_keeps_one_good')
+  try:
+    assert 'paired 2 examples' in s.fill_feature_cache()
+    batch = next(s)['paired']
+    assert batch['feature_paddings'].shape[0] == 2
+  finally:
+    s.close()
+    bad_input.LOG.reset()
 
 
 def test_tfds_source_reencodes_decoded_audio(tmp_path):

@@ -13,7 +13,7 @@ again from its resume point).
 import collections
 import enum
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 class Problem(enum.IntEnum):
@@ -54,7 +54,12 @@ MESSAGES = {
 
 
 class AllSkippedError(RuntimeError):
-  """A task skipped every one of its last `max_consecutive_skips` examples."""
+  """A task skipped every one of its last `max_consecutive_skips` examples, or every one
+  of its examples (`none_kept`)."""
+
+
+FIX = ('Fix the data, or the limits it breaks (BatchConfig lengths, '
+       'preprocessors.audio_features.min_frames).')
 
 
 class BadInputLog:
@@ -94,8 +99,7 @@ class BadInputLog:
     if streak >= self.max_consecutive_skips:
       error = AllSkippedError(
           f'task {task}: the last {streak} examples were all skipped; so far:\n'
-          f'{self.report(task)}\nFix the data, or the limits it breaks (BatchConfig lengths, '
-          'preprocessors.audio_features.min_frames).')
+          f'{self.report(task)}\n{FIX}')
       with self._lock:  # the first: batches read ahead on other threads go on counting
         self._stopped = self._stopped or error
       raise error
@@ -136,6 +140,25 @@ class BadInputLog:
         names = ', '.join(self._names[(task, problem)])
         lines.append(f'{task}: {n} {verdict}: {MESSAGES[problem]} (e.g. {names})')
       return '\n'.join(lines)
+
+
+def none_kept(task: str, problems: Sequence[int],
+              names: Sequence[str]) -> Optional[AllSkippedError]:
+  """The error for a task none of whose examples is kept, else None.
+
+  For a task whose every example is known (a corpus decoded whole into memory).
+  Such a task gives only all-padding rows: a run would train without it until
+  `max_consecutive_skips` draws stop it (a 300-step demo with 2 paired rows a
+  step never got there), so the sampler stops before the step is compiled.
+  Counts nothing in LOG (the examples are counted when batches take them).
+  """
+  if not len(problems) or any(Problem(int(p)) in KEPT for p in problems):
+    return None
+  log = BadInputLog(max_consecutive_skips=len(problems) + 1)
+  for problem, name in zip(problems, names):
+    log.record(task, problem, name)
+  return AllSkippedError(f'task {task}: none of its {len(problems)} examples is kept:\n'
+                         f'{log.report(task)}\n{FIX}')
 
 
 LOG = BadInputLog()

@@ -451,6 +451,8 @@ class ThreeStreamSampler:
     not fit in it: checked first from the static limits (frames, characters)
     times the record count, so a large corpus is never read here, then on the
     decoded examples themselves (paired audio is not cropped to the limit).
+    Raises AllSkippedError for a task none of whose held examples is kept: it
+    would stop the run at its first batches anyway (bad_input.none_kept).
     """
     if kind in self._feature_cache:
       return self._feature_cache[kind]
@@ -492,6 +494,11 @@ class ThreeStreamSampler:
       self._cache_fill[kind] = (records if cache else None, used,
                                 time.perf_counter() - started)
     self._feature_cache[kind] = cache
+    for task, held in zip(self._plans[kind].tasks, cache[0] if cache else ()):
+      error = bad_input.none_kept(task, [ex[preprocessors.PROBLEM] for ex in held],
+                                  [ex['id'].decode('utf-8', errors='replace') for ex in held])
+      if error is not None:
+        raise error
     return cache
 
   def _from_cache(self, kind: str, cached, host_rows, per_host: int) -> tf.data.Dataset:
