@@ -107,6 +107,19 @@ def test_language_id_learns_and_scores(splits, export_backbone, tmp_path, freeze
   assert logged[-1]['step'] == 12 and 'accuracy' in logged[-1]
 
 
+def test_scoring_says_what_it_prepares_before_it_works(splits, export_backbone, tmp_path,
+                                                       capsys):
+  """A frozen export's probe first encodes every item once (PrecomputedSpeech): a line says
+  so while it works, and how long it took."""
+  evaluation = speech_classification.LanguageId(splits, eval_batch_size=8)
+  engine.run_and_score(evaluation, export_backbone,
+                       _config(tmp_path, freeze_encoder=True, train_steps=0), splits=('test',))
+  lines = capsys.readouterr().out.splitlines()
+  items = len(splits['train']) + len(splits['dev']) + len(splits['test'])
+  assert lines[0] == f'language_id: preparing {items} items (features and frozen encodings)...'
+  assert lines[1].startswith('language_id: prepared in ') and lines[1].endswith('s')
+
+
 def test_frozen_backbone_precomputes_the_same_encodings(splits, export_backbone):
   """Probes read encodings computed once; they equal the live encoder's, padding and all."""
   frozen = export_backbone.frozen()
@@ -252,6 +265,15 @@ def test_finetune_command_resumes_and_writes_scores(tiny_run, corpus, tmp_path):
   scores = json.load(open(os.path.join(model_dir, 'scores.json'), encoding='utf-8'))
   assert scores['evaluation'] == 'language_id' and scores['train_steps'] == 8
   assert 0.0 <= scores['test']['accuracy'] <= 1.0
+  # A line while the inputs and the frozen encodings are prepared, before training starts.
+  lines = out.splitlines()
+  [prepare] = [i for i, line in enumerate(lines) if line.startswith('language_id: preparing ')]
+  [train] = [i for i, line in enumerate(lines) if ' training items, ' in line]
+  assert prepare < train and lines[prepare + 1].startswith('language_id: prepared in ')
+  items = int(lines[train].split()[1]) + scores['dev']['num_examples'] + \
+      scores['test']['num_examples']
+  # Fine-tuned (gin/downstream/base.gin): nothing is encoded ahead.
+  assert lines[prepare] == f'language_id: preparing {items} items (features)...'
 
 
 def test_probe_inputs_are_standardised_with_training_statistics(splits, export_backbone):
