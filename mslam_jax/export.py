@@ -214,10 +214,15 @@ def main(argv=None):
       parser.error('--random_init needs --gin_file (the model to initialise)')
     # Writes to --output only: a pod file's REQUIRED MODEL_DIR need not be given.
     gin_utils.parse_gin(args.gin_file, bindings, writes_model_dir=False)
+    print(f'initialising the encoder of {" ".join(args.gin_file)} (seed {args.seed})...',
+          flush=True)
     out = export_random(args.output, args.seed)
   else:
     if not args.model_dir:
       parser.error('give --model_dir (or --random_init with --gin_file)')
+    # A line while it works: a large model's checkpoint takes a while to read.
+    which = 'the latest checkpoint' if args.step is None else f'the checkpoint of step {args.step}'
+    print(f'reading the encoder parameters of {args.model_dir} ({which})...', flush=True)
     out = export(args.model_dir, args.output, args.step)
   manifest = json.loads((out / MANIFEST).read_text())
   print(f'exported {manifest["num_params"]:,} encoder parameters (step {manifest["step"]}) '

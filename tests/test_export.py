@@ -97,11 +97,16 @@ def test_export_then_load_in_a_fresh_process_gives_the_training_forward(tiny_run
   out = str(tmp_path / 'export')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
   # Relative paths, as a user types them (orbax itself wants absolute ones).
-  subprocess.run([sys.executable, '-m', 'mslam_jax.export',
-                  f'--model_dir={os.path.relpath(model_dir, tmp_path)}', '--output=export'],
-                 check=True, cwd=str(tmp_path), env=env, timeout=TIMEOUT_S)
+  relative = os.path.relpath(model_dir, tmp_path)
+  printed = subprocess.run([sys.executable, '-m', 'mslam_jax.export', f'--model_dir={relative}',
+                            '--output=export'], check=True, cwd=str(tmp_path), env=env,
+                           timeout=TIMEOUT_S, capture_output=True, text=True).stdout
   manifest = json.loads(open(os.path.join(out, 'manifest.json'), encoding='utf-8').read())
   assert manifest['step'] == 7 and manifest['format_version'] == export.FORMAT_VERSION
+  # A line while it reads, then what it wrote.
+  assert printed.splitlines() == [
+      f'reading the encoder parameters of {relative} (the latest checkpoint)...',
+      f'exported {manifest["num_params"]:,} encoder parameters (step 7) to {out}']
   assert set(os.listdir(out)) == {'params', 'config.gin', 'vocab.txt', 'manifest.json'}
 
   record_ids, waves, texts = _raw_records()
@@ -250,12 +255,14 @@ def test_mismatched_dims_fail_clearly(tiny_run, tmp_path):
     mslam_jax.load_encoder(path)
 
 
-def test_random_init_export_differs_from_the_trained_one(tiny_run, tmp_path):
-  gin_utils.parse_gin(['gin/pretrain_tiny_cpu.gin'])
+def test_random_init_export_differs_from_the_trained_one(tiny_run, tmp_path, capsys):
   try:
-    export.export_random(str(tmp_path / 'random'), seed=0)
+    export.main(['--random_init', '--gin_file=gin/pretrain_tiny_cpu.gin',
+                 f'--output={tmp_path / "random"}'])
   finally:
     gin.clear_config()
+  assert capsys.readouterr().out.splitlines()[0] == \
+      'initialising the encoder of gin/pretrain_tiny_cpu.gin (seed 0)...'
   random_enc = mslam_jax.load_encoder(str(tmp_path / 'random'))
   trained = mslam_jax.load_encoder(tiny_run[1])
   assert random_enc.manifest['step'] == 0
