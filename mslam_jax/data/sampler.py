@@ -451,8 +451,8 @@ class ThreeStreamSampler:
     not fit in it: checked first from the static limits (frames, characters)
     times the record count, so a large corpus is never read here, then on the
     decoded examples themselves (paired audio is not cropped to the limit).
-    Raises AllSkippedError for a task none of whose held examples is kept: it
-    would stop the run at its first batches anyway (bad_input.none_kept).
+    Raises AllSkippedError for a task none of whose held examples is kept,
+    before any batch is built (bad_input.none_kept says why).
     """
     if kind in self._feature_cache:
       return self._feature_cache[kind]
