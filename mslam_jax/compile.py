@@ -290,6 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> CompileReport:
     use_fake_cpu_devices(args.num_devices)
     require_devices(args.num_devices)
     target = f'--num_devices={args.num_devices}'
+  # A line while it works: a 2B step takes about 30 s on a CPU, longer for a large TPU slice.
+  print(f'compiling the train step for {target} with XLA:{"TPU" if tpu_slice else "CPU"}...',
+        flush=True)
   try:
     _, report = compile_train_step(ModelConfig(), pretrain_loss.LossConfig(),
                                    batch_spec.BatchConfig(), TrainConfig(),

@@ -126,7 +126,8 @@ def test_output_last_lines_parse(runs):
     key, value = lines[-1].split(': ')
     assert key == 'per_device_bytes' and int(value) == report.per_device_bytes
     assert lines[-2] == f'state_bytes_per_device: {report.state_bytes_per_device}'
-    assert lines[0].startswith('mesh: ')
+    assert lines[0] == 'compiling the train step for --num_devices=8 with XLA:CPU...'
+    assert lines[1].startswith('mesh: ')
     assert any(line.strip().startswith('embed') and 'fsdp' in line for line in lines)
     assert report.lower_s > 0 and report.compile_s > 0 and report.step_flops > 0
 
@@ -191,7 +192,8 @@ def test_compiles_for_a_tpu_slice_without_a_tpu():
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
-  assert lines[0].startswith('mesh: data=4, fsdp=1, model=1 (4 devices')
+  assert lines[0] == 'compiling the train step for --topology=v5litepod-4 with XLA:TPU...'
+  assert lines[1].startswith('mesh: data=4, fsdp=1, model=1 (4 devices')
   [fit] = [l for l in lines if l.startswith('v5litepod-4: ')]
   total = int(lines[-1].split(': ')[1])
   assert fit == f'v5litepod-4: {total / 1024 ** 3:.2f} of 16 GiB HBM per chip (0%): fits'
