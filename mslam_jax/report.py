@@ -56,11 +56,24 @@ def plot_curves(rows: Sequence[Dict[str, float]], path: str, title: str = '') ->
   return path
 
 
+def backbone_phrase(scores: Dict) -> str:
+  """'mslam at step 300, frozen': the backbone, which weights, and whether they trained.
+
+  The weights are named by the export's step (scores['backbone_origin'], from its
+  manifest.json), so a probe of a trained export and one of its random init read apart;
+  step 0 is an untrained encoder. A backbone without an export (log-mel) has no step.
+  """
+  name = scores['backbone']
+  step = (scores.get('backbone_origin') or {}).get('step')
+  if step is not None:
+    name += f' at step {step}' + (' (untrained)' if step == 0 else '')
+  return f'{name}, {"frozen" if scores["freeze_encoder"] else "fine-tuned"}'
+
+
 def downstream_line(scores: Dict, name: str) -> str:
   """One line: the run's folder name, the backbone, and its headline test score."""
   test = scores.get('test', {})
-  what = (f'{name} ({scores["backbone"]}, '
-          f'{"frozen" if scores["freeze_encoder"] else "fine-tuned"})')
+  what = f'{name} ({backbone_phrase(scores)})'
   if 'accuracy' in test:
     value = f'accuracy {test["accuracy"]:.3f} (chance {1 / len(test["classes"]):.3f})'
   elif 'cer' in test:

@@ -112,12 +112,16 @@ def test_scoring_says_what_it_prepares_before_it_works(splits, export_backbone, 
   """A frozen export's probe first encodes every item once (PrecomputedSpeech): a line says
   so while it works, and how long it took."""
   evaluation = speech_classification.LanguageId(splits, eval_batch_size=8)
-  engine.run_and_score(evaluation, export_backbone,
-                       _config(tmp_path, freeze_encoder=True, train_steps=0), splits=('test',))
+  scores = engine.run_and_score(evaluation, export_backbone,
+                                _config(tmp_path, freeze_encoder=True, train_steps=0),
+                                splits=('test',))
   lines = capsys.readouterr().out.splitlines()
   items = len(splits['train']) + len(splits['dev']) + len(splits['test'])
   assert lines[0] == f'language_id: preparing {items} items (features and frozen encodings)...'
   assert lines[1].startswith('language_id: prepared in ') and lines[1].endswith('s')
+  # The frozen copy still says which export's weights it holds.
+  manifest = export_backbone.encoder.manifest
+  assert scores['backbone_origin'] == {'step': manifest['step'], 'source': manifest['source']}
 
 
 def test_frozen_backbone_precomputes_the_same_encodings(splits, export_backbone):
@@ -274,6 +278,11 @@ def test_finetune_command_resumes_and_writes_scores(tiny_run, corpus, tmp_path):
       scores['test']['num_examples']
   # Fine-tuned (gin/downstream/base.gin): nothing is encoded ahead.
   assert lines[prepare] == f'language_id: preparing {items} items (features)...'
+  # Which weights were probed: the export's step and source, from its manifest.
+  manifest = json.load(open(os.path.join(tiny_run[1], 'manifest.json'), encoding='utf-8'))
+  assert scores['backbone_origin'] == {'step': manifest['step'], 'source': manifest['source']}
+  assert manifest['step'] > 0
+  assert lines[train].endswith(f'(mslam at step {manifest["step"]}, fine-tuned)')
 
 
 def test_probe_inputs_are_standardised_with_training_statistics(splits, export_backbone):

@@ -22,6 +22,13 @@ def test_downstream_line_names_the_run_and_its_chance_level():
             'test': {'accuracy': 0.5, 'classes': ['a', 'b', 'c', 'd']}}
   line = report.downstream_line(scores, 'language_id_random_init')
   assert line.startswith('language_id_random_init (mslam, frozen)')
+  # An export's step tells a probe of the trained encoder from one of its random init.
+  trained = dict(scores, backbone_origin={'step': 300, 'source': 'runs/demo'})
+  assert report.downstream_line(trained, 'lid').startswith('lid (mslam at step 300, frozen) ')
+  untrained = dict(scores, backbone_origin={'step': 0, 'source': 'random init, seed 0'},
+                   freeze_encoder=False)
+  assert report.downstream_line(untrained, 'lid').startswith(
+      'lid (mslam at step 0 (untrained), fine-tuned) ')
   assert 'accuracy 0.500 (chance 0.250)' in line
   scores = dict(scores, test={'cer': 0.25})
   assert report.downstream_line(scores, 'x').endswith('CER 0.250')

@@ -18,7 +18,7 @@ pre-trained encoder should beat both.
 """
 
 import dataclasses
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +33,14 @@ SUBSAMPLING = frontend.SUBSAMPLING
 
 
 class Backbone:
-  """Interface: name, dim, params, vocabulary, has_text, speech_inputs, text_ids, speech, text."""
+  """Interface: name, dim, params, vocabulary, has_text, speech_inputs, text_ids, speech, text.
+
+  `origin` says which weights: an export's {'step', 'source'} from its manifest.json
+  (the pre-training step, and the run or 'random init, seed S' it came from); empty
+  for a backbone without weights.
+  """
   name: str
+  origin: Dict[str, Any] = {}
   dim: int
   params: Any
   vocabulary: vocabulary_lib.CharacterVocabulary
@@ -75,6 +81,8 @@ class MslamBackbone(Backbone):
     self.params = self.encoder.params
     self.vocabulary = self.encoder.vocabulary
     self.feature_config = self.encoder.feature_config
+    self.origin = {k: self.encoder.manifest[k] for k in ('step', 'source')
+                   if k in self.encoder.manifest}
     n, m = self.encoder.num_speech_layers, self.encoder.num_shared_layers
     self.text_layer = None
     if self.layer is not None:
@@ -109,7 +117,7 @@ class PrecomputedSpeech(Backbone):
     self.inner = inner
     self.name, self.dim, self.params = inner.name, inner.dim, inner.params
     self.vocabulary, self.feature_config = inner.vocabulary, inner.feature_config
-    self.has_text = inner.has_text
+    self.has_text, self.origin = inner.has_text, inner.origin
 
   def speech_inputs(self, waveforms: Sequence[np.ndarray], sample_rate: int = 16000
                     ) -> List[np.ndarray]:

@@ -30,6 +30,7 @@ import optax
 from mslam_jax import checkpoints
 from mslam_jax import partitioning
 from mslam_jax import paths
+from mslam_jax import report
 from mslam_jax import trainer
 from mslam_jax.downstream import data as data_lib
 from mslam_jax.encoder import bucket_length
@@ -188,8 +189,8 @@ def fit(evaluation: Evaluation, backbone, config: FinetuneConfig,
   try:
     if int(state.step) < config.train_steps:
       print(f'{evaluation.name}: {evaluation.num_train} training items, {config.train_steps} '
-            f'steps of {config.batch_size} ({"frozen" if not trains_encoder else "full"} '
-            f'{backbone.name})', flush=True)
+            f'steps of {config.batch_size} ({report.backbone_phrase(_run_facts(backbone, config))})',
+            flush=True)
       state, _ = trainer.run(state, step_fn, batches_from(evaluation, config, int(state.step)),
                              jax.random.key(config.seed + 1), mesh=mesh,
                              num_steps=config.train_steps, log_every=config.log_every,
@@ -198,6 +199,15 @@ def fit(evaluation: Evaluation, backbone, config: FinetuneConfig,
     checkpointer.close()
     writer.close()
   return state
+
+
+def _run_facts(backbone, config: FinetuneConfig) -> Dict[str, Any]:
+  """What scores.json records of the run besides its scores: which encoder, and how trained."""
+  facts = {'backbone': backbone.name, 'freeze_encoder': config.freeze_encoder,
+           'train_steps': config.train_steps, 'seed': config.seed}
+  if backbone.origin:
+    facts['backbone_origin'] = dict(backbone.origin)
+  return facts
 
 
 def run_and_score(evaluation: Evaluation, backbone, config: FinetuneConfig,
@@ -218,9 +228,7 @@ def run_and_score(evaluation: Evaluation, backbone, config: FinetuneConfig,
   state = fit(evaluation, backbone, config, mesh_config) if config.train_steps else None
   head = state.params['head'] if state is not None else init_head(evaluation, config.seed)
   encoder_params = state.params['encoder'] if state is not None else backbone.params
-  scores = {'evaluation': evaluation.name, 'backbone': backbone.name,
-            'freeze_encoder': config.freeze_encoder, 'train_steps': config.train_steps,
-            'seed': config.seed}
+  scores = {'evaluation': evaluation.name, **_run_facts(backbone, config)}
   for split in splits:
     print(f'{evaluation.name}: evaluating {split}...', flush=True)
     scores[split] = evaluation.evaluate(head, encoder_params, split)

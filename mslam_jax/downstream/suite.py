@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import gin
 
 from mslam_jax import partitioning
+from mslam_jax import report
 from mslam_jax.data import sampler as sampler_lib
 from mslam_jax.downstream import asr
 from mslam_jax.downstream import backbone as backbone_lib
@@ -101,8 +102,7 @@ def build_backbone(config: DownstreamConfig) -> backbone_lib.Backbone:
 
 def summary(scores: Dict[str, Any]) -> str:
   """A few lines a person reads: the headline numbers of each split."""
-  lines = [f'{scores["evaluation"]} ({scores["backbone"]}, '
-           f'{"frozen" if scores["freeze_encoder"] else "fine-tuned"}, '
+  lines = [f'{scores["evaluation"]} ({report.backbone_phrase(scores)}, '
            f'{scores["train_steps"]} steps, {scores["wall_s"]} s)']
   for split in ('dev', 'test'):
     s = scores.get(split)
