@@ -7,6 +7,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh
+# libtpu (the `tpu` extra) goes beside .venv, not into it: with it installed, every
+# jax start-up in .venv would probe for a TPU. tests/test_compile.py puts it on the
+# path of its one subprocess that compiles the train step for a TPU slice. Where no
+# wheel exists (libtpu is Linux-only), that test is skipped and says why.
+LIBTPU_PIN="$(grep -m1 '^libtpu==' constraints.txt)"
+if [ ! -d ".libtpu/${LIBTPU_PIN/==/-}.dist-info" ]; then
+  echo "[setup] installing $LIBTPU_PIN into .libtpu for the TPU compile test"
+  rm -rf .libtpu
+  .venv/bin/python -m pip install --quiet --no-deps --target .libtpu "$LIBTPU_PIN" \
+    || echo "[setup] $LIBTPU_PIN did not install: the TPU compile test will be skipped"
+fi
+export MSLAM_LIBTPU_DIR="$PWD/.libtpu"
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
