@@ -19,6 +19,19 @@ if [ ! -d ".libtpu/${LIBTPU_PIN/==/-}.dist-info" ]; then
     || echo "[setup] $LIBTPU_PIN did not install: the TPU compile test will be skipped"
 fi
 export MSLAM_LIBTPU_DIR="$PWD/.libtpu"
+# espeak-ng speaks the corpus builder's synthetic speech; its tests
+# (tests/test_corpus_builder.py) are skipped without it. Installed here only as
+# root on Debian/Ubuntu (a CI machine); elsewhere a line says how.
+if ! command -v espeak-ng > /dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    echo "[setup] installing espeak-ng (apt-get) for the corpus builder's tests"
+    { timeout 600 apt-get update -qq && timeout 600 apt-get install -y -qq espeak-ng; } \
+      > /dev/null 2>&1 || echo "[setup] espeak-ng did not install: its tests will be skipped"
+  else
+    echo "[setup] no espeak-ng: the corpus builder's speech tests will be skipped" \
+         "(sudo apt-get install espeak-ng)"
+  fi
+fi
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
