@@ -27,6 +27,12 @@ on the shardings and hold on any backend; temporaries depend on the compiler
 (fusion, layouts, remat), so a TPU or GPU compile will differ somewhat.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mslam_jax import console
+
+if __name__ == '__main__':
+  console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
+
 import argparse
 import dataclasses
 import json

@@ -10,13 +10,14 @@ command line keeps all of it.
 """
 
 import collections
+import contextlib
 import importlib
 import logging
 import os
 import sys
 import tempfile
 import time
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Iterator, Optional, Sequence
 
 VERBOSE_FLAG = '--verbose'
 _verbose: Optional[bool] = None  # set from the parsed command line (set_verbose)
@@ -50,17 +51,23 @@ def quiet_unless_verbose(argv: Optional[Sequence[str]] = None) -> None:
   except ImportError:
     pass
   if 'tensorflow' not in sys.modules:
-    _import_without_stderr('tensorflow')
+    with stderr_set_aside():
+      importlib.import_module('tensorflow')
 
 
-def _import_without_stderr(module: str) -> None:
-  """Imports `module` with file descriptor 2 captured; replays it if the import fails."""
+@contextlib.contextmanager
+def stderr_set_aside(when: bool = True) -> Iterator[None]:
+  """Captures file descriptor 2 (C++ loggers write there directly) while the block runs,
+  and replays it if the block raises; a no-op when `when` is false."""
+  if not when:
+    yield
+    return
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as capture:
     os.dup2(capture.fileno(), 2)
     try:
-      importlib.import_module(module)
+      yield
     except BaseException:
       os.dup2(saved, 2)
       capture.seek(0)

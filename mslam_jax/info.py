@@ -7,6 +7,12 @@ one line per part, per-layer counts of the scanned stacks, and ends with
 `total_params: N`.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mslam_jax import console
+
+if __name__ == '__main__':
+  console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
+
 import dataclasses
 
 import jax

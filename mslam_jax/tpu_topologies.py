@@ -21,6 +21,8 @@ import os
 import re
 from typing import List, Optional
 
+from mslam_jax import console
+
 GIB = 1024 ** 3
 
 
@@ -110,8 +112,11 @@ def compile_only_devices(tpu_slice: TpuSlice) -> List:
   kwargs = ({'chip_config_name': tpu_slice.chip_config_name}
             if tpu_slice.chip_config_name else {})
   try:
-    topology = topologies.get_topology_desc(platform='tpu',
-                                            topology_name=tpu_slice.topology_name, **kwargs)
+    # libtpu logs to fd 2 at load, before absl is set up, that it found no TPU VM
+    # (no worker hostnames, no accelerator type): true and harmless here.
+    with console.stderr_set_aside(not console.verbose()):
+      topology = topologies.get_topology_desc(platform='tpu',
+                                              topology_name=tpu_slice.topology_name, **kwargs)
   except Exception as e:  # pylint: disable=broad-except (jax raises several kinds here)
     raise SystemExit(
         f'cannot describe TPU slice {tpu_slice.name} ({tpu_slice.topology_name}): '

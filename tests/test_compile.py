@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from library_logs import library_log_lines
 
 from mslam_jax import compile as compile_lib
 from mslam_jax import gin_utils
@@ -156,12 +157,14 @@ def test_device_count_fixed_too_late_fails_clearly():
 
 def test_command_line_sets_up_its_own_devices():
   """Without XLA_FLAGS the tool still starts 8 CPU devices (checked via the mesh error)."""
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('XLA_FLAGS', 'JAX_PLATFORMS', 'TF_CPP_MIN_LOG_LEVEL')}
   result = subprocess.run(
       [sys.executable, '-m', 'mslam_jax.compile', *ARGS, '--gin.MESH_SHAPE=(3, 1, 1)'],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 1
   assert 'holds 3 devices, but there are 8' in result.stderr
+  assert library_log_lines(result.stderr) == [], result.stderr  # the error alone
 
 
 def test_accelerator_types_name_their_chips_grid_and_hbm():
@@ -183,7 +186,7 @@ def test_accelerator_types_name_their_chips_grid_and_hbm():
 def test_compiles_for_a_tpu_slice_without_a_tpu():
   """--topology: XLA:TPU compiles the tiny step for 4 v5e chips; memory against their HBM."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS',)}
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL')}
   # launch/run_tests.sh installs libtpu beside .venv (MSLAM_LIBTPU_DIR), for this
   # subprocess only; an environment with the tpu extra has it already.
   libtpu_dir = os.environ.get('MSLAM_LIBTPU_DIR', '')
@@ -197,6 +200,8 @@ def test_compiles_for_a_tpu_slice_without_a_tpu():
        '--topology=v5litepod-4', '--gin.MESH_SHAPE=(-1, 1, 1)'],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
+  # libtpu's start-up lines (no TPU VM here) are set aside unless --verbose.
+  assert library_log_lines(result.stderr) == [], result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert lines[0] == 'compiling the train step for --topology=v5litepod-4 with XLA:TPU...'
   assert lines[1].startswith('mesh: data=4, fsdp=1, model=1 (4 devices')

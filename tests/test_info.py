@@ -1,9 +1,11 @@
 """Parameter counts: paper ranges, and an independent closed-form count."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+from library_logs import library_log_lines
 
 from mslam_jax import gin_utils, info, pretrain_loss
 from mslam_jax import REPO_ROOT
@@ -49,8 +51,14 @@ def test_paper_sizes(gin_file, low, high, capsys):
   assert abs(per_layer / (23 * c.d_model ** 2) - 1) < 0.03
 
 
-def test_info_command_line_runs_in_seconds():
-  out = subprocess.run([sys.executable, '-m', 'mslam_jax.info',
-                        '--gin_file=gin/pretrain_2b.gin'], cwd=REPO_ROOT, check=True,
-                       capture_output=True, text=True, timeout=900)
+def test_info_command_line_runs_in_seconds_without_library_noise():
+  """The counts and nothing from TensorFlow's or XLA's loggers, unless --verbose."""
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  command = [sys.executable, '-m', 'mslam_jax.info', '--gin_file=gin/pretrain_2b.gin']
+  out = subprocess.run(command, cwd=REPO_ROOT, check=True, env=env, capture_output=True,
+                       text=True, timeout=900)
   assert out.stdout.strip().splitlines()[-1].startswith('total_params: 18')
+  assert library_log_lines(out.stderr) == [], out.stderr
+  verbose = subprocess.run(command + ['--verbose'], cwd=REPO_ROOT, check=True, env=env,
+                           capture_output=True, text=True, timeout=900)
+  assert library_log_lines(verbose.stderr), verbose.stderr  # what the quiet run leaves out

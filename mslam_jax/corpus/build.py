@@ -43,6 +43,12 @@ The same seed, languages and package versions give the same corpus, whatever
 --workers.
 """
 
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from mslam_jax import console
+
+if __name__ == '__main__':
+  console.quiet_unless_verbose()  # before tensorflow loads its loggers
+
 import argparse
 import collections
 import dataclasses
@@ -418,6 +424,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help=f'leave out the catalogs in {catalogs.SYSTEM_LOCALE_DIR}, '
                            'whose set depends on what the machine has installed')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
+  parser.add_argument(console.VERBOSE_FLAG, action='store_true',
+                      help="keep TensorFlow's start-up logs")
   return parser.parse_args(argv)
 
 
