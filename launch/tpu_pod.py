@@ -31,6 +31,9 @@ Start:
       [--repo_url=https://github.com/me/mslam_jax.git] [--git_ref=main] \
       [--remote_log_dir=mslam_jax_logs] \
       [--dry_run] -- --gin.TRAIN_STEPS=1000 --gin.MESH_SHAPE="(4, 4, 1)"
+  Compile for the slice first: `python -m mslam_jax.compile --gin_file=FILE
+  --topology=TYPE` says whether the step fits its HBM. At the paper's batch
+  0.6B needs 64 v4 chips (v4-128) with --gin.TrainConfig.accumulate_steps=4.
 Watch and stop (same --name, --zone, [--project], [--remote_log_dir]):
   python launch/tpu_pod.py logs --name=mslam-v4 --zone=us-central2-b \
       [--worker=N] [--lines=100] [--follow]  # each line prefixed [N]
