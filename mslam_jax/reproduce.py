@@ -28,10 +28,12 @@ Debian mirrors) when --corpus_dir names it or it is at the default place;
 """
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from mslam_jax import console
 from mslam_jax import host_memory
 
 if __name__ == '__main__':
   host_memory.configure_on_cpu()  # first: it may re-execute the process (host_memory.py)
+  console.quiet_unless_verbose()  # before jax and tensorflow load their loggers
 
 import argparse
 import contextlib
@@ -44,6 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mslam_jax
 from mslam_jax import report
+from mslam_jax import trainer
 
 VARIANTS = {  # name -> gin file (the paper's three pre-training variants)
     'w2v_bert': 'gin/variants/w2v_bert.gin',
@@ -247,6 +250,10 @@ def run_all(output: str, budget: Budget) -> Dict[str, Any]:
           export(output, unit[1], unit[2], budget)
         else:
           downstream(output, unit[1], unit[2], unit[3], budget)
+    except trainer.Preempted as stop:  # saved; not marked done, so a rerun resumes it
+      print(f'{what}: SIGTERM at step {stop.step} of {stop.num_steps}, saved; the same '
+            f'command resumes from there (log: {log})', flush=True)
+      raise
     except Exception:
       print(f'{what} failed; its log: {log}', flush=True)
       raise
@@ -410,7 +417,7 @@ def pretraining_curves(output: str, budget: Budget) -> Dict[str, Dict[str, List[
         'step': steps,
         **{key: [statistics.fmean(s[step][key] for s in per_seed) for step in steps]
            for key in ('loss', 'speech/contrastive', 'speech/masked_prediction')
-           if all(key in s[steps[0]] for s in per_seed) and steps}}
+           if steps and all(key in s[steps[0]] for s in per_seed)}}
   return curves
 
 
@@ -490,6 +497,8 @@ def main(argv=None):
   parser.add_argument('--pretrain_steps', type=int)
   parser.add_argument('--finetune_steps', type=int)
   parser.add_argument('--evaluations', help='comma-separated, of ' + ', '.join(EVALUATIONS))
+  parser.add_argument(console.VERBOSE_FLAG, action='store_true',
+                      help="keep jax's, XLA's and TensorFlow's start-up logs")
   args = parser.parse_args(argv)
   budget = QUICK if args.quick else FULL
   changes = {}

@@ -311,6 +311,20 @@ class NonFiniteLossError(RuntimeError):
   """Too many steps in a row had a NaN or Inf loss."""
 
 
+class Preempted(SystemExit):
+  """Raised by `run` once the state is saved after SIGTERM (a preemption notice).
+
+  A SystemExit with code 0: a preempted process ends cleanly and its launcher's
+  restart resumes from that checkpoint. Raised rather than returned, so that a
+  caller in the same process (a fine-tuning's scoring, mslam_jax.reproduce's next
+  unit) never takes the shortened run for a finished one.
+  """
+
+  def __init__(self, step: int, num_steps: int):
+    super().__init__(0)
+    self.step, self.num_steps = step, num_steps
+
+
 class _SigtermFlag:
   """Set by SIGTERM (preemption notice); the loop saves and returns."""
 
@@ -390,7 +404,7 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
   time, examples/s, with frame_seconds (the log-mel hop) audio s/s (all
   hosts), and with step_flops TFLOP/s and MFU against peak_flops_per_device.
   Saves through `checkpointer` on its interval, at the end, and on SIGTERM
-  (then returns early). The first step's time (mostly compilation) is
+  (then raises Preempted). The first step's time (mostly compilation) is
   reported on its own line and left out of the rates.
 
   The step number is counted on the host (every step advances state.step by
@@ -456,5 +470,7 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
   skips.read(keep_newest=False)
   if checkpointer is not None:
     checkpointer.wait()
+  if step < num_steps:
+    raise Preempted(step, num_steps)
   return state, history
 

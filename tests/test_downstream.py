@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 import mslam_jax
 import toy_corpus
+from mslam_jax import trainer
 from mslam_jax.downstream import asr, backbone as backbone_lib, data, decoder, engine
 from mslam_jax.downstream import metrics, retrieval, speech_classification, suite, translation
 
@@ -122,6 +125,34 @@ def test_scoring_says_what_it_prepares_before_it_works(splits, export_backbone, 
   # The frozen copy still says which export's weights it holds.
   manifest = export_backbone.encoder.manifest
   assert scores['backbone_origin'] == {'step': manifest['step'], 'source': manifest['source']}
+
+
+def test_sigterm_saves_the_head_and_writes_no_scores_then_a_rerun_resumes(
+    splits, export_backbone, tmp_path, monkeypatch, capsys):
+  """A fine-tuning stopped by SIGTERM must not score its half-trained head: it saves and
+  exits (trainer.Preempted, code 0); the same call again resumes and scores."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers are installed from the main thread only')
+  batches_from = engine.batches_from
+
+  def signalled(evaluation, config, start_step):
+    for i, batch in enumerate(batches_from(evaluation, config, start_step)):
+      if start_step == 0 and i == 5:  # while the sixth batch is fetched
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(engine, 'batches_from', signalled)
+  config = _config(tmp_path, freeze_encoder=True)
+  evaluation = speech_classification.LanguageId(splits, eval_batch_size=8)
+  with pytest.raises(trainer.Preempted) as stop:
+    engine.run_and_score(evaluation, export_backbone, config, splits=('test',))
+  assert (stop.value.code, stop.value.step) == (0, 6)
+  assert not os.path.exists(os.path.join(config.model_dir, 'scores.json'))
+  scores = engine.run_and_score(speech_classification.LanguageId(splits, eval_batch_size=8),
+                                export_backbone, config, splits=('test',))
+  assert 'language_id: resuming from step 6' in capsys.readouterr().out
+  assert scores['train_steps'] == 12 and scores['test']['num_examples'] == 9
+  assert os.path.exists(os.path.join(config.model_dir, 'scores.json'))
 
 
 def test_frozen_backbone_precomputes_the_same_encodings(splits, export_backbone):

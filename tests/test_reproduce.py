@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mslam_jax import reproduce
+from mslam_jax import trainer
 
 BUDGET = dataclasses.replace(reproduce.QUICK, seeds=(0, 1, 2))
 
@@ -32,9 +33,11 @@ def _fake_scores(evaluation, backbone, seed):
 def fake_units(monkeypatch):
   """Replaces pre-training, export and fine-tuning by recorders that write their outputs."""
   calls = []
-  fail_at = {'unit': None}
+  fail_at = {'unit': None, 'error': RuntimeError('killed')}
 
   def pretrain(output, variant, seed, budget):
+    if ('pretrain', variant, seed) == fail_at['unit']:
+      raise fail_at['error']
     calls.append(('pretrain', variant, seed))
     folder = os.path.join(output, 'pretrain', f'{variant}_seed{seed}')
     os.makedirs(folder, exist_ok=True)
@@ -49,7 +52,7 @@ def fake_units(monkeypatch):
   def downstream(output, evaluation, backbone, seed, budget):
     unit = ('downstream', evaluation, backbone, seed)
     if unit == fail_at['unit']:
-      raise RuntimeError('killed')
+      raise fail_at['error']
     calls.append(unit)
     folder = os.path.join(output, 'downstream', evaluation, f'{backbone}_seed{seed}')
     os.makedirs(folder, exist_ok=True)
@@ -75,6 +78,25 @@ def test_plan_runs_every_variant_and_baseline_with_equal_seeds():
   # Normalised log-mel's mean+std pooling is constant: no language-ID run.
   assert ('downstream', 'language_id', 'logmel_normalized', 2) not in downstream
   assert len(set(units)) == len(units)
+
+
+def test_a_preempted_unit_stops_the_reproduction_and_is_not_marked_done(fake_units, tmp_path,
+                                                                        capsys):
+  """SIGTERM inside a unit (trainer.Preempted after its save) ends the whole run with code
+  0 and leaves the unit to the next sitting, which resumes it first."""
+  calls, fail_at = fake_units
+  unit = ('pretrain', 'mslam_tlm', 0)
+  fail_at.update(unit=unit, error=trainer.Preempted(7, 40))
+  with pytest.raises(SystemExit) as stop:
+    reproduce.run_all(str(tmp_path), BUDGET)
+  assert stop.value.code == 0
+  assert not os.path.exists(reproduce._marker(str(tmp_path), unit))
+  assert 'pretrain mslam_tlm 0: SIGTERM at step 7 of 40, saved' in capsys.readouterr().out
+  first = list(calls)
+  fail_at['unit'] = None
+  calls.clear()
+  reproduce.run_all(str(tmp_path), BUDGET)
+  assert calls[0] == unit and sorted(first + calls) == sorted(reproduce.plan(BUDGET))
 
 
 def test_a_killed_reproduction_resumes_where_it_stopped(fake_units, tmp_path):
@@ -148,3 +170,13 @@ def test_plots_are_written(fake_units, tmp_path):
   assert reproduce._chance('language_id', 'accuracy', rows) == pytest.approx(1 / 3)
   assert reproduce._chance('retrieval', 'speech->text R@1', rows) == 0.01
   assert reproduce._chance('ctc_probe', 'CER', rows) is None
+
+
+def test_curves_of_seeds_that_logged_no_common_step_are_empty(tmp_path):
+  budget = dataclasses.replace(BUDGET, seeds=(0, 1))
+  for seed, steps in ((0, (10, 20)), (1, (7,))):  # seed 1 stopped at step 7 and logged there
+    folder = tmp_path / 'pretrain' / f'w2v_bert_seed{seed}'
+    folder.mkdir(parents=True)
+    (folder / 'metrics.jsonl').write_text(''.join(
+        json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in steps), encoding='utf-8')
+  assert reproduce.pretraining_curves(str(tmp_path), budget) == {'w2v_bert': {'step': []}}

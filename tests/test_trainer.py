@@ -2,6 +2,9 @@
 
 import dataclasses
 import itertools
+import os
+import signal
+import threading
 
 import flax.linen as nn
 import gin
@@ -154,6 +157,55 @@ def test_loop_reads_each_step_after_dispatching_the_next():
                     ('read', 2), ('dispatch', 4), ('read', 3), ('read', 4),
                     ('dispatch', 5), ('read', 5)]
   assert records == [(4, 3), (5, 3)]
+
+
+def test_sigterm_saves_then_raises_preempted_so_no_caller_takes_the_run_as_finished():
+  """SIGTERM during step 3 of 10: the loop forces a save of step 3, logs it, and raises
+  Preempted (a SystemExit with code 0) instead of returning a state that looks finished."""
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip('signal handlers are installed from the main thread only')
+
+  @dataclasses.dataclass
+  class State:
+    step: int
+
+  def step_fn(state, batch, rng):  # pylint: disable=unused-argument
+    return State(state.step + 1), {'skipped': 0.0, 'loss': 1.0}
+
+  class Writer:
+    def __init__(self):
+      self.steps = []
+
+    def write(self, step, metrics, total_steps=None):  # pylint: disable=unused-argument
+      self.steps.append(step)
+      return {'step': step}
+
+  class Checkpointer:
+    def __init__(self):
+      self.forced, self.waited = [], False
+
+    def save(self, step, state, sampler, force=False):  # pylint: disable=unused-argument
+      if force:
+        self.forced.append(step)
+
+    def wait(self):
+      self.waited = True
+
+  def batches():
+    batch = {'speech': {'features': np.zeros((1, 2), np.float32)}}
+    for i in itertools.count(1):
+      if i == 3:  # arrives while the third batch is fetched
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+  writer, checkpointer = Writer(), Checkpointer()
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(trainer.Preempted) as stop:
+    trainer.run(State(0), step_fn, batches(), jax.random.key(0), mesh=_mesh((1, 1, 1), 1),
+                num_steps=10, log_every=5, writer=writer, checkpointer=checkpointer)
+  assert (stop.value.code, stop.value.step, stop.value.num_steps) == (0, 3, 10)
+  assert checkpointer.forced == [3] and checkpointer.waited and writer.steps == [3]
+  assert signal.getsignal(signal.SIGTERM) is handler  # the loop's own handler is gone
 
 
 def test_skipped_steps_advance_the_learning_rate_and_gumbel_temperature_together():
