@@ -70,8 +70,9 @@ def backbone_phrase(scores: Dict) -> str:
   return f'{name}, {"frozen" if scores["freeze_encoder"] else "fine-tuned"}'
 
 
-def downstream_line(scores: Dict, name: str) -> str:
-  """One line: the run's folder name, the backbone, and its headline test score."""
+def downstream_line(scores: Dict, name: str, width: int = 45) -> str:
+  """One line: the run's folder name, the backbone, and (from column `width`) its headline
+  test score."""
   test = scores.get('test', {})
   what = f'{name} ({backbone_phrase(scores)})'
   if 'accuracy' in test:
@@ -83,7 +84,7 @@ def downstream_line(scores: Dict, name: str) -> str:
   else:
     value = (f'speech->text R@1 {test["speech_to_text_recall@1"]:.3f} '
              f'(chance {test["chance@1"]:.3f})')
-  return f'{what:<45} {value}'
+  return f'{what:<{width}} {value}'
 
 
 def main(argv=None):
@@ -101,9 +102,12 @@ def main(argv=None):
       print(f'  {key:<26} {first.get(key, float("nan")):>10.4g} {last[key]:>10.4g}')
   if args.downstream:
     print('downstream (test split):')
-  for folder in args.downstream:
-    scores = json.loads(paths.path(paths.join(folder, 'scores.json')).read_text())
-    print('  ' + downstream_line(scores, folder.rstrip('/').split('/')[-1]))
+  runs = [(folder.rstrip('/').split('/')[-1],
+           json.loads(paths.path(paths.join(folder, 'scores.json')).read_text()))
+          for folder in args.downstream]
+  width = max([45] + [len(f'{name} ({backbone_phrase(scores)})') for name, scores in runs])
+  for name, scores in runs:
+    print('  ' + downstream_line(scores, name, width))
   png = plot_curves(rows, paths.join(args.model_dir, 'loss_curves.png'),
                     f'pre-training: {args.model_dir}')
   print(f'\nloss curves: {png}')

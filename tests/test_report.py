@@ -32,3 +32,22 @@ def test_downstream_line_names_the_run_and_its_chance_level():
   assert 'accuracy 0.500 (chance 0.250)' in line
   scores = dict(scores, test={'cer': 0.25})
   assert report.downstream_line(scores, 'x').endswith('CER 0.250')
+
+
+def test_summary_lines_align_their_scores_past_the_longest_name(tmp_path, capsys):
+  (tmp_path / 'metrics.jsonl').write_text(
+      ''.join(json.dumps({'step': s, 'loss': 9.0 - s}) + '\n' for s in (1, 2)), encoding='utf-8')
+  test = {'accuracy': 0.5, 'classes': ['a', 'b']}
+  folders = []
+  for name, step in (('lid', 300), ('language_id_random_init', 0)):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / 'scores.json').write_text(json.dumps(
+        {'evaluation': 'language_id', 'backbone': 'mslam', 'freeze_encoder': True,
+         'backbone_origin': {'step': step, 'source': 'x'}, 'test': test}), encoding='utf-8')
+    folders.append(f'--downstream={folder}')
+  report.main([f'--model_dir={tmp_path}', *folders])
+  lines = [line for line in capsys.readouterr().out.splitlines() if 'accuracy 0.500' in line]
+  assert [line.index('accuracy') for line in lines] == [len(lines[1]) - len(
+      'accuracy 0.500 (chance 0.500)')] * 2
+  assert lines[1].startswith('  language_id_random_init (mslam at step 0 (untrained), frozen) ')
