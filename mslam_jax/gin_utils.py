@@ -98,6 +98,11 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), *,
     root.setLevel(level)
 
 
+GIN_FLAG_HELP = ('--gin.NAME=VALUE (repeatable) binds a gin parameter or macro after the '
+                 'files, e.g. --gin.TRAIN_STEPS=100 --gin.MODEL_DIR="\'runs/demo\'" '
+                 '(strings in inner quotes).')
+
+
 def parse_command_line(description: str, argv: Optional[Sequence[str]] = None,
                        parser: Optional[argparse.ArgumentParser] = None, *,
                        writes_model_dir: bool = True):
@@ -110,6 +115,9 @@ def parse_command_line(description: str, argv: Optional[Sequence[str]] = None,
   parser = parser or argparse.ArgumentParser(description=description)
   parser.add_argument('--gin_file', action='append', default=[],
                       help='gin file (repeatable), e.g. gin/pretrain_tiny_cpu.gin')
+  # --gin.NAME=VALUE never reaches argparse (split_gin_flags takes it first), so its
+  # help would otherwise be missing.
+  parser.epilog = ' '.join(filter(None, [parser.epilog, GIN_FLAG_HELP]))
   if not any(a.dest == 'verbose' for a in parser._actions):  # pylint: disable=protected-access
     parser.add_argument('--verbose', action='store_true',
                         help='keep the start-up logs of jax, XLA and TensorFlow '

@@ -78,6 +78,15 @@ def test_command_line_overrides():
   assert ModelConfig().num_heads == 2
 
 
+def test_help_lists_the_gin_binding_flag(capsys):
+  """--gin.NAME=VALUE bypasses argparse, so --help has to name it in its own words."""
+  with pytest.raises(SystemExit) as done:
+    gin_utils.parse_command_line('a tool', ['--help'])
+  assert done.value.code == 0
+  out = capsys.readouterr().out
+  assert '--gin_file' in out and '--gin.NAME=VALUE (repeatable)' in out
+
+
 def test_bad_flag_and_missing_file_say_how_to_fix():
   with pytest.raises(SystemExit, match='--gin.NAME=VALUE'):
     gin_utils.split_gin_flags(['--gin.TRAIN_STEPS'])
