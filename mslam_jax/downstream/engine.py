@@ -188,9 +188,9 @@ def fit(evaluation: Evaluation, backbone, config: FinetuneConfig,
   writer = trainer.MetricsWriter(config.model_dir)
   try:
     if int(state.step) < config.train_steps:
+      what = report.backbone_phrase(_run_facts(backbone, config))
       print(f'{evaluation.name}: {evaluation.num_train} training items, {config.train_steps} '
-            f'steps of {config.batch_size} ({report.backbone_phrase(_run_facts(backbone, config))})',
-            flush=True)
+            f'steps of {config.batch_size} ({what})', flush=True)
       state, _ = trainer.run(state, step_fn, batches_from(evaluation, config, int(state.step)),
                              jax.random.key(config.seed + 1), mesh=mesh,
                              num_steps=config.train_steps, log_every=config.log_every,
