@@ -325,14 +325,26 @@ class Preempted(SystemExit):
     self.step, self.num_steps = step, num_steps
 
 
-class _SigtermFlag:
-  """Set by SIGTERM (preemption notice); the loop saves and returns."""
+class _SigtermStop:
+  """Whether to stop after a step: SIGTERM (a preemption notice), at the same step everywhere.
+
+  One process: a Python SIGTERM handler sets a flag, read once per step. Several
+  processes: jax's preemption service (`multihost_utils.reached_preemption_sync_point`,
+  started by `jax.distributed.initialize`) catches SIGTERM itself, passes the notice
+  to every process, and names one step at which all of them stop; a process that read
+  a flag of its own could stop a step before the others and wait in its collective save
+  while they wait in the next step's. A SIGTERM to one host stops them all. No Python
+  handler is installed then: it would replace the service's.
+  """
 
   def __init__(self):
     self.raised = False
     self._previous = None
+    self._shared = jax.process_count() > 1
 
   def __enter__(self):
+    if self._shared:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: no handler, as in tests run from threads
@@ -341,6 +353,13 @@ class _SigtermFlag:
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.raised = True
+
+  def reached(self, step: int) -> bool:
+    """Called once per step, with the step just dispatched."""
+    if self._shared:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.raised  # read once: the signal may arrive at any moment
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -426,7 +445,7 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
   counts = {'examples': 0.0, 'audio_seconds': 0.0}
   skips = _SkipCounter(max_consecutive_nonfinite, checkpointer)
   compiling = None if step >= num_steps else console.Compiling()
-  with _SigtermFlag() as sigterm:
+  with _SigtermStop() as sigterm:
     while step < num_steps:
       batch = next(batches)
       for k, v in _throughput(batch, frame_seconds or 0.0).items():
@@ -441,7 +460,7 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
         # The first step's time is mostly compilation: rates start after it.
         last_time, last_step = time.perf_counter(), step
         counts = {'examples': 0.0, 'audio_seconds': 0.0}
-      stop = sigterm.raised  # read once: the signal may arrive at any moment
+      stop = sigterm.reached(step)
       log = step % log_every == 0 or step == num_steps or stop
       skips.read(keep_newest=not log)
       if checkpointer is not None:

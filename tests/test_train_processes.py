@@ -9,6 +9,7 @@ Each test runs `python -m mslam_jax.train` in subprocesses, as a user would.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,6 +111,42 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert f'stopped at step {step} of 1000: the same command resumes from there' in output
   assert os.path.isdir(os.path.join(model_dir, 'checkpoints', str(step)))
   assert os.path.isfile(os.path.join(model_dir, 'data_state', f'{step}.json'))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_a_save(tmp_path):
+  """A preemption notice that reaches one host only: jax's preemption service passes it
+  on, and both processes save the same step and exit 0. (Each stopping on its own flag,
+  one could sit in its collective save while the other waits in the next step's.)"""
+  model_dir = str(tmp_path / 'run')
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  args = _train_args(model_dir, 1000, '--gin_file=gin/variants/w2v_bert.gin',
+                     '--gin.MESH_SHAPE=(-1, 1, 1)', '--gin.BatchConfig.speech_frames=64',
+                     f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2')
+  logs = [open(tmp_path / f'process_{i}.log', 'w+', encoding='utf-8') for i in range(2)]
+  procs = [subprocess.Popen(args + [f'--process_id={i}'], cwd=REPO, env=_env(), stdout=log,
+                            stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
+  try:
+    deadline = time.time() + TIMEOUT_S
+    while not any(r['step'] >= 2 for r in _records(model_dir)):
+      assert time.time() < deadline and all(p.poll() is None for p in procs), 'no step 2'
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = []
+  for log in logs:
+    log.seek(0)
+    outputs.append(log.read())
+    log.close()
+  assert codes == [0, 0], [out[-2000:] for out in outputs]
+  steps = {int(out.split('SIGTERM: saved step ')[1].split(';')[0]) for out in outputs}
+  assert len(steps) == 1, outputs  # one step, agreed by both
+  assert os.path.isdir(os.path.join(model_dir, 'checkpoints', str(steps.pop())))
 
 
 def _launch(args, processes, devices_per_process=1):
