@@ -25,7 +25,7 @@ export MSLAM_LIBTPU_DIR="$PWD/.libtpu"
 if ! command -v espeak-ng > /dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
     echo "[setup] installing espeak-ng (apt-get) for the corpus builder's tests"
-    { timeout 600 apt-get update -qq && timeout 600 apt-get install -y -qq espeak-ng; } \
+    { timeout 180 apt-get update -qq && timeout 180 apt-get install -y -qq espeak-ng; } \
       > /dev/null 2>&1 || echo "[setup] espeak-ng did not install: its tests will be skipped"
   else
     echo "[setup] no espeak-ng: the corpus builder's speech tests will be skipped" \
