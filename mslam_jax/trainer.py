@@ -334,13 +334,14 @@ class _SigtermStop:
   to every process, and names one step at which all of them stop; a process that read
   a flag of its own could stop a step before the others and wait in its collective save
   while they wait in the next step's. A SIGTERM to one host stops them all. No Python
-  handler is installed then: it would replace the service's.
+  handler is installed then: it would replace the service's. (With the service turned
+  off, `jax_enable_preemption_service=False`, each process keeps its own flag.)
   """
 
   def __init__(self):
     self.raised = False
     self._previous = None
-    self._shared = jax.process_count() > 1
+    self._shared = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
 
   def __enter__(self):
     if self._shared:
