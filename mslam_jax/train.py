@@ -152,10 +152,6 @@ def train(model_config: ModelConfig, loss_config: pretrain_loss.LossConfig,
         max_consecutive_nonfinite=train_config.max_consecutive_nonfinite,
         frame_seconds=audio.FeatureConfig().hop_ms / 1000,
         **_flops_and_peak(model_config, loss_config, batch_config, train_config))
-  except trainer.Preempted as stop:
-    print(f'stopped at step {stop.step} of {stop.num_steps}: the same command resumes from '
-          'there', flush=True)
-    raise
   finally:
     checkpointer.close()
     writer.close()

@@ -485,7 +485,9 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
         counts = {'examples': 0.0, 'audio_seconds': 0.0}
         history.append(writer.write(step, metrics, num_steps))
       if stop:
-        print(f'SIGTERM: saved step {step}; exiting', flush=True)
+        # Every caller resumes by running its own command again (train, finetune).
+        print(f'SIGTERM: saved step {step}; exiting ({step} of {num_steps} steps done: the '
+              'same command resumes from there)', flush=True)
         break
   skips.read(keep_newest=False)
   if checkpointer is not None:

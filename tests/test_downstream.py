@@ -148,8 +148,9 @@ def test_sigterm_saves_the_head_and_writes_no_scores_then_a_rerun_resumes(
     engine.run_and_score(evaluation, export_backbone, config, splits=('test',))
   assert (stop.value.code, stop.value.step) == (0, 6)
   assert not os.path.exists(os.path.join(config.model_dir, 'scores.json'))
-  assert ('language_id: stopped at step 6 of 12, no scores written: the same command resumes '
-          'from there') in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert ('SIGTERM: saved step 6; exiting (6 of 12 steps done: the same command resumes from '
+          'there)') in out and 'language_id: stopped at step 6, no scores written' in out
   scores = engine.run_and_score(speech_classification.LanguageId(splits, eval_batch_size=8),
                                 export_backbone, config, splits=('test',))
   assert 'language_id: resuming from step 6' in capsys.readouterr().out

@@ -108,7 +108,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, output[-3000:]
   assert 'SIGTERM: saved step' in output
   step = int(output.split('SIGTERM: saved step ')[1].split(';')[0])
-  assert f'stopped at step {step} of 1000: the same command resumes from there' in output
+  assert (f'SIGTERM: saved step {step}; exiting ({step} of 1000 steps done: the same command '
+          'resumes from there)') in output
   assert os.path.isdir(os.path.join(model_dir, 'checkpoints', str(step)))
   assert os.path.isfile(os.path.join(model_dir, 'data_state', f'{step}.json'))
 

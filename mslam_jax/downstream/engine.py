@@ -195,9 +195,8 @@ def fit(evaluation: Evaluation, backbone, config: FinetuneConfig,
                              jax.random.key(config.seed + 1), mesh=mesh,
                              num_steps=config.train_steps, log_every=config.log_every,
                              writer=writer, checkpointer=checkpointer)
-  except trainer.Preempted as stop:
-    print(f'{evaluation.name}: stopped at step {stop.step} of {stop.num_steps}, no scores '
-          'written: the same command resumes from there', flush=True)
+  except trainer.Preempted as stop:  # run_and_score scores nothing then
+    print(f'{evaluation.name}: stopped at step {stop.step}, no scores written', flush=True)
     raise
   finally:
     checkpointer.close()
