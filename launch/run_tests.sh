@@ -8,9 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh
 # libtpu (the `tpu` extra) goes beside .venv, not into it: with it installed, every
-# jax start-up in .venv would probe for a TPU. tests/test_compile.py puts it on the
-# path of its one subprocess that compiles the train step for a TPU slice. Where no
-# wheel exists (libtpu is Linux-only), that test is skipped and says why.
+# jax start-up in .venv would probe for a TPU. tests/libtpu_env.py puts it on the
+# path of the subprocesses that compile the train step for a TPU slice (in
+# test_compile.py and test_launch.py). Where no wheel exists (libtpu is Linux-only),
+# those tests are skipped and say why.
 LIBTPU_PIN="$(grep -m1 '^libtpu==' constraints.txt)"
 if [ ! -d ".libtpu/${LIBTPU_PIN/==/-}.dist-info" ]; then
   echo "[setup] installing $LIBTPU_PIN into .libtpu for the TPU compile test"

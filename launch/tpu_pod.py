@@ -1,7 +1,8 @@
 """Launches mSLAM pre-training on a Cloud TPU pod slice, and watches and stops it.
 
 `launch` (the default command) takes four steps, each one or more
-`gcloud compute tpus tpu-vm` commands:
+`gcloud compute tpus tpu-vm` commands (with --check_fit, after a local
+compile that says whether the step fits the slice):
   1. create the TPU VM (skipped with --skip_create);
   2. copy this repository to every worker: a `git archive` tarball of
      --git_ref (default HEAD; uncommitted changes are not copied), or, with
@@ -29,11 +30,13 @@ Start:
       [--accelerator_type=v4-32] [--version=tpu-ubuntu2204-base] \
       [--project=my-project] [--spot] [--skip_create] [--delete_after] \
       [--repo_url=https://github.com/me/mslam_jax.git] [--git_ref=main] \
-      [--remote_log_dir=mslam_jax_logs] \
+      [--remote_log_dir=mslam_jax_logs] [--check_fit] \
       [--dry_run] -- --gin.TRAIN_STEPS=1000 --gin.MESH_SHAPE="(4, 4, 1)"
-  Compile for the slice first: `python -m mslam_jax.compile --gin_file=FILE
-  --topology=TYPE` says whether the step fits its HBM. At the paper's batch
-  0.6B needs 64 v4 chips (v4-128) with --gin.TrainConfig.accumulate_steps=4.
+  --check_fit compiles the step for the slice on this machine first
+  (`python -m mslam_jax.compile --topology=TYPE` with the same gin files and
+  overrides) and stops before the TPU VM is created if it does not fit its
+  HBM. At the paper's batch 0.6B needs 64 v4 chips (v4-128) with
+  --gin.TrainConfig.accumulate_steps=4.
 Watch and stop (same --name, --zone, [--project], [--remote_log_dir]):
   python launch/tpu_pod.py logs --name=mslam-v4 --zone=us-central2-b \
       [--worker=N] [--lines=100] [--follow]  # each line prefixed [N]
@@ -144,6 +147,13 @@ def launch_parser():
   run.add_argument('--model_dir',
                    help='gs:// directory for checkpoints and metrics; becomes '
                    '--gin.MODEL_DIR')
+  run.add_argument('--check_fit', action='store_true',
+                   help='first compile the training step for --accelerator_type on this '
+                   'machine, with the same gin files and --gin. overrides (python -m '
+                   'mslam_jax.compile --topology; needs libtpu: pip install -c '
+                   "constraints.txt -e '.[tpu]'), and stop before the TPU VM is created "
+                   'if it does not fit the chips\' HBM or the mesh does not fit the slice. '
+                   'Takes minutes (0.6B on v4-128: about 12 on 2 CPU cores)')
   return parser
 
 
@@ -360,6 +370,20 @@ class Plan(Pod):
 
   def in_checkout(self, command):
     return f'cd {quote(self.args.remote_dir)} && {command}'
+
+  def fit_check(self):
+    """The local compile for --accelerator_type that says whether the step fits.
+
+    Runs mslam_jax.compile with the interpreter of this checkout's .venv (where
+    the tpu extra goes) and the gin files and --gin. overrides that training
+    gets; training's other flags (--task_module, ...) do not change the step.
+    """
+    venv_python = REPO_ROOT / '.venv' / 'bin' / 'python'
+    python = str(venv_python) if venv_python.exists() else sys.executable
+    bindings = [arg for arg in self.train_args if arg.startswith('--gin.')]
+    return [python, '-m', 'mslam_jax.compile',
+            *[f'--gin_file={path}' for path in self.gin_files],
+            f'--topology={self.args.accelerator_type}', *bindings]
 
   def create(self):
     cmd = self.gcloud('create', self.args.name,
@@ -591,19 +615,32 @@ def launch(args, train_args):
   if (message := model_dir_warning(plan)):
     warn(message)
   steps = plan.steps()
+  # Before anything is created, so that a config that cannot fit costs no
+  # TPU time, and outside `execute`, so that --delete_after does not delete
+  # a VM the user made (--skip_create) over a config they are still fixing.
+  check = ([(f'check that the step fits {args.accelerator_type} (a compile on this '
+             'machine)', [plan.fit_check()])] if args.check_fit else [])
   if args.dry_run:
-    for i, (title, commands) in enumerate(steps, 1):
+    for i, (title, commands) in enumerate(check + steps, 1):
       print(f'# {i}. {title}')
       for cmd in commands:
         print(join(cmd))
     if args.delete_after:
-      print(f'# {len(steps) + 1}. wait until training has ended on every worker')
+      print(f'# {len(check + steps) + 1}. wait until training has ended on every worker')
       print(join(plan.wait_command()))
-      print(f'# {len(steps) + 2}. delete the TPU VM')
+      print(f'# {len(check + steps) + 2}. delete the TPU VM')
       print(join(plan.delete()))
     else:
       say(plan.watch_hint())
     return 0
+  for title, [cmd] in check:
+    say(f'{title}: {join(cmd)}')
+    code = subprocess.run(cmd, check=False).returncode
+    if code:
+      raise LaunchError(f'the compile for {args.accelerator_type} failed (exit code {code}), '
+                        'so nothing was created or started. Its output above says why: a '
+                        f'step that needs more HBM than a {args.accelerator_type} chip has, '
+                        'a mesh that does not match the slice, or no libtpu on this machine')
   execute(plan, steps, args.delete_after)
   if not args.delete_after:
     say(plan.watch_hint())

@@ -68,6 +68,11 @@ _MEMORY_FIELDS = (
 )
 
 
+# What to change when the step needs more memory per chip than the chip has.
+FIT_ADVICE = ('Accumulate gradients (--gin.TrainConfig.accumulate_steps=K), choose another '
+              'remat policy, or a larger slice.')
+
+
 class ConfigError(ValueError):
   """The gin config does not fit the devices (mesh shape, batch split, parameter split)."""
 
@@ -213,8 +218,7 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
       raise
     raise DoesNotFitError(
         f'{str(e).strip().splitlines()[0]} (compiled in {time.perf_counter() - start:.0f} s). '
-        'Accumulate gradients (--gin.TrainConfig.accumulate_steps=K), choose another '
-        'remat policy, or a larger slice.') from None
+        f'{FIT_ADVICE}') from None
   compile_s = time.perf_counter() - start
 
   memory, per_device = memory_per_device(compiled)
@@ -311,11 +315,14 @@ def main(argv: Optional[Sequence[str]] = None) -> CompileReport:
       with open(args.json, 'w', encoding='utf-8') as f:
         json.dump({'topology': args.topology, 'fits': False, 'error': str(e)}, f, indent=1)
     raise SystemExit(f'does not fit {target}: {e}') from None
+  fits = report.hbm_bytes_per_device is None or (
+      report.per_device_bytes <= report.hbm_bytes_per_device)
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump({**dataclasses.asdict(report), 'fits': report.hbm_bytes_per_device is None or
-                 report.per_device_bytes <= report.hbm_bytes_per_device}, f, indent=1)
+      json.dump({**dataclasses.asdict(report), 'fits': fits}, f, indent=1)
   print(format_report(report), flush=True)
+  if not fits:  # a non-zero exit, as when XLA:TPU refuses, for scripts (tpu_pod.py --check_fit)
+    raise SystemExit(f'does not fit {target}: see the memory above. {FIT_ADVICE}')
   return report
 
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 from library_logs import library_log_lines
+from libtpu_env import with_libtpu
 
 from mslam_jax import compile as compile_lib
 from mslam_jax import gin_utils
@@ -185,16 +186,8 @@ def test_accelerator_types_name_their_chips_grid_and_hbm():
 
 def test_compiles_for_a_tpu_slice_without_a_tpu():
   """--topology: XLA:TPU compiles the tiny step for 4 v5e chips; memory against their HBM."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL')}
-  # launch/run_tests.sh installs libtpu beside .venv (MSLAM_LIBTPU_DIR), for this
-  # subprocess only; an environment with the tpu extra has it already.
-  libtpu_dir = os.environ.get('MSLAM_LIBTPU_DIR', '')
-  if os.path.isdir(os.path.join(libtpu_dir, 'libtpu')):
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [libtpu_dir, env.get('PYTHONPATH')]))
-  elif importlib.util.find_spec('libtpu') is None:
-    pytest.skip("needs libtpu: launch/run_tests.sh installs it into .libtpu (Linux only), "
-                "or pip install -c constraints.txt -e '.[tpu]'")
+  env = with_libtpu({k: v for k, v in os.environ.items()
+                     if k not in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL')})
   result = subprocess.run(
       [sys.executable, '-m', 'mslam_jax.compile', '--gin_file=gin/pretrain_tiny_cpu.gin',
        '--topology=v5litepod-4', '--gin.MESH_SHAPE=(-1, 1, 1)'],

@@ -17,9 +17,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
+from libtpu_env import with_libtpu
 import shell_words  # launch/ (tests/conftest.py puts it on the path)
 import tpu_pod
 
@@ -166,6 +168,58 @@ def test_tpu_pod_without_gcloud_names_the_fix(tmp_path):
   assert 'https://cloud.google.com/sdk/docs/install' in result.stderr
   assert '--dry_run' in result.stderr
   assert not result.stdout
+
+
+def test_tpu_pod_dry_run_with_check_fit_compiles_for_the_slice_first():
+  result = launch('tpu_pod.py', '--name=pod', '--zone=z', '--accelerator_type=v4-128',
+                  '--gin_file=gin/pretrain_0.6b.gin', '--gin_file=gin/variants/mslam_ctc.gin',
+                  '--model_dir=gs://b/r', '--check_fit', '--dry_run', '--', *OVERRIDES)
+  assert result.returncode == 0, result.stderr
+  titles = [line for line in result.stdout.splitlines() if line.startswith('#')]
+  assert titles[0] == '# 1. check that the step fits v4-128 (a compile on this machine)'
+  assert [t.split()[2] for t in titles[1:]] == ['create', 'copy', 'set', 'train']
+  check = commands_of(result.stdout)[0]
+  venv_python = REPO / '.venv' / 'bin' / 'python'
+  # The step training would run: the same gin files and --gin. overrides (not
+  # --task_module, a flag of mslam_jax.train), compiled with .venv's python.
+  assert check == [str(venv_python) if venv_python.exists() else sys.executable,
+                   '-m', 'mslam_jax.compile', '--gin_file=gin/pretrain_0.6b.gin',
+                   '--gin_file=gin/variants/mslam_ctc.gin', '--topology=v4-128',
+                   *[arg for arg in OVERRIDES if arg.startswith('--gin.')]]
+
+
+def test_tpu_pod_check_fit_stops_before_the_vm_is_created_unless_the_step_fits(tmp_path):
+  """A real XLA:TPU compile for 4 v5e chips (libtpu), then a fake gcloud that logs its calls."""
+  env = with_libtpu({k: v for k, v in os.environ.items()
+                     if k not in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL')})
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  calls = tmp_path / 'gcloud_calls'
+  (bin_dir / 'gcloud').write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(calls))}\n')
+  (bin_dir / 'gcloud').chmod(0o755)
+  env['PATH'] = f'{bin_dir}{os.pathsep}{env["PATH"]}'
+  name = f'fit-{os.getpid()}'
+  args = ['--name', name, '--zone=z', '--accelerator_type=v5litepod-4', '--check_fit',
+          '--gin_file=gin/pretrain_tiny_cpu.gin', '--gin_file=gin/variants/w2v_bert.gin',
+          '--model_dir=gs://b/r', '--', '--gin.MESH_SHAPE=(-1, 1, 1)']
+  # 64 utterances of 32,000 frames: attention alone needs about 100 GB per chip.
+  result = launch('tpu_pod.py', *args, '--gin.BatchConfig.speech_batch_size=64',
+                  '--gin.BatchConfig.speech_frames=32000', env=env)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'does not fit --topology=v5litepod-4: RESOURCE_EXHAUSTED' in result.stderr
+  assert '--gin.TrainConfig.accumulate_steps=K' in result.stderr
+  [error] = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert 'failed (exit code 1), so nothing was created or started' in error
+  assert not calls.exists()  # gcloud was never called
+  # The demo's batch fits: the launch goes on to create, copy, set up and train.
+  try:
+    result = launch('tpu_pod.py', *args, env=env)
+  finally:
+    pathlib.Path(tempfile.gettempdir(), f'{name}-mslam_jax.tar.gz').unlink(missing_ok=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'v5litepod-4: ' in result.stdout and 'GiB HBM per chip' in result.stdout
+  verbs = [line.split()[3] for line in calls.read_text().splitlines()]
+  assert verbs == ['create', 'scp', 'ssh', 'ssh', 'ssh'], verbs
 
 
 def test_tpu_pod_rejects_a_gin_file_the_workers_would_not_have():
