@@ -300,14 +300,16 @@ def main(argv: Optional[Sequence[str]] = None) -> CompileReport:
     use_fake_cpu_devices(args.num_devices)
     require_devices(args.num_devices)
     target = f'--num_devices={args.num_devices}'
-  # A line while it works: a 2B step takes about 30 s on a CPU, longer for a large TPU slice.
+  # A line while it works, then one a minute: a 2B step takes about 30 s for 8 CPU devices,
+  # 0.6B for a v4-128 about 12 minutes on 2 CPU cores (benchmarks/RESULTS.md, "TPU slices").
   print(f'compiling the train step for {target} with XLA:{"TPU" if tpu_slice else "CPU"}...',
         flush=True)
   try:
-    _, report = compile_train_step(ModelConfig(), pretrain_loss.LossConfig(),
-                                   batch_spec.BatchConfig(), TrainConfig(),
-                                   partitioning.MeshConfig(), devices=devices,
-                                   tpu_slice=tpu_slice)
+    with console.still_working('compiling'):
+      _, report = compile_train_step(ModelConfig(), pretrain_loss.LossConfig(),
+                                     batch_spec.BatchConfig(), TrainConfig(),
+                                     partitioning.MeshConfig(), devices=devices,
+                                     tpu_slice=tpu_slice)
   except ConfigError as e:
     raise SystemExit(f'cannot compile for {target}: {e}') from e
   except DoesNotFitError as e:

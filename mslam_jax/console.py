@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, Iterable, Iterator, Optional, Sequence
 
@@ -88,19 +89,60 @@ def format_duration(seconds: float) -> str:
   return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
 
 
-class Compiling:
-  """Prints 'compiling the train step...' and, on `done()`, how long it took."""
+# Seconds between 'still ...' lines while a long compile runs: a 0.6B step takes
+# minutes to compile for a TPU slice on a few CPU cores, and a silent console
+# looks hung (our choice: one line a minute).
+STILL_WORKING_EVERY_S = 60.0
 
-  def __init__(self, what: str = 'the train step'):
+
+@contextlib.contextmanager
+def still_working(what: str, every_s: Optional[float] = None) -> Iterator[None]:
+  """Prints 'still WHAT: 2m00s so far' every `every_s` seconds (default
+  STILL_WORKING_EVERY_S) until the block ends, from a daemon thread."""
+  every_s = STILL_WORKING_EVERY_S if every_s is None else every_s
+  start = time.perf_counter()
+  stop = threading.Event()
+
+  def tick():
+    while not stop.wait(every_s):
+      print(f'still {what}: {format_duration(time.perf_counter() - start)} so far', flush=True)
+
+  thread = threading.Thread(target=tick, name='still-working', daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+
+
+class Compiling:
+  """Prints 'compiling the train step...', 'still compiling' every minute, and, on `done()`,
+  how long it took. Also a context manager, so that an error stops the minute lines."""
+
+  def __init__(self, what: str = 'the train step', every_s: Optional[float] = None):
     self.what = what
     self.start = time.perf_counter()
     print(f'compiling {what} (the first step includes it)...', flush=True)
+    self._still = contextlib.ExitStack()
+    self._still.enter_context(still_working(f'compiling {what}', every_s))
+
+  def stop(self) -> None:
+    """Ends the 'still compiling' lines (again: no effect)."""
+    self._still.close()
 
   def done(self) -> float:
+    self.stop()
     seconds = time.perf_counter() - self.start
     print(f'compiled {self.what} and ran the first step in {format_duration(seconds)}',
           flush=True)
     return seconds
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.stop()
 
 
 def progress_line(step: int, total: Optional[int], record: Dict[str, float],

@@ -11,6 +11,7 @@
      steps and on SIGTERM.
 """
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -446,7 +447,7 @@ def run(state: TrainState, step_fn: Callable, batches: Iterator, rng, *, mesh,
   counts = {'examples': 0.0, 'audio_seconds': 0.0}
   skips = _SkipCounter(max_consecutive_nonfinite, checkpointer)
   compiling = None if step >= num_steps else console.Compiling()
-  with _SigtermStop() as sigterm:
+  with _SigtermStop() as sigterm, (compiling or contextlib.nullcontext()):
     while step < num_steps:
       batch = next(batches)
       for k, v in _throughput(batch, frame_seconds or 0.0).items():

@@ -11,6 +11,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from library_logs import library_log_lines
 from libtpu_env import with_libtpu
 
 from mslam_jax import compile as compile_lib
+from mslam_jax import console
 from mslam_jax import gin_utils
 from mslam_jax import info
 from mslam_jax import pretrain_loss
@@ -64,6 +66,11 @@ def run_tool(*args):
   return report, out.getvalue().strip().splitlines()
 
 
+def report_lines(stdout):
+  """The tool's lines without the 'still compiling: 1m00s so far' ones (a loaded machine's)."""
+  return [line for line in stdout.strip().splitlines() if not line.startswith('still compiling')]
+
+
 @pytest.fixture(scope='module')
 def runs():
   """{mesh shape: (report, output lines)} for data parallel and FSDP (one compile each)."""
@@ -71,8 +78,13 @@ def runs():
     pytest.skip('run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
   # The tiny gin file's flattened Adam holds its state in one vector, which
   # FSDP cannot split (trainer.state_shardings refuses it).
-  return {mesh: run_tool(*ARGS, f'--gin.MESH_SHAPE={mesh}', '--gin.make_optimizer.flatten=False')
-          for mesh in (DATA_PARALLEL, FSDP)}
+  # A 'still compiling' line every 0.2 s instead of every minute, so that the
+  # output shows them (lowering alone takes over a second).
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(console, 'STILL_WORKING_EVERY_S', 0.2)
+    return {mesh: run_tool(*ARGS, f'--gin.MESH_SHAPE={mesh}',
+                           '--gin.make_optimizer.flatten=False')
+            for mesh in (DATA_PARALLEL, FSDP)}
 
 
 def _independent_counts():
@@ -124,7 +136,10 @@ def test_xla_arguments_are_state_plus_batch_shards(runs):
 
 
 def test_output_last_lines_parse(runs):
-  for report, lines in runs.values():
+  for report, raw_lines in runs.values():
+    still = [line for line in raw_lines if line.startswith('still compiling')]
+    assert still and all(re.fullmatch(r'still compiling: \d+s so far', l) for l in still)
+    lines = report_lines('\n'.join(raw_lines))
     key, value = lines[-1].split(': ')
     assert key == 'per_device_bytes' and int(value) == report.per_device_bytes
     assert lines[-2] == f'state_bytes_per_device: {report.state_bytes_per_device}'
@@ -195,7 +210,7 @@ def test_compiles_for_a_tpu_slice_without_a_tpu():
   assert result.returncode == 0, result.stderr[-3000:]
   # libtpu's start-up lines (no TPU VM here) are set aside unless --verbose.
   assert library_log_lines(result.stderr) == [], result.stderr[-3000:]
-  lines = result.stdout.splitlines()
+  lines = report_lines(result.stdout)
   assert lines[0] == 'compiling the train step for --topology=v5litepod-4 with XLA:TPU...'
   assert lines[1].startswith('mesh: data=4, fsdp=1, model=1 (4 devices')
   [fit] = [l for l in lines if l.startswith('v5litepod-4: ')]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import pytest
 
@@ -68,6 +69,8 @@ def test_the_console_shows_a_line_per_stage_and_a_summary(tmp_path, capsys):
   # The demo's float32 d 64 model keeps nn.Dense's products on every CPU: no line for them.
   assert not any(l.startswith(('CPU weight gradients', 'CPU bf16 products')) for l in lines)
   assert any(l.startswith('compiled the train step and ran the first step in ') for l in lines)
+  # The 'still compiling' lines (one a minute while the first step runs) end with it.
+  assert not [t for t in threading.enumerate() if t.name == 'still-working']
   progress = [l for l in lines if l.startswith('step ')]
   assert [l.split(' | ')[0] for l in progress] == ['step 1/2', 'step 2/2']
   assert progress[1].split(' | ')[1].startswith('loss ') and ' s/step' in progress[1]
