@@ -635,7 +635,8 @@ def launch(args, train_args):
     return 0
   for title, [cmd] in check:
     say(f'{title}: {join(cmd)}')
-    code = subprocess.run(cmd, check=False).returncode
+    # From the repository root, where mslam_jax is importable without .venv's install.
+    code = subprocess.run(cmd, cwd=REPO_ROOT, check=False).returncode
     if code:
       raise LaunchError(f'the compile for {args.accelerator_type} failed (exit code {code}), '
                         'so nothing was created or started. Its output above says why: a '
