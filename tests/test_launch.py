@@ -1,8 +1,10 @@
 """The launchers: tpu_pod.py's commands (dry run, no gcloud) and local_multiprocess.py's processes.
 
-tpu_pod.py is only run with --dry_run or without gcloud on PATH, so nothing
-here touches the network; the scripts it would run on the workers are run
-here by bash, on a fake worker (a fake `curl` and training command). The
+tpu_pod.py is only run with --dry_run, without gcloud on PATH, or with a fake
+gcloud that records its arguments, so nothing here touches the network; the
+scripts it would run on the workers are run here by bash, on a fake worker (a
+fake `curl` and training command). --check_fit compiles for a TPU slice for
+real (libtpu, as in test_compile.py). The
 local_multiprocess.py tests start real processes: small helper modules
 written into tmp_path, and one 2-process jax.distributed run. Time limits
 are loose (the machine may be oversubscribed): they only tell "stopped by
