@@ -3,7 +3,8 @@
 `launch` (the default command) takes four steps, each one or more
 `gcloud compute tpus tpu-vm` commands (with --check_fit, after a local
 compile that says whether the step fits the slice):
-  1. create the TPU VM (skipped with --skip_create);
+  1. create the TPU VM, with the runtime (--version) of its generation
+     unless given (skipped with --skip_create);
   2. copy this repository to every worker: a `git archive` tarball of
      --git_ref (default HEAD; uncommitted changes are not copied), or, with
      --repo_url, a `git clone` of that URL checked out at --git_ref;
@@ -27,7 +28,7 @@ a gs:// path all hosts share; the launcher warns when it is not.
 Start:
   python launch/tpu_pod.py [launch] --name=mslam-v4 --zone=us-central2-b \
       --gin_file=gin/pretrain_0.6b.gin --model_dir=gs://my-bucket/mslam_0.6b \
-      [--accelerator_type=v4-32] [--version=tpu-ubuntu2204-base] \
+      [--accelerator_type=v4-32] [--version=RUNTIME (default: by generation)] \
       [--project=my-project] [--spot] [--skip_create] [--delete_after] \
       [--repo_url=https://github.com/me/mslam_jax.git] [--git_ref=main] \
       [--remote_log_dir=mslam_jax_logs] [--check_fit] \
@@ -95,6 +96,23 @@ class LaunchError(Exception):
   """A problem with the launch request that the user must fix."""
 
 
+# The TPU VM runtime (--version) per accelerator generation, from Cloud TPU's
+# documentation of software versions; a VM of one generation does not start
+# with another's.
+RUNTIME_VERSIONS = {'v4': 'tpu-ubuntu2204-base', 'v5litepod': 'v2-alpha-tpuv5-lite',
+                    'v5p': 'v2-alpha-tpuv5', 'v6e': 'v2-alpha-tpuv6e'}
+
+
+def runtime_version(accelerator_type):
+  """The runtime for 'v5p-128' and the like; LaunchError for an unknown generation."""
+  generation = accelerator_type.rsplit('-', 1)[0]
+  if generation not in RUNTIME_VERSIONS:
+    raise LaunchError(f'--accelerator_type={accelerator_type}: no default --version for '
+                      f'{generation!r} (known: {", ".join(RUNTIME_VERSIONS)}); pass '
+                      '--version=RUNTIME')
+  return RUNTIME_VERSIONS[generation]
+
+
 def add_vm_flags(parser):
   """The flags that name the TPU VM and where its workers keep the training's logs."""
   tpu = parser.add_argument_group('TPU VM')
@@ -117,9 +135,10 @@ def launch_parser():
   tpu = add_vm_flags(parser)
   tpu.add_argument('--accelerator_type', default='v4-32',
                    help='slice type, e.g. v4-32, v5p-64, v6e-32 (default %(default)s)')
-  tpu.add_argument('--version', default='tpu-ubuntu2204-base',
-                   help='TPU software (runtime) version; v5e: v2-alpha-tpuv5-lite, '
-                   'v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e (default %(default)s)')
+  tpu.add_argument('--version',
+                   help='TPU software (runtime) version (default: the one for the '
+                   'accelerator type\'s generation: ' + ', '.join(
+                       f'{g} {v}' for g, v in RUNTIME_VERSIONS.items()) + ')')
   tpu.add_argument('--spot', action='store_true', help='create a Spot TPU VM')
   tpu.add_argument('--skip_create', action='store_true',
                    help='the TPU VM exists already: skip the create step')
@@ -388,7 +407,7 @@ class Plan(Pod):
   def create(self):
     cmd = self.gcloud('create', self.args.name,
                       f'--accelerator-type={self.args.accelerator_type}',
-                      f'--version={self.args.version}')
+                      f'--version={self.args.version or runtime_version(self.args.accelerator_type)}')
     return cmd + ['--spot'] if self.args.spot else cmd
 
   def copy(self):

@@ -172,6 +172,27 @@ def test_tpu_pod_without_gcloud_names_the_fix(tmp_path):
   assert not result.stdout
 
 
+@pytest.mark.parametrize('accelerator_type, version_args, version', [
+    ('v5p-128', [], 'v2-alpha-tpuv5'), ('v5litepod-256', [], 'v2-alpha-tpuv5-lite'),
+    ('v6e-16', [], 'v2-alpha-tpuv6e'), ('v4-8', [], 'tpu-ubuntu2204-base'),
+    ('v5p-128', ['--version=my-runtime'], 'my-runtime')])
+def test_tpu_pod_picks_the_runtime_of_the_slices_generation(accelerator_type, version_args,
+                                                            version):
+  args = tpu_pod.parse_args(['--name=pod', '--zone=z', f'--accelerator_type={accelerator_type}',
+                             *version_args, '--gin_file=gin/pretrain_0.6b.gin'])
+  create = tpu_pod.Plan(args, []).create()
+  assert create[5:8] == ['pod', f'--accelerator-type={accelerator_type}', f'--version={version}']
+
+
+def test_tpu_pod_asks_for_the_runtime_of_a_generation_it_does_not_know():
+  result = launch('tpu_pod.py', '--name=pod', '--zone=z', '--accelerator_type=v9x-8',
+                  '--gin_file=gin/pretrain_0.6b.gin', '--model_dir=gs://b/r', '--dry_run')
+  assert result.returncode == 1 and not result.stdout
+  assert result.stderr.strip().endswith(
+      "error: --accelerator_type=v9x-8: no default --version for 'v9x' (known: v4, v5litepod, "
+      'v5p, v6e); pass --version=RUNTIME')
+
+
 def test_tpu_pod_dry_run_with_check_fit_compiles_for_the_slice_first():
   result = launch('tpu_pod.py', '--name=pod', '--zone=z', '--accelerator_type=v4-128',
                   '--gin_file=gin/pretrain_0.6b.gin', '--gin_file=gin/variants/mslam_ctc.gin',
