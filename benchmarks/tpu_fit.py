@@ -44,15 +44,6 @@ def gin_settings(gin_file: str, bindings, chips: int):
   return batches, ModelConfig().remat_policy, data * fsdp
 
 
-def accumulations(batches: list, shards: int, most: int):
-  """K = 1, 2, 4, ... <= most whose micro-batches (B / K) still split over the batch shards."""
-  k = 1
-  while k <= most:
-    if all(b % k == 0 and (b // k) % shards == 0 for b in batches):
-      yield k
-    k *= 2
-
-
 def compile_once(gin_file: str, topology: str, k: int, remat: str, bindings=()) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'report.json')
@@ -104,6 +95,7 @@ def main():
   sys.path.insert(0, REPO_ROOT)
   from mslam_jax import console  # pylint: disable=g-import-not-at-top
   console.quiet_unless_verbose()
+  from mslam_jax import compile as compile_lib  # pylint: disable=g-import-not-at-top
   from mslam_jax import tpu_topologies  # pylint: disable=g-import-not-at-top
   print('| topology | config | remat | accumulation K | per-device HBM needed | chip HBM | '
         'fits? | compile (wall) |')
@@ -116,7 +108,7 @@ def main():
     policies = [gin_remat] + [p for p in args.fallback_remat.split(',') if p and p != gin_remat]
     for remat in policies:
       fits = False
-      for k in accumulations(batches, shards, args.max_accumulation):
+      for k in compile_lib.accumulations(batches, shards, args.max_accumulation):
         r = compile_once(GIN_FILES[model], topology, k, remat, args.binding)
         fits = r['fits']
         needed = needed_text(r)

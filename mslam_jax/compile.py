@@ -38,9 +38,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -71,6 +72,59 @@ _MEMORY_FIELDS = (
 # What to change when the step needs more memory per chip than the chip has.
 FIT_ADVICE = ('Accumulate gradients (--gin.TrainConfig.accumulate_steps=K), choose another '
               'remat policy, or a larger slice.')
+# XLA:TPU's refusal: "... the total memory required for HLO temporaries (102.29G)
+# exceeds available HBM (15.75G)" (libtpu 0.0.42.1), or "... temporaries 105.92G,
+# available 30.75G".
+_TEMPORARIES_OVER = re.compile(r'temporaries \(?([\d.]+)([KMGT]?)\)?'
+                               r'(?: exceeds available HBM \(|, available )([\d.]+)([KMGT]?)')
+
+
+def accumulations(batch_sizes: Sequence[int], shards: int, most: int) -> Iterator[int]:
+  """K = 1, 2, 4, ... <= most whose micro-batches (B / K) still split over the batch shards.
+
+  batch_sizes: the global batch of each enabled data kind; shards: the mesh's
+  batch shards (data x fsdp). `trainer` splits every kind's batch into K equal
+  micro-batches, each sharded like the whole batch.
+  """
+  k = 1
+  while k <= most:
+    if all(b % k == 0 and (b // k) % shards == 0 for b in batch_sizes):
+      yield k
+    k *= 2
+
+
+def accumulation_advice(refusal: str, accumulate_steps: int, batch_sizes: Sequence[int],
+                        shards: int) -> str:
+  """What to try after XLA:TPU refused the step with `refusal` (its message).
+
+  The temporaries are mostly activations. In the compiles of
+  benchmarks/RESULTS.md ("TPU slices") they shrank at least as fast as the
+  micro-batch (0.6B on a v4-128: 105.9G at K = 1, 39.0G at 2, 22.9G at 4), so
+  the K to try is the smallest allowed multiple of the current one that
+  divides them by at least needed / available. That names the smallest K
+  that fit for 0.6B (4 on a v4-128, 2 on a v5p-128) and 2B (2 on a
+  v5litepod-256); a tiny step at 102G of 15.75 got 8 where 4 fit too. A
+  guess to compile, not a promise; FIT_ADVICE when the message has no
+  figures.
+  """
+  match = _TEMPORARIES_OVER.search(refusal)
+  if not match:
+    return FIT_ADVICE
+  scale = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+  needed = float(match.group(1)) * scale[match.group(2)]
+  available = float(match.group(3)) * scale[match.group(4)]
+  wanted = accumulate_steps * needed / available
+  for k in accumulations(batch_sizes, shards, most=2 ** 16):
+    if k >= wanted and k % accumulate_steps == 0:
+      return (f'Try --gin.TrainConfig.accumulate_steps={k}: the temporaries are '
+              f'{needed / available:.1f}x what the chip has free, and they shrink at least '
+              'as fast as the micro-batch, so this K should fit; a smaller one may too '
+              '(benchmarks/tpu_fit.py compiles each K in turn). Or choose another remat '
+              'policy, or a larger slice.')
+  return (f'No gradient accumulation of {accumulate_steps} or more splits the batch '
+          f'({", ".join(map(str, batch_sizes))}) into micro-batches over the {shards} batch '
+          "shards: choose another remat policy (e.g. --gin.ModelConfig.remat_policy='full') "
+          'or a larger slice.')
 
 
 class ConfigError(ValueError):
@@ -216,9 +270,13 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
     # XLA:TPU checks memory at compile time and names what is over (XLA:CPU never does).
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
+    refusal = str(e).strip().splitlines()[0]
+    advice = accumulation_advice(
+        refusal, train_config.accumulate_steps,
+        [getattr(batch_config, f'{kind}_batch_size') for kind in loss_config.parts],
+        math.prod(mesh.shape[axis] for axis in partitioning.BATCH_AXES))
     raise DoesNotFitError(
-        f'{str(e).strip().splitlines()[0]} (compiled in {time.perf_counter() - start:.0f} s). '
-        f'{FIT_ADVICE}') from None
+        f'{refusal} (compiled in {time.perf_counter() - start:.0f} s). {advice}') from None
   compile_s = time.perf_counter() - start
 
   memory, per_device = memory_per_device(compiled)

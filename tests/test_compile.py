@@ -199,6 +199,44 @@ def test_accelerator_types_name_their_chips_grid_and_hbm():
     tpu_topologies.parse_accelerator_type('tpu-64')
 
 
+def test_accumulations_keep_micro_batches_divisible_by_the_shards():
+  # The paper's batches (speech, text, paired) over 64 and 256 batch shards.
+  assert list(compile_lib.accumulations([2048, 8192, 256], 64, 16)) == [1, 2, 4]
+  assert list(compile_lib.accumulations([2048, 8192, 256], 256, 16)) == [1]
+  assert list(compile_lib.accumulations([48, 96, 24], 1, 16)) == [1, 2, 4, 8]
+
+
+PAPER_BATCH = [2048, 8192, 256]
+
+
+@pytest.mark.parametrize('refusal, k, shards, expected', [
+    # XLA:TPU's refusals at K = 1 and the K that then fit (benchmarks/RESULTS.md,
+    # "TPU slices"): 0.6B on a v4-128 (K = 2 still needed 38.98G of 30.75: K = 4
+    # fit), 0.6B on a v5p-128, 2B on a v5litepod-256 with 4-way model parallelism.
+    ('Ran out of memory on HBM, temporaries 105.92G, available 30.75G', 1, 64, 4),
+    ('Ran out of memory on HBM, the total memory required for HLO temporaries (105.91G) '
+     'exceeds available HBM (95.74G).', 1, 64, 2),
+    ('temporaries 16.86G, available 15.75G', 1, 64, 2),
+    # From K = 2 the next guess is a multiple of 2.
+    ('temporaries 38.98G, available 30.75G', 2, 64, 4),
+])
+def test_accumulation_advice_names_the_k_that_fit(refusal, k, shards, expected):
+  advice = compile_lib.accumulation_advice(refusal, k, PAPER_BATCH, shards)
+  assert advice.startswith(f'Try --gin.TrainConfig.accumulate_steps={expected}: '), advice
+
+
+def test_accumulation_advice_without_a_k_that_splits_or_without_figures():
+  # 0.6B on a v5litepod-256: 256 paired sequences over 256 shards leave no K > 1;
+  # 'full' remat is what fit there.
+  advice = compile_lib.accumulation_advice(
+      'temporaries 25.91G, available 15.75G', 1, PAPER_BATCH, 256)
+  assert advice.startswith('No gradient accumulation of 1 or more splits the batch '
+                           '(2048, 8192, 256) into micro-batches over the 256 batch shards')
+  assert "remat_policy='full'" in advice
+  assert compile_lib.accumulation_advice('RESOURCE_EXHAUSTED: out of memory', 1, PAPER_BATCH,
+                                         64) == compile_lib.FIT_ADVICE
+
+
 def test_compiles_for_a_tpu_slice_without_a_tpu():
   """--topology: XLA:TPU compiles the tiny step for 4 v5e chips; memory against their HBM."""
   env = with_libtpu({k: v for k, v in os.environ.items()

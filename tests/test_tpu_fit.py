@@ -1,4 +1,4 @@
-"""benchmarks/tpu_fit.py: its table cells and the accumulation steps it tries."""
+"""benchmarks/tpu_fit.py: its table cells (the K it tries: test_compile.py)."""
 
 import tpu_fit  # benchmarks/tpu_fit.py (tests/conftest.py puts benchmarks/ on the path)
 
@@ -14,10 +14,3 @@ def test_needed_text_for_a_step_xla_refused():
            'temporaries 105.92G, available 30.75G (compiled for 64 devices)')
   assert tpu_fit.needed_text({'fits': False, 'error': error}) == (
       'over: temporaries 105.92G, available 30.75G')
-
-
-def test_accumulations_keep_micro_batches_divisible_by_the_shards():
-  # The paper's batches (speech, text, paired) over 64 and 256 batch shards.
-  assert list(tpu_fit.accumulations([2048, 8192, 256], 64, 16)) == [1, 2, 4]
-  assert list(tpu_fit.accumulations([2048, 8192, 256], 256, 16)) == [1]
-  assert list(tpu_fit.accumulations([48, 96, 24], 1, 16)) == [1, 2, 4, 8]
