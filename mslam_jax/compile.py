@@ -6,7 +6,10 @@
 
 --topology (needs the `tpu` extra, libtpu) compiles with XLA:TPU for a named
 Cloud TPU slice on this machine, without a TPU (mslam_jax/tpu_topologies.py),
-and compares the per-device total with the chip's HBM.
+and compares the per-device total with the chip's HBM. A step that does not
+fit exits non-zero; when XLA:TPU refuses it, the message names the gradient
+accumulation to try (`accumulation_advice`). launch/tpu_pod.py --check_fit
+runs this before it creates a TPU VM.
 
 Answers "does this config fit, and how is it split?" before a pod slice is
 booked, on any machine:
