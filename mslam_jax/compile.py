@@ -277,7 +277,7 @@ def compile_train_step(model_config: ModelConfig, loss_config: pretrain_loss.Los
     advice = accumulation_advice(
         refusal, train_config.accumulate_steps,
         [getattr(batch_config, f'{kind}_batch_size') for kind in loss_config.parts],
-        math.prod(mesh.shape[axis] for axis in partitioning.BATCH_AXES))
+        partitioning.batch_shards(mesh))
     raise DoesNotFitError(
         f'{refusal} (compiled in {time.perf_counter() - start:.0f} s). {advice}') from None
   compile_s = time.perf_counter() - start

@@ -124,6 +124,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces `batch_sharding` cuts a batch into: the product of BATCH_AXES."""
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -160,7 +165,7 @@ def check_batch_split(batch_config, parts: Sequence[str], mesh: Optional[Mesh] =
     num_hosts: processes that feed the batch (default: those holding the
       mesh's devices, or jax.process_count() without a mesh).
   """
-  shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES) if mesh is not None else 1
+  shards = batch_shards(mesh) if mesh is not None else 1
   if num_hosts is None:
     num_hosts = (len({device.process_index for device in mesh.devices.flat})
                  if mesh is not None else jax.process_count())
